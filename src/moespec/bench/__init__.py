@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, runners for moespec and peers, JSON reports."""

@@ -1,0 +1,129 @@
+"""`moespec generate | chat | inspect | bench`: the command line over the public API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import MoespecError
+
+
+def _env(name: str, default=None, kind=str):
+    """Flags can be set by environment variables (MOESPEC_<FLAG>), as users of vLLM expect."""
+    v = os.environ.get("MOESPEC_" + name.upper())
+    return kind(v) if v is not None else default
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=_env("model"),
+                   help="Hugging Face checkpoint folder (default: the bundled reference model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("dtype", "float32"))
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moespec", description="Fast MoE inference with speculative decoding "
+                                 "and expert offloading.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    _sampling_args(g)
+    c = sub.add_parser("chat", help="chat in the terminal (empty line or Ctrl-D to quit)")
+    _model_args(c)
+    c.add_argument("--system", default=None)
+    _sampling_args(c)
+    i = sub.add_parser("inspect", help="describe a model: family, shape, parameters, bytes per expert")
+    _model_args(i)
+    i.add_argument("--json", action="store_true")
+    from .bench.cli import add_bench_parser
+    add_bench_parser(sub, _model_args)
+    return ap
+
+
+def _params(a):
+    from .sampling import SamplingParams
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def cmd_generate(a) -> None:
+    from .engine import LLM
+    llm = LLM(a.model, dtype=a.dtype)
+    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    if a.json:
+        out = llm.generate(prompt, _params(a))[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
+                          "finish_reason": out.finish_reason, "stats": out.stats}))
+        return
+    out = llm.generate(prompt, _params(a), on_text=lambda i, d: (sys.stdout.write(d), sys.stdout.flush()))[0]
+    sys.stdout.write("\n")
+    s = out.stats
+    print(f"[{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, TTFT {s['ttft_s'] * 1000:.0f} ms, "
+          f"finish: {out.finish_reason}]", file=sys.stderr)
+
+
+def cmd_chat(a) -> None:
+    from .engine import LLM
+    llm = LLM(a.model, dtype=a.dtype)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    params = _params(a)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = llm.generate(llm.chat_prompt(messages), params,
+                             on_text=lambda i, d: (sys.stdout.write(d), sys.stdout.flush()))[0]
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.text})
+
+
+def cmd_inspect(a) -> None:
+    from .assets import resolve_model
+    from .config import ModelConfig
+    from .model_info import describe
+    path = resolve_model(a.model)
+    cfg = ModelConfig.from_folder(path)
+    info = {"path": str(path.resolve()), **describe(cfg, 2 if a.dtype == "bfloat16" else 4), "dtype": a.dtype}
+    if a.json:
+        print(json.dumps(info))
+        return
+    for k, v in info.items():
+        print(f"{k:>26}: {v:,}" if isinstance(v, int) else f"{k:>26}: {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}.get(a.command, _bench)(a)
+    except MoespecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _bench(a) -> None:
+    from .bench.cli import run_bench
+    run_bench(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

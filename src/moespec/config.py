@@ -1,0 +1,158 @@
+"""Model configuration read straight from a Hugging Face `config.json`.
+
+One dataclass covers every supported family; `ModelConfig.from_hf` maps each family's field
+names onto it (Mixtral's `num_local_experts`, Qwen's `num_experts` / `moe_intermediate_size`, ...)
+and rejects what the engine cannot run with an error naming the field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MoespecError
+
+# model_type -> (query/key norm kind, default norm_topk_prob); dense families have no experts.
+FAMILIES = {
+    "mixtral": ("none", True),
+    "qwen2_moe": ("none", False),
+    "qwen3_moe": ("head", False),
+    "olmoe": ("full", False),
+    "qwen3": ("head", False),
+    "qwen2": ("none", False),
+    "llama": ("none", False),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: dict                     # {"rope_type", "rope_theta", ...scaling fields}
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"          # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    intermediate_size: int = 0     # dense MLP layers
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = field(default_factory=tuple)
+    hidden_act: str = "silu"
+    eos_token_id: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and any(self.moe_layers)
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, m in enumerate(self.moe_layers) if m]
+
+    @staticmethod
+    def from_folder(path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise MoespecError(f"no config.json in model folder {path}")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise MoespecError(f"{p} is not valid JSON: {e}") from None
+        return ModelConfig.from_hf(raw)
+
+    @staticmethod
+    def from_hf(raw: dict) -> "ModelConfig":
+        mt = raw.get("model_type")
+        if mt not in FAMILIES:
+            raise MoespecError(f"unsupported model_type {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
+        qk_norm, default_norm = FAMILIES[mt]
+
+        def need(key, *alts, kind=int):
+            for k in (key, *alts):
+                if raw.get(k) is not None:
+                    v = raw[k]
+                    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                        raise MoespecError(f"config.json field {k}={v!r} must be a positive integer")
+                    return v
+            raise MoespecError(f"config.json ({mt}) is missing the field {key!r}")
+
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        layers = need("num_hidden_layers")
+        kv_heads = raw.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise MoespecError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        head_dim = raw.get("head_dim") or hidden // heads
+        if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise MoespecError(f"config.json: hidden_act={raw.get('hidden_act')!r} is not supported (only silu)")
+        experts, top_k, moe_i, inter, shared_i = 0, 0, 0, raw.get("intermediate_size") or 0, 0
+        moe_layers = [False] * layers
+        if mt == "mixtral":
+            experts, top_k = need("num_local_experts"), need("num_experts_per_tok")
+            moe_i = need("intermediate_size")
+            moe_layers = [True] * layers
+        elif mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
+            experts, top_k = need("num_experts", "num_local_experts"), need("num_experts_per_tok")
+            moe_i = need("intermediate_size") if mt == "olmoe" else need("moe_intermediate_size")
+            if mt == "olmoe":
+                moe_layers = [True] * layers
+            else:
+                step = raw.get("decoder_sparse_step", 1) or 1
+                dense = set(raw.get("mlp_only_layers") or [])
+                moe_layers = [(i not in dense) and (i + 1) % step == 0 for i in range(layers)]
+                if not all(moe_layers):
+                    inter = need("intermediate_size")
+            if mt == "qwen2_moe":
+                shared_i = raw.get("shared_expert_intermediate_size") or 0
+        else:
+            inter = need("intermediate_size")
+        if experts and not 0 < top_k <= experts:
+            raise MoespecError(f"config.json: num_experts_per_tok={top_k} must be in [1, {experts}]")
+        eos = raw.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        if mt == "qwen2_moe" and raw.get("use_sliding_window"):
+            raise MoespecError("config.json: use_sliding_window=true is not supported for qwen2_moe yet")
+        return ModelConfig(
+            model_type=mt, vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers,
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings") or 4096,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope=rope_params(raw),
+            qkv_bias=bool(raw.get("qkv_bias", True) if mt in ("qwen2_moe", "qwen2") else raw.get("attention_bias", False)),
+            o_bias=bool(raw.get("attention_bias", False)) if mt in ("llama", "qwen3", "qwen3_moe", "olmoe") else False,
+            qk_norm=qk_norm, clip_qkv=raw.get("clip_qkv"),
+            sliding_window=raw.get("sliding_window") if mt == "mixtral" else None,
+            num_experts=experts, top_k=top_k, moe_intermediate_size=moe_i,
+            norm_topk_prob=True if mt == "mixtral" else bool(raw.get("norm_topk_prob", default_norm)),
+            intermediate_size=inter, shared_expert_intermediate_size=shared_i,
+            moe_layers=tuple(moe_layers), hidden_act="silu", eos_token_id=eos,
+            bos_token_id=raw.get("bos_token_id"),
+        )
+
+
+def rope_params(raw: dict) -> dict:
+    """Transformers 5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`."""
+    rp = dict(raw.get("rope_parameters") or {})
+    if not rp:
+        rp = dict(raw.get("rope_scaling") or {})
+        rp.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if "type" in rp and "rope_type" not in rp:
+        rp["rope_type"] = rp.pop("type")
+    rp.setdefault("rope_type", "default")
+    rp.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if rp["rope_type"] not in ("default", "linear", "yarn", "llama3"):
+        raise MoespecError(f"config.json: rope type {rp['rope_type']!r} is not supported "
+                           "(supported: default, linear, yarn, llama3)")
+    return rp

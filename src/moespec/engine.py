@@ -1,0 +1,128 @@
+"""The public API: `LLM(model).generate(prompts, SamplingParams(...))`, as in vLLM."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .assets import resolve_model
+from .errors import MoespecError
+from .generate import Sequence, generate, new_sequence
+from .models import load_model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str                  # "stop" (EOS, stop token or stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+class LLM:
+    """A loaded model with its tokenizer and generation defaults.
+
+    >>> llm = LLM("path/to/hf-folder")            # or LLM() for the bundled reference model
+    >>> llm.generate("def add(a, b):", SamplingParams(max_new_tokens=16))[0].text
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+                 max_model_len: int | None = None):
+        self.path = resolve_model(model)
+        self.model = load_model(self.path, dtype, device)
+        self.config = self.model.cfg
+        self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
+        gc = self.path / "generation_config.json"
+        self.generation_config = json.loads(gc.read_text()) if gc.is_file() else {}
+        self.max_model_len = min(max_model_len or 10**9, self.config.max_position_embeddings)
+        eos = self.generation_config.get("eos_token_id", None)
+        eos = eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else list(self.config.eos_token_id))
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = [self.tokenizer.eos_token_id]
+        self.eos_token_ids = set(eos)
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MoespecError(f"model folder {self.path} has no tokenizer.json; pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise MoespecError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        if not ids:
+            raise MoespecError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise MoespecError(f"prompt is {len(ids)} tokens long but the model's context is {self.max_model_len} "
+                               "tokens (it must leave room for at least one new token)")
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if self.tokenizer is None:
+            raise MoespecError(f"model folder {self.path} has no tokenizer, so it has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _sequences(self, prompts, params) -> list[Sequence]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise MoespecError("no prompts given")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise MoespecError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        seqs = []
+        for prompt, p in zip(prompts, plist):
+            p.validate()
+            p = p.with_defaults(self.generation_config)
+            p.validate()
+            ids = self.encode(prompt)
+            # Stop at the context limit like vLLM: generation is cut with finish_reason "length".
+            p.max_new_tokens = min(p.max_new_tokens, self.max_model_len - len(ids))
+            seqs.append(new_sequence(ids, p, self.eos_token_ids, self.tokenizer))
+        return seqs
+
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Output]:
+        """Generate for one prompt or a batch (text or token ids); one Output per prompt, in order.
+
+        on_text(i, delta) is called with each piece of new text of prompt i as it decodes.
+        """
+        seqs = self._sequences(prompts, sampling_params)
+        timing = generate(self.model, seqs, on_text)
+        return [self._output(s, timing, len(seqs)) for s in seqs]
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one prompt as they decode (runs the loop in this thread)."""
+        import queue
+        import threading
+        q: queue.Queue = queue.Queue()
+        err: list[BaseException] = []
+
+        def run():
+            try:
+                self.generate(prompt, sampling_params, on_text=lambda i, d: q.put(d))
+            except BaseException as e:  # surfaced to the consumer below
+                err.append(e)
+            q.put(None)
+        threading.Thread(target=run, daemon=True).start()
+        while (d := q.get()) is not None:
+            yield d
+        if err:
+            raise err[0]
+
+    def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
+        n = len(s.token_ids)
+        ttft = s.t_first - timing["t0"]
+        decode = s.t_last - s.t_first
+        stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": n, "ttft_s": ttft, "decode_s": decode,
+                 "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
+                 "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
+        text = s.text if s.detok is not None else ""
+        return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)

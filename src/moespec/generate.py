@@ -1,0 +1,99 @@
+"""The generation loop: prefill, then one token per step per live sequence, until each one stops.
+
+Kept on one screen on purpose; speculative decoding replaces the body of the step, not the loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .models.decoder import DecoderLM
+from .sampling import SamplingParams, make_generator, sample
+from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: set[int]
+    detok: IncrementalDetokenizer | None = None
+    stops: StopStringMatcher | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+    def append(self, tok: int, now: float) -> str:
+        """Add one token; return the text it makes visible; set finish_reason when the sequence ends."""
+        self.token_ids.append(tok)
+        self.t_first = self.t_first or now
+        self.t_last = now
+        delta = self.detok.push(tok) if self.detok is not None else ""
+        stopped = False
+        if self.stops is not None:
+            delta, stopped = self.stops.feed(delta)
+        if stopped or tok in self.eos_ids or tok in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and not stopped:
+            delta += self._flush()          # release text held back for a partial character or stop string
+        self.text += delta
+        return delta
+
+    def _flush(self) -> str:
+        tail = self.detok.flush() if self.detok is not None else ""
+        if self.stops is not None:
+            tail, _ = self.stops.feed(tail)
+            tail += self.stops.flush()
+        return tail
+
+
+def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None) -> dict:
+    """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)."""
+    B = len(seqs)
+    gens = [make_generator(s.params.seed) for s in seqs]
+    lens = [len(s.prompt_ids) for s in seqs]
+    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)))
+    t0 = time.perf_counter()
+    # Ragged prefill: right-pad; each row's logits come from its own last prompt token.
+    tokens = torch.zeros(B, max(lens), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)
+    last = torch.tensor(lens)[:, None] - 1
+    logits = model.forward(tokens, kv, logits_at=last).logits[:, 0]
+    kv.advance(lens)
+    live = list(range(B))                      # row r of the cache belongs to seqs[live[r]]
+    t_prefill, steps = time.perf_counter() - t0, 0
+    while live:
+        nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live])
+        now = time.perf_counter()
+        for i, tok in zip(live, nxt.tolist()):
+            delta = seqs[i].append(tok, now)
+            if delta and on_text is not None:
+                on_text(i, delta)
+        keep = [r for r, i in enumerate(live) if seqs[i].finish_reason is None]
+        if len(keep) < len(live):              # finished rows leave the batch: they cost nothing more
+            if keep:
+                kv.select_rows(keep)
+                nxt = nxt[keep]
+            live = [live[r] for r in keep]
+        if not live:
+            break
+        logits = model.forward(nxt[:, None], kv).logits[:, 0]
+        kv.advance(1)
+        steps += 1
+    return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0}
+
+
+def new_sequence(prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], tokenizer: Tokenizer | None
+                 ) -> Sequence:
+    eos = set() if params.ignore_eos else set(eos_ids)
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+    stops = StopStringMatcher(params.stop) if params.stop and tokenizer is not None else None
+    return Sequence(prompt_ids, params, eos, detok, stops)

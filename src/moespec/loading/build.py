@@ -1,0 +1,87 @@
+"""Build `Weights` and expert pools from a checkpoint, for every supported family and layout.
+
+Expert tensors arrive per expert (`experts.{e}.w1/w3/w2` in Mixtral, `experts.{e}.gate_proj/up_proj/
+down_proj` in Qwen/OLMoE) or fused 3-D as transformers 5 holds them (`experts.gate_up_proj [E, 2I, D]`,
+`experts.down_proj [E, D, I]`); both end in one contiguous blob per expert.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import MoespecError
+from ..experts.pool import ExpertPool
+from ..models.decoder import AttnWeights, LayerWeights, Weights
+from ..models.moe import MLPWeights, MoEWeights
+from .checkpoint import Checkpoint
+
+PER_EXPERT = {"mixtral": ("w1", "w3", "w2")}
+QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="cpu"
+                 ) -> tuple[Weights, dict[int, ExpertPool]]:
+    c = cfg
+
+    def get(name, shape=None):
+        return ck.get(name, shape).to(dtype=dtype, device=device)
+
+    D, hd = c.hidden_size, c.head_dim
+    embed = get("model.embed_tokens.weight", (c.vocab_size, D))
+    if ck.has("lm_head.weight"):
+        lm_head = get("lm_head.weight", (c.vocab_size, D))
+    elif c.tie_word_embeddings:
+        lm_head = embed
+    else:
+        raise MoespecError(f"checkpoint {ck.folder} is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+    layers, pools = [], {}
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        attn = _attention(get, ck, c, p + "self_attn.")
+        lw = LayerWeights(get(p + "input_layernorm.weight", (D,)), get(p + "post_attention_layernorm.weight", (D,)), attn)
+        if c.moe_layers[i]:
+            lw.moe, pools[i] = _moe(get, ck, c, p, dtype, device)
+        else:
+            lw.mlp = _mlp(get, p + "mlp.", c.intermediate_size, D)
+        layers.append(lw)
+    return Weights(embed, get("model.norm.weight", (D,)), lm_head, layers), pools
+
+
+def _attention(get, ck: Checkpoint, c: ModelConfig, p: str) -> AttnWeights:
+    D, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    wqkv = torch.cat([get(p + "q_proj.weight", (q, D)), get(p + "k_proj.weight", (kv, D)),
+                      get(p + "v_proj.weight", (kv, D))])
+    bqkv = None
+    if c.qkv_bias:
+        bqkv = torch.cat([get(p + "q_proj.bias", (q,)), get(p + "k_proj.bias", (kv,)), get(p + "v_proj.bias", (kv,))])
+    aw = AttnWeights(wqkv, get(p + "o_proj.weight", (D, q)), bqkv, get(p + "o_proj.bias", (D,)) if c.o_bias else None)
+    if c.qk_norm == "head":
+        aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (c.head_dim,)), get(p + "k_norm.weight", (c.head_dim,))
+    elif c.qk_norm == "full":
+        aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (q,)), get(p + "k_norm.weight", (kv,))
+    return aw
+
+
+def _mlp(get, p: str, inter: int, D: int) -> MLPWeights:
+    return MLPWeights(torch.cat([get(p + "gate_proj.weight", (inter, D)), get(p + "up_proj.weight", (inter, D))]),
+                      get(p + "down_proj.weight", (D, inter)))
+
+
+def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device) -> tuple[MoEWeights, ExpertPool]:
+    D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    # Mixtral checkpoints say block_sparse_moe; transformers 5's fused save says mlp.
+    block = p + ("block_sparse_moe." if ck.has(p + "block_sparse_moe.gate.weight") else "mlp.")
+    mw = MoEWeights(get(block + "gate.weight", (E, D)))
+    if c.shared_expert_intermediate_size:
+        mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D)
+        mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
+    pool = ExpertPool(E, D, I, dtype, device)
+    if ck.has(block + "experts.gate_up_proj"):
+        pool.w13.copy_(get(block + "experts.gate_up_proj", (E, 2 * I, D)))
+        pool.w2.copy_(get(block + "experts.down_proj", (E, D, I)))
+    else:
+        g, u, d = PER_EXPERT.get(c.model_type, QWEN_NAMES)
+        for e in range(E):
+            q = f"{block}experts.{e}."
+            pool.pack(e, get(q + g + ".weight", (I, D)), get(q + u + ".weight", (I, D)), get(q + d + ".weight", (D, I)))
+    return mw, pool

@@ -1,0 +1,35 @@
+"""Sizes of a model computed from its config alone (no weights needed)."""
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def describe(cfg: ModelConfig, bytes_per_param: float = 4.0) -> dict:
+    """Parameter counts and byte sizes: total, per expert, dense (non-expert), active per token."""
+    D, hd = cfg.hidden_size, cfg.head_dim
+    attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * D
+    if cfg.qkv_bias:
+        attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    if cfg.qk_norm == "head":
+        attn += 2 * hd
+    elif cfg.qk_norm == "full":
+        attn += (cfg.num_heads + cfg.num_kv_heads) * hd
+    expert = 3 * D * cfg.moe_intermediate_size
+    dense_mlp = 3 * D * cfg.intermediate_size
+    shared = 3 * D * cfg.shared_expert_intermediate_size + (D if cfg.shared_expert_intermediate_size else 0)
+    n_moe = sum(cfg.moe_layers)
+    per_layer_fixed = attn + 2 * D
+    embed = cfg.vocab_size * D
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * D
+    dense = (embed + head + D + cfg.num_layers * per_layer_fixed + (cfg.num_layers - n_moe) * dense_mlp
+             + n_moe * (shared + cfg.num_experts * D))
+    experts_total = n_moe * cfg.num_experts * expert
+    active = dense - embed + n_moe * cfg.top_k * expert   # the embedding is a lookup, not a matmul
+    return {
+        "family": cfg.model_type, "layers": cfg.num_layers, "moe_layers": n_moe, "experts": cfg.num_experts,
+        "top_k": cfg.top_k, "hidden_size": D, "vocab_size": cfg.vocab_size,
+        "params_total": dense + experts_total, "params_dense": dense, "params_experts": experts_total,
+        "params_per_expert": expert, "params_active_per_token": active,
+        "bytes_per_expert": int(expert * bytes_per_param), "bytes_experts": int(experts_total * bytes_per_param),
+        "bytes_dense": int(dense * bytes_per_param), "bytes_total": int((dense + experts_total) * bytes_per_param),
+    }

@@ -1,0 +1,36 @@
+"""Model implementations, selected by config.json's model_type (see config.FAMILIES)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import MoespecError
+from ..experts.pool import ResidentExperts
+from ..loading import Checkpoint, load_weights
+from .decoder import DecoderLM, ForwardOutput, ForwardPlan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MoespecError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> DecoderLM:
+    """Load a Hugging Face checkpoint folder with every expert resident in memory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoespecError(f"model folder {path} does not exist")
+    cfg = ModelConfig.from_folder(path)
+    dt = parse_dtype(dtype)
+    weights, pools = load_weights(Checkpoint(path), cfg, dt, device)
+    return DecoderLM(cfg, weights, ResidentExperts(pools, cfg.num_experts), dt, device)
+
+
+__all__ = ["DecoderLM", "ForwardOutput", "ForwardPlan", "load_model", "parse_dtype", "ModelConfig"]

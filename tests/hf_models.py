@@ -1,0 +1,79 @@
+"""Tiny random Hugging Face checkpoints per family, built with transformers' own config classes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILY_CONFIGS = {
+    # GQA 4:2, head_dim != hidden/heads, odd vocab
+    "mixtral": dict(model_type="mixtral", vocab_size=257, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_local_experts=6,
+                    num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=False),
+    # shared expert with sigmoid gate, qkv bias, a dense layer via mlp_only_layers, norm_topk_prob false
+    "qwen2_moe": dict(model_type="qwen2_moe", vocab_size=301, hidden_size=48, intermediate_size=80,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=40, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, num_experts=5, num_experts_per_tok=2,
+                      mlp_only_layers=[1], max_position_embeddings=512, tie_word_embeddings=False),
+    # q/k norm per head, decoder_sparse_step 2 (layers 0, 2 dense), GQA 4:1, norm_topk_prob true, tied
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=263, hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=40, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=32, num_experts=8, num_experts_per_tok=3, decoder_sparse_step=2,
+                      norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=True),
+    # q/k norm over the full projections, MHA
+    "olmoe": dict(model_type="olmoe", vocab_size=211, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                  max_position_embeddings=512, tie_word_embeddings=False),
+}
+
+
+def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=torch.float32, **overrides):
+    """Save a random model of `family` into folder; returns the transformers model (eval, float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    spec = dict(FAMILY_CONFIGS[family], **overrides)
+    mt = spec.pop("model_type")
+    cfg = AutoConfig.for_model(mt, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Random init gives near-uniform routers; sharpen them so routing is decisive and realistic.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight") and p.shape[0] > 1:
+                p.normal_(0, 1.0)
+    model.to(dtype).save_pretrained(folder, save_original_format=not fused)
+    return model.float()
+
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 300) -> int:
+    """A byte-level BPE trained on a little stdlib source, with ChatML specials; returns its size."""
+    import inspect
+    import json
+    import textwrap
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    text = inspect.getsource(textwrap)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHATML}))
+    return tok.get_vocab_size()
+
+
+def build_text_model(folder: Path, family: str = "qwen3_moe", seed: int = 0, eos=(0, 2)):
+    """A tiny model with a real tokenizer and generation_config.json (eos as a list)."""
+    import json
+    n = build_tokenizer(folder)
+    hf = build(family, folder, seed=seed, vocab_size=n)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos), "do_sample": False}))
+    return hf

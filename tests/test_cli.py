@@ -1,0 +1,64 @@
+"""The command line as users run it: JSON contract, errors without stack traces."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import hf_models
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    hf_models.build_text_model(d, family="mixtral")
+    return d
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "moespec.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_generate_json_is_exactly_one_object(text_model):
+    r = run("generate", text_model, "--prompt", "def f(x):", "--max-new-tokens", "8", "--temperature", "0",
+            "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "stats"}
+    assert len(out["token_ids"]) == 8 and out["finish_reason"] == "length"
+    for k in ("prompt_tokens", "new_tokens", "ttft_s", "decode_s", "tokens_per_s"):
+        assert k in out["stats"]
+    from moespec import LLM, SamplingParams
+    ref = LLM(text_model).generate("def f(x):", SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
+
+
+def test_generate_streams_text(text_model):
+    r = run("generate", text_model, "--prompt", "import", "--max-new-tokens", "6", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr
+
+
+def test_inspect_json(text_model):
+    r = run("inspect", text_model, "--json")
+    info = json.loads(r.stdout)
+    assert info["family"] == "mixtral" and info["experts"] == 6 and info["top_k"] == 2
+    assert info["bytes_per_expert"] == 3 * 64 * 48 * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "/no/such/model", "--prompt", "x"], "error: model folder /no/such/model does not exist"),
+    (["generate", "{m}", "--prompt", "x", "--top-p", "2"], "error: invalid sampling value: top_p=2.0"),
+    (["generate", "{m}", "--prompt", "x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_errors_are_one_clear_line(text_model, args, message):
+    r = run(*[a.format(m=text_model) for a in args])
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_env_variable_sets_a_flag(text_model):
+    import os
+    r = run("inspect", text_model, "--json", env={**os.environ, "MOESPEC_DTYPE": "bfloat16"})
+    assert json.loads(r.stdout)["bytes_per_expert"] == 3 * 64 * 48 * 2
