@@ -3,11 +3,13 @@
 
     python tools/train_reference.py --run runs/reference            # the full recipe (~2 h on 2 cores)
     python tools/train_reference.py --run /tmp/r --tiny              # a one-minute smoke run
-    python tools/train_reference.py --run runs/reference --export src/moespec/assets/reference-moe
+    python tools/train_reference.py --run runs/reference --export src/moespec/assets   # train, then export
+    python tools/train_reference.py --run runs/reference --stage export --export src/moespec/assets
 
 Stages (each skipped when its output exists, so an interrupted run resumes): corpus manifest,
 tokenizer, encoded token streams, MoE training (checkpointed), draft training, export to Hugging
-Face folders (bf16 safetensors, tokenizer, generation config, model card, training log).
+Face folders `<export>/reference-moe` and `<export>/reference-draft` (bf16 safetensors, tokenizer,
+generation config, model card with measured numbers, loss curve, training log; see reference/export.py).
 Training uses tools/reference/moe_train.py (the same function as transformers' Qwen3-MoE,
 laid out for fast CPU training); transformers is needed only to check the export.
 """
@@ -71,16 +73,24 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
     ap.add_argument("--stage", choices=["all", "data", "moe", "draft", "export"], default="all")
     ap.add_argument("--export", type=Path, default=None, help="write the HF folders under this directory")
+    ap.add_argument("--allow-unfinished", action="store_true", help="export checkpoints that have not finished training")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if a.stage == "export" and a.export is None:
+        ap.error("--stage export needs --export DIR")
     torch.set_num_threads(a.threads)
     run: Path = a.run
-    run.mkdir(parents=True, exist_ok=True)
     dd = run / "data"
-    dd.mkdir(exist_ok=True)
-
-    files = corpus.collect(include_site=not a.tiny)
-    if a.tiny:  # a handful of stdlib files keeps the smoke run under a minute
+    if a.stage == "export":  # works on an already-trained run: never rebuilds data or trains
+        missing = [p for p in (dd / "tokenizer.json", dd / "data_stats.json", run / "manifest.tsv",
+                               run / "moe" / "ckpt.pt", run / "draft" / "ckpt.pt") if not p.exists()]
+        if missing:
+            ap.error(f"{run} is not a trained run; missing {', '.join(map(str, missing))}")
+        files = []
+    else:
+        files = corpus.collect(include_site=not a.tiny)
+    dd.mkdir(parents=True, exist_ok=True)
+    if a.tiny and files:  # a handful of stdlib files keeps the smoke run under a minute
         files = [f for f in files if f.rel.startswith("stdlib/json/") or f.rel.startswith("stdlib/email/")
                  or f.split == "val"][:80]
     if not (dd / "tokenizer.json").exists():
@@ -124,7 +134,7 @@ def main() -> None:
             return
     if a.export is not None and a.stage in ("all", "export"):
         export.export_all(run, a.export, {"moe": TINY_MOE if a.tiny else MOE, "draft": TINY_DRAFT if a.tiny else DRAFT},
-                          build_model, vocab, ids, streams, evals)
+                          build_model, vocab, ids, streams, tiny=a.tiny, allow_unfinished=a.allow_unfinished)
 
 
 if __name__ == "__main__":

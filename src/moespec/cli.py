@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(i)
     i.add_argument("--json", action="store_true")
     from .bench.cli import add_bench_parser
+    from .perf.cli import add_plan_parser
     add_bench_parser(sub, _model_args)
+    add_plan_parser(sub, _model_args)
     return ap
 
 
@@ -111,13 +113,18 @@ def cmd_inspect(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect}.get(a.command, _bench)(a)
+        {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan}.get(a.command, _bench)(a)
     except MoespecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _plan(a) -> None:
+    from .perf.cli import run_plan
+    run_plan(a)
 
 
 def _bench(a) -> None:

@@ -1,10 +1,98 @@
-"""`moespec bench` (being written)."""
+"""`moespec bench`: prefill (TTFT) and decode (TPOT, tokens/s) over a prompt set, optionally side by side
+with transformers' `generate` on the same checkpoint, plus the cost curve of one forward over n tokens."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from ..errors import MoespecError
 
 
-def add_bench_parser(sub, model_args):
+def add_bench_parser(sub, model_args) -> None:
     b = sub.add_parser("bench", help="time prefill and decode; compare with transformers")
     model_args(b)
+    b.add_argument("--synthetic", choices=["small", "large"], default=None,
+                   help="benchmark a random Mixtral of this preset (written once under --synthetic-dir)")
+    b.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "moespec" / "synthetic"))
+    b.add_argument("--prompts", default="random", help="prompt set: random (token ids) or humaneval")
+    b.add_argument("--num-prompts", type=int, default=16)
+    b.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (real prompts are cut to it)")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    b.add_argument("--repetitions", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill test (0 = skip)")
+    b.add_argument("--peer", choices=["none", "transformers"], default="none")
+    b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..64 tokens")
+    b.add_argument("--output", default=None, help="write the JSON report here")
 
 
-def run_bench(a):
-    raise SystemExit("bench: not yet")
+def run_bench(a) -> None:
+    import torch
+
+    from ..assets import resolve_model
+    from ..engine import LLM
+    from .runners import TransformersRunner, forward_curve, run_moespec
+    from .synthetic import make_synthetic
+    from .workloads import load_prompts
+
+    if a.synthetic:
+        path = make_synthetic(Path(a.synthetic_dir) / a.synthetic, a.synthetic)
+    else:
+        path = resolve_model(a.model)
+    for name in ("repetitions", "num_prompts", "max_new_tokens"):
+        if getattr(a, name) < 1:
+            raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
+    llm = LLM(path, dtype=a.dtype)
+    prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size, llm.tokenizer)
+    peer = TransformersRunner(path, llm.model.dtype) if a.peer == "transformers" else None
+    report = {"model": str(path), "dtype": a.dtype, "prompts": a.prompts, "prompt_len": a.prompt_len,
+              "max_new_tokens": a.max_new_tokens, "repetitions": a.repetitions, "warmup": a.warmup,
+              "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()},
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": []}
+    jobs = [("tg", b, prompts, a.max_new_tokens) for b in a.batch_size]
+    if a.prefill_len:
+        jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
+    for kind, batch, ps, new in jobs:
+        # Alternate engines per job so a noisy neighbour hits both alike.
+        results = [run_moespec(llm, ps, batch, new, a.repetitions, a.warmup)]
+        if peer is not None:
+            results.append(peer.run(ps, batch, new, a.repetitions, a.warmup))
+        for r in results:
+            r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
+            _log(r)
+        if peer is not None:
+            mine, theirs = results
+            same = sum(x == y for bm, bp in zip(mine["_tokens"], theirs["_tokens"]) for x, y in zip(bm, bp))
+            total = sum(len(bm) for bm in mine["_tokens"])
+            key = "decode_tok_s" if kind == "tg" else "ttft_s"
+            ratio = (mine[key]["mean"] / theirs[key]["mean"]) if kind == "tg" else \
+                (theirs[key]["mean"] / mine[key]["mean"])
+            results[0]["vs_transformers"] = {"speedup": ratio, "identical_sequences": f"{same}/{total}"}
+            print(f"  moespec / transformers ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): "
+                  f"{ratio:.2f}x; identical sequences {same}/{total}", file=sys.stderr)
+        for r in results:
+            r.pop("_tokens")
+        report["runs"].extend(results)
+    if a.curve:
+        report["forward_curve"] = forward_curve(llm.model)
+        for row in report["forward_curve"]:
+            print(f"  forward n={row['n']:>2}: {row['ms']:7.2f} ms ({row['x_one_token']:.2f}x), distinct experts "
+                  f"per layer {row['distinct_experts_per_layer']}", file=sys.stderr)
+    text = json.dumps(report, indent=1)
+    if a.output:
+        Path(a.output).write_text(text)
+    print(text)
+
+
+def _log(r: dict) -> None:
+    tps = r["decode_tok_s"]
+    msg = f"{r['engine']:>12} {r['test']:>6} batch {r['batch']:>2}: TTFT {1000 * r['ttft_s']['mean']:8.1f} ms"
+    if tps:
+        msg += (f"  TPOT {1000 * r['tpot_s']['mean']:6.2f} ± {1000 * r['tpot_s']['std']:.2f} ms"
+                f"  decode {tps['mean']:7.1f} ± {tps['std']:.1f} tok/s")
+    print(msg, file=sys.stderr)

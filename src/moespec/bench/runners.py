@@ -1,0 +1,116 @@
+"""Timed runs of moespec and of transformers' `generate` on the same checkpoint and prompts.
+
+Every run decodes greedily with EOS ignored, so both engines produce exactly `new` tokens per sequence.
+TTFT is the prefill (first token) time of the batch; TPOT the mean time per further token; decode
+tokens/s counts all sequences of the batch (aggregate).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..sampling import SamplingParams
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def _batches(prompts: list[list[int]], batch: int, reps: int) -> list[list[list[int]]]:
+    out, i = [], 0
+    for _ in range(reps):
+        out.append([prompts[(i + j) % len(prompts)] for j in range(batch)])
+        i += batch
+    return out
+
+
+def run_moespec(llm, prompts, batch: int, new: int, reps: int, warmup: int) -> dict:
+    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    ttft, tpot, tps, tokens = [], [], [], []
+    for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
+        outs = llm.generate(b, params)
+        if k < warmup:
+            continue
+        decode = max(o.stats["decode_s"] for o in outs)
+        ttft.append(outs[0].stats["ttft_s"])
+        if new > 1:
+            tpot.append(decode / (new - 1))
+            tps.append(len(b) * (new - 1) / decode)
+        tokens.append([o.token_ids for o in outs])
+    return {"engine": "moespec", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
+            "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
+            "_tokens": tokens}
+
+
+class TransformersRunner:
+    """transformers' own `generate` with its default (fastest on CPU) expert kernels."""
+
+    def __init__(self, path, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def _generate(self, batch: list[list[int]], new: int) -> torch.Tensor:
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch):            # left padding, as transformers expects for decoder-only models
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[:, width:]
+
+    def run(self, prompts, batch: int, new: int, reps: int, warmup: int) -> dict:
+        ttft, tpot, tps, tokens = [], [], [], []
+        for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
+            t0 = time.perf_counter()
+            self._generate(b, 1)
+            t1 = time.perf_counter()
+            out = self._generate(b, new)
+            t2 = time.perf_counter()
+            if k < warmup:
+                continue
+            first, total = t1 - t0, t2 - t1
+            ttft.append(first)
+            if new > 1:
+                tpot.append((total - first) / (new - 1))
+                tps.append(len(b) * (new - 1) / (total - first))
+            tokens.append(out.tolist())
+        return {"engine": "transformers", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
+                "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
+                "_tokens": tokens}
+
+
+def forward_curve(model, ctx: int = 256, ns=(1, 2, 4, 8, 16, 32, 64), reps: int = 5, seed: int = 0) -> list[dict]:
+    """Cost of one forward over n new tokens after a ctx-token context, with the experts they touch.
+
+    Random tokens stand in for draft tokens; each rep re-forwards the same n slots (nothing is
+    committed), so the context stays at ctx.
+    """
+    from ..models.decoder import ForwardPlan
+    g = torch.Generator().manual_seed(seed)
+    V = model.cfg.vocab_size
+    kv = model.new_cache(1, ctx + max(ns))
+    model.forward(torch.randint(0, V, (1, ctx), generator=g), kv)
+    kv.advance(ctx)
+    rows = []
+    for n in ns:
+        times, distinct = [], []
+        for r in range(reps + 1):
+            toks = torch.randint(0, V, (1, n), generator=g)
+            t0 = time.perf_counter()
+            out = model.forward(toks, kv, logits_at=torch.tensor([[n - 1]]), plan=ForwardPlan(record_routing=True))
+            dt = time.perf_counter() - t0
+            if r:                                # the first run of each n is a warm-up
+                times.append(dt)
+                if out.routing:
+                    distinct.append(statistics.fmean(len(torch.unique(ids)) for ids in out.routing))
+        rows.append({"n": n, "ms": 1000 * statistics.median(times),
+                     "distinct_experts_per_layer": statistics.fmean(distinct) if distinct else None})
+    base = rows[0]["ms"]
+    for row in rows:
+        row["x_one_token"] = row["ms"] / base
+    return rows

@@ -1,0 +1,266 @@
+"""Online speculation controller: picks the draft length each step and switches speculation off when it loses.
+
+Pure bookkeeping, no engine import. The engine asks `next_k()` before each step (0 = plain decoding), runs the
+step, and reports it with `record_spec(...)` or `record_plain(...)`. From a sliding window the controller
+estimates
+  - acceptance a: the value whose model mean matches the observed accepted drafts, sum over steps of
+    rows x (sigma(a, k_i) - 1) = accepted (a moment estimator, exact for i.i.d. acceptance, any k mix);
+  - T_draft: seconds per draft forward; T(t): verify seconds for t tokens per row (the median of recent
+    steps; unseen t interpolated between measured ones, extrapolated along the last measured slope, or taken
+    from `verify_shape(t)` of the perf model scaled to the measurements);
+  - T(1): plain step seconds (measured on plain steps: two at the start and all while speculation is off).
+It picks k maximising sigma(a, k) T(1) / (k T_draft + T(k+1)), now and then trying k + 1 to measure it.
+Off, only on clear evidence (z = 2 standard errors; noise must not flap it): when even the upper confidence
+bound of the window's measured speedup (tokens/s of its speculative steps over plain tokens/s) is below
+1 - margin, or when the model with the upper confidence bound of a predicts no k reaching 1 - margin. On again
+after a probe (`probe_steps` steps every `probe_every` plain steps, the interval doubling after each failed
+probe, up to `probe_max`) only if the model then predicts at least 1 + margin: hysteresis.
+A user can pin k (`pinned_k`): the controller then only measures.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import statistics
+
+import numpy as np
+
+from .spec import expected_accepted
+
+
+@dataclass(frozen=True)
+class SpecStep:
+    k: int
+    draft_s: float
+    verify_s: float
+    accepted: int      # accepted draft tokens, summed over rows (the bonus / recovered token not included)
+    rows: int = 1
+
+    @property
+    def emitted(self) -> int:
+        return self.accepted + self.rows
+
+
+_GRID = np.linspace(0.0, 1.0, 2049)
+_ON_GRID: dict[int, np.ndarray] = {}
+
+
+def _accepted_on_grid(k: int) -> np.ndarray:
+    """sigma(a, k) - 1 = a + a^2 + ... + a^k on the grid (computed once per k)."""
+    if k not in _ON_GRID:
+        _ON_GRID[k] = np.cumsum(np.cumprod(np.broadcast_to(_GRID, (k, len(_GRID))), axis=0), axis=0)[-1]
+    return _ON_GRID[k]
+
+
+def estimate_acceptance(steps) -> float | None:
+    """Per-token acceptance a with sum rows * (sigma(a, k) - 1) = sum accepted (None if no data).
+
+    The left side grows with a, so a is read off a grid of 2049 values (resolution 5e-4)."""
+    rows_by_k: dict[int, int] = {}
+    target = 0
+    for s in steps:
+        if s.k > 0:
+            rows_by_k[s.k] = rows_by_k.get(s.k, 0) + s.rows
+            target += s.accepted
+    if not rows_by_k:
+        return None
+    if target <= 0:
+        return 0.0
+    f = sum(r * _accepted_on_grid(k) for k, r in rows_by_k.items())
+    return float(_GRID[min(int(np.searchsorted(f, target)), len(_GRID) - 1)])
+
+
+def acceptance_bounds(steps, z: float = 2.0, a: float | None = None) -> tuple[float, float, float] | None:
+    """(estimate, lower, upper): a Wilson interval over the Bernoulli trials the steps observed, i.e. the
+    accepted drafts plus the expected rejections rows x (1 - a^k). Example: 30 steps at k = 1, none accepted:
+    (0.0, 0.0, 0.118)."""
+    a = estimate_acceptance(steps) if a is None else a
+    if a is None:
+        return None
+    steps = [s for s in steps if s.k > 0]
+    succ = sum(s.accepted for s in steps)
+    n = succ + sum(s.rows * (1 - a ** s.k) for s in steps)
+    if n <= 0:
+        return a, 0.0, 1.0
+    p, z2 = succ / n, z * z
+    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return a, max(0.0, mid - half), min(1.0, mid + half)
+
+
+class SpecController:
+    def __init__(self, k_max: int = 8, k_init: int = 3, window: int = 64, margin: float = 0.05, z: float = 2.0,
+                 min_steps: int = 6, warmup_plain: int = 2, probe_every: int = 32, probe_max: int = 256,
+                 probe_steps: int = 4, explore_every: int = 8, pinned_k: int | None = None,
+                 verify_shape: Callable[[int], float] | None = None):
+        self.k_max, self.k_init, self.margin, self.min_steps, self.z = k_max, k_init, margin, min_steps, z
+        self.warmup_plain, self.probe_steps = warmup_plain, probe_steps
+        self.probe_every0, self.probe_every, self.probe_max = probe_every, probe_every, probe_max
+        self.pinned_k, self.verify_shape = pinned_k, verify_shape
+        self.spec: deque[SpecStep] = deque(maxlen=window)
+        self.plain: deque[float] = deque(maxlen=window)     # seconds per plain step
+        self.verify: dict[int, deque[float]] = {}            # t -> recent verify seconds
+        self.enabled = True
+        self.plain_since_off = 0
+        self.probing, self.probe_k = 0, 1                   # speculative steps left in the probe, its k
+        self.switches = 0
+        self.steps_on, self.explore_every = 0, explore_every
+        self._memo: dict = {}                                # estimates of the current window; reset on record
+
+    def _cached(self, key, fn):
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+    # -- estimates ----------------------------------------------------------------------------------------------
+    def t_plain(self) -> float | None:
+        """Seconds of a plain step: median of recent plain steps (else the verify model at t = 1)."""
+        if self.plain:
+            return self._cached("t1", lambda: statistics.median(self.plain))
+        return self.t_verify(1)
+
+    def _points(self) -> dict[int, float]:
+        def build():
+            pts = {tt: statistics.median(v) for tt, v in self.verify.items() if v}
+            if self.plain:
+                pts.setdefault(1, statistics.median(self.plain))
+            return pts
+        return self._cached("pts", build)
+
+    def t_verify(self, t: int) -> float | None:
+        """Verify seconds for t tokens per row: measured, else interpolated between measured t (plain steps give
+        t = 1), else extrapolated along the last measured slope (or `verify_shape`, scaled, when given)."""
+        pts = self._points()
+        if t in pts or not pts:
+            return pts.get(t)
+        if self.verify_shape is not None:
+            scale = float(np.median([v / self.verify_shape(tt) for tt, v in pts.items()]))
+            return scale * self.verify_shape(t)
+        ts = sorted(pts)
+        vs = [pts[x] for x in ts]
+        if len(ts) == 1 or t < ts[0]:                  # nothing to lean on: cost grows like the tokens
+            return vs[0] * t / ts[0]
+        if t <= ts[-1]:
+            return float(np.interp(t, ts, vs))
+        slope = max((vs[-1] - vs[-2]) / (ts[-1] - ts[-2]), 0.0)
+        return vs[-1] + slope * (t - ts[-1])
+
+    def t_draft(self) -> float | None:
+        """Seconds per draft forward (all rows), over the window."""
+        def build():
+            n = sum(s.k for s in self.spec)
+            return sum(s.draft_s for s in self.spec) / n if n else None
+        return self._cached("td", build)
+
+    def acceptance(self) -> float | None:
+        return self._cached("a", lambda: estimate_acceptance(self.spec))
+
+    def predicted(self, k: int, a: float | None = None) -> float | None:
+        """Model speedup of draft length k from the current estimates."""
+        a = self.acceptance() if a is None else a
+        td, t1, tk = self.t_draft(), self.t_plain(), self.t_verify(k + 1)
+        if None in (a, td, t1, tk):
+            return None
+        return expected_accepted(a, k) * t1 / (k * td + tk)
+
+    def best_k(self, a: float | None = None) -> tuple[int, float]:
+        """(k, predicted speedup) maximising the model over 1..k_max at acceptance a (default: the estimate);
+        the speedup may be below 1; (0, 1.0) before there is anything to predict from."""
+        a = self.acceptance() if a is None else a
+        best = (0, 1.0)
+        for k in range(1, self.k_max + 1):
+            s = self.predicted(k, a)
+            if s is not None and (best[0] == 0 or s > best[1]):
+                best = (k, s)
+        return best
+
+    def measured_speedup(self, steps=None, z: float = 0.0) -> float | None:
+        """Tokens/s of the given speculative steps (default: the window) over plain tokens/s; with z > 0, that
+        plus z standard errors of the per-step speedups (an upper confidence bound)."""
+        steps = list(self.spec if steps is None else steps)
+        t1 = self.t_plain()
+        if not steps or t1 is None:
+            return None
+        rows = sum(s.rows for s in steps) / len(steps)
+        rate = sum(s.emitted for s in steps) / sum(s.draft_s + s.verify_s for s in steps)
+        point = rate / (rows / t1)
+        if z <= 0 or len(steps) < 2:
+            return point
+        per = np.array([s.emitted * t1 / (s.rows * (s.draft_s + s.verify_s)) for s in steps])
+        return point + z * float(per.std(ddof=1)) / len(per) ** 0.5
+
+    # -- decisions ----------------------------------------------------------------------------------------------
+    def next_k(self) -> int:
+        """Draft length for the next step; 0 means a plain decoding step."""
+        if self.pinned_k is not None:
+            return self.pinned_k
+        if len(self.plain) < self.warmup_plain and not self.spec:
+            return 0
+        if self.probing:
+            return self.probe_k
+        if not self.enabled:
+            return 0
+        if len(self.spec) < self.min_steps:
+            return self.k_init
+        k, _ = self.best_k()
+        bounds = self._cached("bounds", lambda: acceptance_bounds(self.spec, self.z, self.acceptance()))
+        _, s_hi = self.best_k(bounds[2]) if bounds else (k, 1.0)
+        if k == 0 or s_hi < 1 - self.margin:           # even an optimistic acceptance loses: off, probe later
+            self._switch_off()
+            return 0
+        self.steps_on += 1
+        # Explore one longer draft now and then, so verify costs beyond the current k are measured, not guessed
+        # (unmeasured lengths are priced by extrapolation, which overprices a concave cost): every other step
+        # while k is the longest length measured so far, every `explore_every` steps otherwise.
+        every = 2 if k + 1 >= max(self.verify) else self.explore_every
+        if self.steps_on % every == 0 and k < self.k_max:
+            return k + 1
+        return k
+
+    def record_plain(self, step_s: float, rows: int = 1) -> None:
+        """Report a plain decoding step (one token per row)."""
+        self._memo = {}
+        self.plain.append(step_s)
+        if not self.enabled and self.pinned_k is None and not self.probing:
+            self.plain_since_off += 1
+            if self.plain_since_off >= self.probe_every:    # probe at the k an optimistic acceptance favours
+                bounds = acceptance_bounds(self.spec, self.z)
+                k, _ = self.best_k(bounds[2] if bounds else None)
+                self.probing, self.probe_k, self.plain_since_off = self.probe_steps, max(1, k), 0
+
+    def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1) -> None:
+        """Report a speculative step: k drafted per row, timings, accepted drafts summed over rows."""
+        if k <= 0:
+            return self.record_plain(draft_s + verify_s, rows)
+        self._memo = {}
+        self.spec.append(SpecStep(k, draft_s, verify_s, accepted, rows))
+        self.verify.setdefault(k + 1, deque(maxlen=self.spec.maxlen)).append(verify_s)
+        if self.pinned_k is not None:
+            return
+        if self.probing:
+            self.probing -= 1
+            if self.probing == 0:                      # hysteresis: back on only if clearly better than plain
+                _, s = self.best_k()
+                if s >= 1 + self.margin:
+                    self.enabled, self.probe_every, self.steps_on = True, self.probe_every0, 0
+                    self.switches += 1
+                else:
+                    self.probe_every = min(2 * self.probe_every, self.probe_max)
+            return
+        if self.enabled and len(self.spec) >= self.min_steps:
+            s_hi = self.measured_speedup(z=self.z)
+            if s_hi is not None and s_hi < 1 - self.margin:     # the window measured a clear loss
+                self._switch_off()
+
+    def _switch_off(self) -> None:
+        self.enabled, self.plain_since_off = False, 0
+        self.switches += 1
+
+    def stats(self) -> dict:
+        k, s = self.best_k()
+        return {"enabled": self.enabled, "pinned_k": self.pinned_k, "acceptance": self.acceptance(),
+                "t_plain_s": self.t_plain(), "t_draft_s": self.t_draft(), "best_k": k, "predicted_speedup": s,
+                "measured_speedup": self.measured_speedup(), "switches": self.switches,
+                "probe_every": self.probe_every}

@@ -1,0 +1,137 @@
+"""Time of one forward: per layer max(bytes / bandwidth, flops / peak) + overhead, plus slow-link expert loads.
+
+One forward processes `batch` rows of `t` new tokens over `context` cached tokens (N = batch x t routed tokens).
+Per MoE layer it reads the layer's dense weights once, the U(N) distinct experts the tokens touch, and the KV
+cache of every row; the experts among them that are not cached cross the slow link first. Worked example,
+Mixtral-8x7B bf16 on rtx4090-pcie4 (806 GB/s reachable) with all experts resident, batch 1, t = 1: an MoE
+layer reads 0.087 GB dense + 2 x 0.352 GB experts = 0.80 GB -> 0.99 ms, far above its 0.80 GFLOP / 116 TFLOP/s,
+so decoding is memory-bound; at t = 4 it reads 5.47 experts (2.0 GB, 2.5x the time for 4x the tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .hardware import Hardware
+from .model import ModelDesc
+from .union import expected_misses, expected_union, expected_union_profile
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Experts outside a per-layer cache live in the slow tier (host RAM for a GPU, SSD for a CPU)."""
+    cached_experts: float            # C experts per MoE layer kept in fast memory (an average: may be fractional)
+    hit_rate: float | None = None    # a measured cache hit rate (touched experts found cached) overrides routing
+    overlap: bool = False            # loads overlap the layer's compute (pipelined) instead of stalling it
+    prefetched_layers: int = 0       # the first L MoE layers had their misses loaded while drafting (SP-MoE)
+    prefetch_accuracy: float = 0.88  # fraction of those misses the prefetch predicted (SP-MoE reports ~88%)
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    time: float          # seconds for the whole forward
+    compute_time: float  # the fast-tier part: sum over layers of max(bytes / bw, flops / peak)
+    slow_time: float     # slow-link time (hidden or not, depending on `Offload.overlap`)
+    bytes: float         # fast-tier bytes read
+    slow_bytes: float    # bytes over the slow link
+    flops: float
+    union: float         # mean distinct experts per MoE layer
+    misses: float        # mean experts per MoE layer loaded over the slow link
+
+
+def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: int, *,
+                 offload: Offload | None = None, profile=None, experts: float | None = None,
+                 budget: float | None = None, logits_per_row: int | None = None) -> ForwardCost:
+    """Cost of one forward; `experts` restricts routing to that many resident experts (the self-drafter, which
+    substitutes the nearest resident expert: routing is then taken as uniform over them), `budget` caps the
+    distinct experts per layer (MoE-Spec), `logits_per_row` defaults to t (verification needs every position)."""
+    N = batch * t
+    E, K = model.experts, model.top_k
+    if experts is not None and E:
+        E = max(float(min(experts, E)), float(K))
+    restricted = E != model.experts
+    if not model.moe_layers:
+        union = 0.0
+    elif profile is not None and not restricted:
+        union = expected_union_profile(profile, N)
+    else:
+        union = E * (1.0 - (1.0 - K / E) ** N)
+    misses = 0.0
+    if offload is not None and model.moe_layers and not restricted and offload.cached_experts < model.experts:
+        if offload.hit_rate is not None:
+            misses = union * (1.0 - offload.hit_rate)
+        else:
+            misses = expected_misses(model.experts, K, N, offload.cached_experts, profile)
+    if budget is not None and union > budget:
+        misses *= budget / union
+        union = float(budget)
+
+    # Attention: every row reads its whole cache once and each new token attends to the cache and the new
+    # tokens before it; sliding layers see at most their window. Averaged over layers.
+    def kv_len(full):
+        return model.kv_len(context + t, full)
+
+    def pairs(full):
+        return t * model.kv_len(context + (t + 1) / 2, full)
+
+    sliding = model.layers - model.full_attn_layers
+    avg = lambda f: (model.full_attn_layers * f(True) + sliding * f(False)) / model.layers  # noqa: E731
+    kv_read = batch * avg(kv_len) * model.kv_values * model.kv_bytes_per_value
+    attn_flops = batch * avg(pairs) * model.attn_pair_flops
+
+    bw, peak = hw.mem_bw, hw.peak_flops(model.dtype_bytes)
+    moe_bytes = model.moe_layer_dense_bytes + union * model.expert_bytes + kv_read
+    moe_flops = 2 * N * (model.attn_params + model.moe_dense_params + K * model.expert_params) + attn_flops
+    dense_bytes = model.dense_layer_bytes + kv_read
+    dense_flops = 2 * N * (model.attn_params + model.mlp_params) + attn_flops
+    rows = t if logits_per_row is None else logits_per_row
+    head_bytes, head_flops = model.head_bytes, 2 * batch * rows * model.head_params
+
+    moe_compute = max(moe_bytes / bw, moe_flops / peak)
+    dense_compute = max(dense_bytes / bw, dense_flops / peak)
+    head_compute = max(head_bytes / bw, head_flops / peak)
+
+    def slow(m):        # one batch of loads per layer: latency once if anything misses
+        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) if m > 0 else 0.0
+
+    ov = offload or Offload(model.experts)
+    pre = min(ov.prefetched_layers, model.moe_layers)
+    layer_misses = [misses * (1 - ov.prefetch_accuracy)] * pre + [misses] * (model.moe_layers - pre)
+    total, slow_total = 0.0, 0.0
+    for m in layer_misses:
+        s = slow(m)
+        slow_total += s
+        total += (max(moe_compute, s) if ov.overlap else moe_compute + s) + hw.layer_overhead_s
+    total += model.dense_layers * (dense_compute + hw.layer_overhead_s) + head_compute + hw.layer_overhead_s
+    return ForwardCost(
+        time=total,
+        compute_time=model.moe_layers * moe_compute + model.dense_layers * dense_compute + head_compute,
+        slow_time=slow_total,
+        bytes=model.moe_layers * moe_bytes + model.dense_layers * dense_bytes + head_bytes,
+        slow_bytes=sum(layer_misses) * model.expert_bytes,
+        flops=model.moe_layers * moe_flops + model.dense_layers * dense_flops + head_flops,
+        union=union, misses=misses)
+
+
+def t_target(model: ModelDesc, hw: Hardware, batch: int, t: int, context: int, **kw) -> float:
+    """T_target(B, t): seconds for one target forward of `batch` rows x `t` tokens at `context` cached tokens."""
+    return forward_cost(model, hw, batch, t, context, **kw).time
+
+
+def prefill_time(model: ModelDesc, hw: Hardware, prompt_len: int = 512, batch: int = 1, **kw) -> float:
+    """TTFT estimate: one forward over the prompt (logits of the last position only)."""
+    return forward_cost(model, hw, batch, prompt_len, 0, logits_per_row=1, **kw).time
+
+
+def decode_tpot(model: ModelDesc, hw: Hardware, batch: int, context: int, **kw) -> float:
+    """Time per output token of plain decoding: one forward of one token per row."""
+    return t_target(model, hw, batch, 1, context, **kw)
+
+
+def decode_tokens_per_s(model: ModelDesc, hw: Hardware, batch: int, context: int, **kw) -> float:
+    """Aggregate tokens/s of plain decoding at batch B: B / TPOT."""
+    return batch / decode_tpot(model, hw, batch, context, **kw)
+
+
+def uniform_union(model: ModelDesc, tokens: float) -> float:
+    """Expected distinct experts per MoE layer for `tokens` routed tokens (uniform routing)."""
+    return expected_union(model.experts, model.top_k, tokens) if model.experts else 0.0

@@ -1,0 +1,75 @@
+"""The online controller on a simulated workload: off with a useless drafter, near the best fixed k with a good one."""
+import numpy as np
+import pytest
+
+from moespec.perf.controller import SpecController, SpecStep, acceptance_bounds, estimate_acceptance
+from moespec.perf.spec import expected_accepted
+from moespec.perf.union import expected_union
+
+TD = 1e-3                                             # draft seconds per token
+
+
+def verify_s(t):                                       # Mixtral-like: fixed part + expert union growth
+    return 2e-3 + 4e-3 * expected_union(8, 2, t)
+
+
+def simulate(policy, a, tokens=1500, seed=0, noise=0.05):
+    """Tokens/s of a decode run; `policy` is a SpecController or a fixed k. Returns (rate, ks chosen)."""
+    rng = np.random.default_rng(seed)
+    clock, made, ks = 0.0, 0, []
+    while made < tokens:
+        k = policy.next_k() if isinstance(policy, SpecController) else policy
+        ks.append(k)
+        jitter = lambda: 1 + noise * rng.standard_normal()  # noqa: E731
+        if k == 0:
+            dt = verify_s(1) * jitter()
+            clock, made = clock + dt, made + 1
+            if isinstance(policy, SpecController):
+                policy.record_plain(dt)
+            continue
+        acc = int((rng.random(k) < a).cumprod().sum())
+        d, v = k * TD * jitter(), verify_s(k + 1) * jitter()
+        clock, made = clock + d + v, made + acc + 1
+        if isinstance(policy, SpecController):
+            policy.record_spec(k, d, v, acc)
+    return made / clock, ks
+
+
+@pytest.mark.parametrize("a", [0.0, 0.05, 0.5])
+def test_switches_off_with_a_drafter_that_loses(a):
+    plain, _ = simulate(0, a)
+    c = SpecController()
+    rate, ks = simulate(c, a)
+    assert not c.enabled and c.switches >= 1
+    assert ks[len(ks) // 4:].count(0) / len(ks[len(ks) // 4:]) > 0.95     # plain decoding after the switch
+    assert rate >= 0.95 * plain                                          # within 5% of plain decoding
+
+
+def expected_rate(k, a):
+    """Tokens/s of a fixed draft length k in expectation (k = 0: plain decoding)."""
+    return 1 / verify_s(1) if k == 0 else expected_accepted(a, k) / (k * TD + verify_s(k + 1))
+
+
+@pytest.mark.parametrize("a,seed", [(0.8, 0), (0.8, 4), (0.9, 1), (0.95, 2)])
+def test_stays_on_near_the_best_fixed_draft_length(a, seed):
+    fixed = {k: expected_rate(k, a) for k in range(0, 9)}
+    k_best = max(fixed, key=fixed.get)
+    assert k_best > 0 and fixed[k_best] > 1.08 * fixed[0]
+    c = SpecController()
+    rate, ks = simulate(c, a, tokens=3000, seed=seed)
+    assert c.enabled
+    assert rate >= 0.95 * fixed[k_best]                                  # within 5% of the best fixed k
+    late = ks[len(ks) // 2:]
+    k_mode = max(set(late), key=late.count)
+    assert fixed[k_mode] >= 0.95 * fixed[k_best]                         # picks a k about as good as the best
+
+
+def test_pinned_k_is_obeyed_and_estimates():
+    c = SpecController(pinned_k=2)
+    simulate(c, 0.0, tokens=300)
+    assert c.next_k() == 2 and c.enabled
+    assert c.acceptance() == 0.0 and c.measured_speedup() < 0.8
+    steps = [SpecStep(4, 0.0, 1.0, int(x)) for x in np.random.default_rng(0).geometric(0.3, 2000).clip(max=5) - 1]
+    assert estimate_acceptance(steps) == pytest.approx(0.7, abs=0.03)
+    a, lo, hi = acceptance_bounds([SpecStep(1, 0.0, 1.0, 0)] * 30)
+    assert (a, lo) == (0.0, 0.0) and hi == pytest.approx(0.118, abs=1e-3)

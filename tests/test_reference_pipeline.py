@@ -1,0 +1,132 @@
+"""The reference-model pipeline end to end at toy scale: train, export, and load the export everywhere."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "train_reference.py"
+PROMPT = "def load(path):\n"
+
+
+def run_script(*args, timeout=240):
+    # One thread: the toy models gain nothing from more, and on a busy machine extra threads oversubscribe.
+    r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1", *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reference")
+    run_script("--run", d / "run", "--export", d / "out")
+    return d
+
+
+def test_export_writes_both_folders(tiny):
+    for name in ("reference-moe", "reference-draft"):
+        f = tiny / "out" / name
+        for fn in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "README.md", "loss_curve.png", "training_log.jsonl"):
+            assert (f / fn).is_file(), f / fn
+        assert (f / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        kind = "moe" if name.endswith("moe") else "draft"
+        assert (f / "training_log.jsonl").read_text() == (tiny / "run" / kind / "log.jsonl").read_text()
+        assert (f / "tokenizer.json").read_bytes() == (tiny / "run" / "data" / "tokenizer.json").read_bytes()
+    assert not [p for p in (tiny / "out").iterdir() if p.name.startswith(".")], "staging directory left behind"
+
+
+def test_checkpoint_layout_is_a_standard_qwen3_moe_checkpoint(tiny):
+    from safetensors import safe_open
+    f = tiny / "out" / "reference-moe"
+    cfg = json.loads((f / "config.json").read_text())
+    with safe_open(str(f / "model.safetensors"), "pt") as st:
+        assert st.metadata() == {"format": "pt"}
+        names = set(st.keys())
+        assert {st.get_tensor(n).dtype for n in names} == {torch.bfloat16}
+    assert not any(n.startswith("lm_head") for n in names)
+    E, L = cfg["num_experts"], cfg["num_hidden_layers"]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        assert {p + "mlp.gate.weight", p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"} <= names
+        for e in range(E):
+            assert {f"{p}mlp.experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down")} <= names
+    tok = json.loads((f / "tokenizer.json").read_text())
+    vocab = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    eos, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
+    assert cfg["model_type"] == "qwen3_moe" and cfg["dtype"] == "bfloat16"
+    assert cfg["eos_token_id"] == eos == cfg["pad_token_id"] and cfg["bos_token_id"] is None
+    assert cfg["max_position_embeddings"] == 4096 and cfg["tie_word_embeddings"] is True
+    assert not cfg.get("output_router_logits")
+    gen = json.loads((f / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [eos, im_end] and gen["pad_token_id"] == eos and gen["do_sample"] is False
+    tc = json.loads((f / "tokenizer_config.json").read_text())
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["bos_token"] is None
+    assert tc["eos_token"] == tc["pad_token"] == "<|endoftext|>" and tc["model_max_length"] == 4096
+    assert "<|im_start|>" in tc["chat_template"]
+    draft = json.loads((tiny / "out" / "reference-draft" / "config.json").read_text())
+    assert draft["model_type"] == "qwen3" and draft["vocab_size"] == cfg["vocab_size"]
+
+
+@pytest.mark.parametrize("name", ["reference-moe", "reference-draft"])
+def test_moespec_and_transformers_give_the_same_greedy_output(tiny, name):
+    from transformers import AutoModelForCausalLM
+
+    from moespec import LLM, SamplingParams
+    folder = tiny / "out" / name
+    llm = LLM(folder, dtype="float32")
+    out = llm.generate(PROMPT, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 24 and isinstance(out.text, str) and out.text
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([out.prompt_token_ids])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert out.token_ids == ref
+
+
+def test_card_and_eval_json(tiny):
+    f = tiny / "out" / "reference-moe"
+    card = (f / "README.md").read_text()
+    for heading in ("## Architecture", "## Data", "## Training", "## Evaluation", "## Routing", "## Samples", "## Limits"):
+        assert heading in card
+    assert "loss_curve.png" in card and "AVX512-BF16" in card and "4096" in card and "not a useful assistant" in card
+    ev = json.loads((f / "eval.json").read_text())
+    for model in ("moe", "draft"):
+        r = ev[model]
+        assert set(r["heldout"]) == {"stdlib_val", "chat_val"}   # the toy corpus has no site-packages files
+        for v in list(r["heldout"].values()) + list(r["unseen_code"].values()):
+            assert v["tokens"] > 0 and 0 < v["nats_per_token"] < 10 and 0 < v["bits_per_byte"] < 10
+        assert set(r["unseen_code"]) == {"rich", "tokenizers", "safetensors"}
+        assert all(u["files"] > 0 for u in r["unseen_code"].values())
+        assert [s["prompt"] for s in r["samples"]] == ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n",
+                                                       "import os\n\n\ndef "]
+        assert ev["export"][model]["verify"]["max_abs_logit_diff"]["transformers"] <= 1e-4
+    rt = ev["moe"]["routing"]
+    assert rt["reuse_uniform_random"] == pytest.approx(1 - 1 / 6, abs=1e-3)  # 4 experts, top-2: C(2,2)/C(4,2)
+    for layer in rt["layers"]:
+        assert sum(layer["share"]) == pytest.approx(1.0, abs=1e-3) and len(layer["share"]) == 4
+        for k in ("min_share", "max_share", "dead_experts", "reuse_any", "reuse_same_set", "reuse_any_shuffled"):
+            assert k in layer
+    assert set(ev["draft_agreement"]) == {"stdlib_val", "chat_val"}
+    assert "eval.json" not in {p.name for p in (tiny / "out" / "reference-draft").iterdir()}
+
+
+def test_stage_export_reexports_a_trained_run(tiny):
+    run_script("--run", tiny / "run", "--stage", "export", "--export", tiny / "again")
+    for name in ("reference-moe", "reference-draft"):
+        a, b = tiny / "out" / name, tiny / "again" / name
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        assert (a / "config.json").read_text() == (b / "config.json").read_text()
+    a = json.loads((tiny / "out" / "reference-moe" / "eval.json").read_text())
+    b = json.loads((tiny / "again" / "reference-moe" / "eval.json").read_text())
+    assert a["moe"]["heldout"] == b["moe"]["heldout"] and a["moe"]["samples"] == b["moe"]["samples"]
+
+
+def test_stage_export_refuses_a_run_without_checkpoints(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--run", str(tmp_path / "none"), "--stage", "export",
+                        "--export", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "is not a trained run" in r.stderr and not (tmp_path / "none").exists()
