@@ -1,0 +1,38 @@
+"""`moespec bench` end to end on a tiny checkpoint: JSON report, peer runner, forward-cost curve."""
+import json
+import subprocess
+import sys
+
+import hf_models
+
+
+def test_bench_json_with_transformers_peer_and_curve(tmp_path):
+    hf_models.build("mixtral", tmp_path / "m")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--max-new-tokens", "6",
+                        "--prompt-len", "8", "--num-prompts", "2", "--batch-size", "1", "2", "--repetitions", "2",
+                        "--warmup", "1", "--prefill-len", "16", "--peer", "transformers", "--curve",
+                        "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(r.stdout) == report
+    runs = {(x["engine"], x["test"], x["batch"]): x for x in report["runs"]}
+    assert set(runs) == {(e, t, b) for e in ("moespec", "transformers") for t, b in
+                         (("tg6", 1), ("tg6", 2), ("pp16", 1))}
+    for key, run in runs.items():
+        assert run["ttft_s"]["n"] == 2 and run["ttft_s"]["mean"] > 0
+        if key[1] == "tg6":
+            assert run["decode_tok_s"]["mean"] > 0 and run["tpot_s"]["n"] == 2
+    # Greedy float32: both engines produce the same tokens, and the report says so.
+    assert runs[("moespec", "tg6", 2)]["vs_transformers"]["identical_sequences"] == "4/4"
+    curve = report["forward_curve"]
+    assert [row["n"] for row in curve] == [1, 2, 4, 8, 16, 32, 64]
+    assert curve[0]["distinct_experts_per_layer"] == 2.0          # one token, top-2
+    assert all(row["distinct_experts_per_layer"] <= 6 for row in curve)  # 6 experts in the model
+
+
+def test_bench_rejects_bad_values(tmp_path):
+    hf_models.build("mixtral", tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--repetitions", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: --repetitions must be at least 1" in r.stderr
