@@ -62,3 +62,20 @@ def test_env_variable_sets_a_flag(text_model):
     import os
     r = run("inspect", text_model, "--json", env={**os.environ, "MOESPEC_DTYPE": "bfloat16"})
     assert json.loads(r.stdout)["bytes_per_expert"] == 3 * 64 * 48 * 2
+
+
+def test_generate_with_disk_offload_matches_resident(text_model, tmp_path):
+    base = ["generate", text_model, "--prompt", "def f(x):", "--max-new-tokens", "10", "--temperature", "0",
+            "--ignore-eos", "--json"]
+    resident = json.loads(run(*base).stdout)
+    r = run(*base, "--expert-cache", "2", "--offload", "disk", "--offload-dir", tmp_path / "off",
+            "--prefetch", "next-layer")
+    assert r.returncode == 0, r.stderr
+    off = json.loads(r.stdout)
+    assert off["token_ids"] == resident["token_ids"]
+    s = off["stats"]
+    assert s["cache_capacity"] == 2 and s["expert_misses"] > 0
+    bytes_per_expert = 3 * 64 * 48 * 4
+    assert s["expert_bytes_read"] % bytes_per_expert == 0 and s["expert_bytes_read"] > 0
+    r = run(*base, "--expert-cache", "lots")
+    assert r.returncode == 2 and "error:" in r.stderr and "lots" in r.stderr and "Traceback" not in r.stderr

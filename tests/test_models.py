@@ -54,14 +54,16 @@ def test_fused_and_per_expert_layouts_load_to_the_same_weights(family, tmp_path)
         assert not any(k.endswith("experts.gate_up_proj") for k in f.keys())
     a, b = load_model(tmp_path / "per"), load_model(tmp_path / "fused")
     for layer in a.experts.pools:
-        assert torch.equal(a.experts.pool(layer).blob, b.experts.pool(layer).blob)
+        assert torch.equal(a.experts.pool(layer).w13, b.experts.pool(layer).w13)
+        assert torch.equal(a.experts.pool(layer).w2, b.experts.pool(layer).w2)
 
 
 def test_sharded_checkpoint_and_bfloat16(tmp_path):
     hf = hf_models.build("mixtral", tmp_path / "one", seed=4)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    a, b = load_model(tmp_path / "one"), load_model(tmp_path / "sharded")
+    # Fixed layouts: the timed layout choice may differ between two loads, and this test wants bit equality.
+    a, b = load_model(tmp_path / "one", auto_layout=False), load_model(tmp_path / "sharded", auto_layout=False)
     toks = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(a.forward(toks, a.new_cache(1, 8)).logits, b.forward(toks, b.new_cache(1, 8)).logits)
     hf_models.build("mixtral", tmp_path / "bf16", seed=4, dtype=torch.bfloat16)

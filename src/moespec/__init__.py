@@ -4,7 +4,7 @@ The public API (`LLM`, `SamplingParams`, `Output`, `MoespecError`) is imported l
 subpackages such as `moespec.perf` (no torch) stay light to import.
 """
 __version__ = "0.1.0"
-__all__ = ["LLM", "Output", "SamplingParams", "MoespecError"]
+__all__ = ["LLM", "Output", "SamplingParams", "MoespecError", "OffloadConfig"]
 
 
 def __getattr__(name):
@@ -14,6 +14,9 @@ def __getattr__(name):
     if name == "SamplingParams":
         from .sampling import SamplingParams
         return SamplingParams
+    if name == "OffloadConfig":
+        from .config import OffloadConfig
+        return OffloadConfig
     if name == "MoespecError":
         from .errors import MoespecError
         return MoespecError

@@ -21,6 +21,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("dtype", "float32"))
 
 
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert offloading (experts beyond fast memory)")
+    g.add_argument("--expert-cache", default=_env("expert_cache"),
+                   help="experts per MoE layer kept in fast memory: N, N%% or a size like 2GiB (default: all)")
+    g.add_argument("--offload", choices=["ram", "disk"], default=_env("offload"),
+                   help="where the other experts live (default ram when --expert-cache is given)")
+    g.add_argument("--offload-dir", default=_env("offload_dir"), help="folder of the packed expert file (disk)")
+    g.add_argument("--expert-policy", choices=["lru", "lfu", "static"], default=_env("expert_policy", "lru"))
+    g.add_argument("--hot-profile", default=_env("hot_profile"), help="routing profile JSON for --expert-policy static")
+    g.add_argument("--prefetch", choices=["none", "next-layer"], default=_env("prefetch", "none"))
+    g.add_argument("--no-direct-io", action="store_true", help="read the disk tier through the page cache")
+
+
+def offload_config(a):
+    """An OffloadConfig when any offload flag was given, else None (every expert resident)."""
+    if a.expert_cache is None and a.offload is None:
+        return None
+    from .config import OffloadConfig
+    return OffloadConfig(expert_cache=a.expert_cache, offload=a.offload or "ram", offload_dir=a.offload_dir,
+                         policy=a.expert_policy, prefetch=a.prefetch, direct_io=not a.no_direct_io,
+                         hot_profile=a.hot_profile)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -41,16 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _sampling_args(g)
+    _offload_args(g)
     c = sub.add_parser("chat", help="chat in the terminal (empty line or Ctrl-D to quit)")
     _model_args(c)
     c.add_argument("--system", default=None)
     _sampling_args(c)
+    _offload_args(c)
     i = sub.add_parser("inspect", help="describe a model: family, shape, parameters, bytes per expert")
     _model_args(i)
     i.add_argument("--json", action="store_true")
     from .bench.cli import add_bench_parser
     from .perf.cli import add_plan_parser
-    add_bench_parser(sub, _model_args)
+    add_bench_parser(sub, _model_args, _offload_args)
     add_plan_parser(sub, _model_args)
     return ap
 
@@ -63,7 +88,7 @@ def _params(a):
 
 def cmd_generate(a) -> None:
     from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype)
+    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a))
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     if a.json:
         out = llm.generate(prompt, _params(a))[0]
@@ -79,7 +104,7 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype)
+    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a))
     messages = [{"role": "system", "content": a.system}] if a.system else []
     params = _params(a)
     while True:

@@ -156,3 +156,45 @@ def rope_params(raw: dict) -> dict:
         raise MoespecError(f"config.json: rope type {rp['rope_type']!r} is not supported "
                            "(supported: default, linear, yarn, llama3)")
     return rp
+
+
+@dataclass
+class OffloadConfig:
+    """Where experts live when they do not all fit in fast memory (see experts/ and the CLI flags).
+
+    expert_cache: slots per MoE layer in fast memory: an int / "12" (experts), "25%" (of the experts)
+        or a byte size "2GiB" / "512MB" split evenly across MoE layers; None = every expert.
+    offload: the slow tier holding every expert: "ram" (CPU memory) or "disk" (a packed file of
+        per-expert blobs in offload_dir, read with pread, O_DIRECT when direct_io).
+    policy: eviction "lru" | "lfu" | "static" (hottest experts of hot_profile pinned, the rest LRU).
+    prefetch: "none" (load on demand) | "next-layer" (run the next layer's router on the hidden state
+        entering this layer's MoE and load its top-k in the background).
+    """
+    expert_cache: str | int | None = None
+    offload: str = "ram"
+    offload_dir: str | None = None          # None: $XDG_CACHE_HOME/moespec/experts (or ~/.cache/...)
+    policy: str = "lru"
+    prefetch: str = "none"
+    direct_io: bool = True
+    hot_profile: str | None = None          # JSON routing profile (experts/profile.py) for policy "static"
+    io_threads: int = 1
+    io_timeout_s: float = 60.0              # a load not done by then is an error, never a hang
+
+    def validate(self) -> "OffloadConfig":
+        for name, value, allowed in (("offload", self.offload, ("ram", "disk")),
+                                     ("policy", self.policy, ("lru", "lfu", "static")),
+                                     ("prefetch", self.prefetch, ("none", "next-layer"))):
+            if value not in allowed:
+                raise MoespecError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        if self.policy == "static" and not self.hot_profile:
+            raise MoespecError("expert policy 'static' needs a routing profile (hot_profile / --hot-profile)")
+        if self.io_threads < 1 or self.io_timeout_s <= 0:
+            raise MoespecError("io_threads must be at least 1 and io_timeout_s positive")
+        return self
+
+    def resolved_dir(self) -> Path:
+        if self.offload_dir:
+            return Path(self.offload_dir).expanduser()
+        import os
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "moespec" / "experts"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .assets import resolve_model
+from .config import OffloadConfig
 from .errors import MoespecError
 from .generate import Sequence, generate, new_sequence
 from .models import load_model
@@ -31,9 +32,11 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, offload: OffloadConfig | None = None):
+        """offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig)."""
         self.path = resolve_model(model)
-        self.model = load_model(self.path, dtype, device)
+        self.offload = offload
+        self.model = load_model(self.path, dtype, device, offload=offload)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
         gc = self.path / "generation_config.json"
@@ -95,7 +98,15 @@ class LLM:
         on_text(i, delta) is called with each piece of new text of prompt i as it decodes.
         """
         seqs = self._sequences(prompts, sampling_params)
+        before = self.expert_stats() if self.offload is not None else None
         timing = generate(self.model, seqs, on_text)
+        if before is not None:
+            after = self.expert_stats()
+            timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
+                                 "expert_misses": after["misses"] - before["misses"],
+                                 "expert_bytes_read": after["bytes_read"] - before["bytes_read"],
+                                 "stall_s": after["stall_s"] - before["stall_s"],
+                                 "cache_capacity": after["capacity"]}
         return [self._output(s, timing, len(seqs)) for s in seqs]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
@@ -117,6 +128,15 @@ class LLM:
         if err:
             raise err[0]
 
+    def expert_stats(self) -> dict:
+        """Expert cache counters since load (hits, misses, bytes_read, evictions, stall_s, prefetch_*,
+        capacity, per_layer, ...); with every expert resident just {"capacity": E, "tier": "resident"}."""
+        return self.model.experts.stats()
+
+    def close(self) -> None:
+        """Stop the expert loader threads and close the offload file (no-op without offloading)."""
+        self.model.experts.close()
+
     def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
         n = len(s.token_ids)
         ttft = s.t_first - timing["t0"]
@@ -124,5 +144,6 @@ class LLM:
         stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": n, "ttft_s": ttft, "decode_s": decode,
                  "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
+        stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
         text = s.text if s.detok is not None else ""
         return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)

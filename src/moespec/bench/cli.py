@@ -11,9 +11,10 @@ from pathlib import Path
 from ..errors import MoespecError
 
 
-def add_bench_parser(sub, model_args) -> None:
+def add_bench_parser(sub, model_args, offload_args) -> None:
     b = sub.add_parser("bench", help="time prefill and decode; compare with transformers")
     model_args(b)
+    offload_args(b)
     b.add_argument("--synthetic", choices=["small", "large"], default=None,
                    help="benchmark a random Mixtral of this preset (written once under --synthetic-dir)")
     b.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "moespec" / "synthetic"))
@@ -46,7 +47,8 @@ def run_bench(a) -> None:
     for name in ("repetitions", "num_prompts", "max_new_tokens"):
         if getattr(a, name) < 1:
             raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
-    llm = LLM(path, dtype=a.dtype)
+    from ..cli import offload_config
+    llm = LLM(path, dtype=a.dtype, offload=offload_config(a))
     prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size, llm.tokenizer)
     peer = TransformersRunner(path, llm.model.dtype) if a.peer == "transformers" else None
     report = {"model": str(path), "dtype": a.dtype, "prompts": a.prompts, "prompt_len": a.prompt_len,
@@ -83,6 +85,8 @@ def run_bench(a) -> None:
         for row in report["forward_curve"]:
             print(f"  forward n={row['n']:>2}: {row['ms']:7.2f} ms ({row['x_one_token']:.2f}x), distinct experts "
                   f"per layer {row['distinct_experts_per_layer']}", file=sys.stderr)
+    if llm.offload is not None:
+        report["experts"] = llm.expert_stats()
     text = json.dumps(report, indent=1)
     if a.output:
         Path(a.output).write_text(text)

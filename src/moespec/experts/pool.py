@@ -6,24 +6,64 @@ compute runs whether every expert is resident (slot = expert) or a cache maps a 
 """
 from __future__ import annotations
 
-from typing import Protocol
+import mmap
+from typing import Iterator, Protocol
 
 import torch
 
+PAGE = 4096
+
+
+def round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
 
 class ExpertPool:
-    """`slots` blobs of one MoE layer: views w13 [S, 2I, D] and w2 [S, D, I] into one [S, blob] tensor."""
+    """`slots` blobs of one MoE layer: views w13 [S, 2I, D] and w2 [S, D, I] into one [S, blob] tensor.
 
-    def __init__(self, slots: int, hidden: int, inter: int, dtype: torch.dtype, device="cpu"):
-        self.hidden, self.inter = hidden, inter
+    t13 / t2 store that matrix of every slot column-major (its transpose contiguous) inside the blob,
+    when that layout multiplies faster here (models/layout.py); the views keep the logical shapes.
+
+    With `align` (CPU only) every slot starts on an `align`-byte boundary and owns a padded stride of
+    whole pages, in anonymous mmap memory: an O_DIRECT read can then land straight in the slot
+    (`raw(slot)`), with no staging copy. Untouched pages cost no RSS until first written.
+    """
+
+    def __init__(self, slots: int, hidden: int, inter: int, dtype: torch.dtype, device="cpu",
+                 t13: bool = False, t2: bool = False, align: int = 0):
+        self.hidden, self.inter, self.slots, self.dtype = hidden, inter, slots, dtype
+        self.t13, self.t2 = bool(t13), bool(t2)
         self.n13 = 2 * inter * hidden
-        self.blob = torch.zeros(slots, self.n13 + hidden * inter, dtype=dtype, device=device)
-        self.w13 = self.blob[:, :self.n13].view(slots, 2 * inter, hidden)
-        self.w2 = self.blob[:, self.n13:].view(slots, hidden, inter)
+        n = self.n13 + hidden * inter
+        es = torch.empty((), dtype=dtype).element_size()
+        self._mm = None
+        if align and torch.device(device).type == "cpu":
+            self.stride_bytes = round_up(n * es, align)
+            self._mm = mmap.mmap(-1, max(slots, 1) * self.stride_bytes)   # page aligned, zero filled
+            flat = torch.frombuffer(self._mm, dtype=torch.uint8).view(dtype)
+            self.blob = flat[:slots * self.stride_bytes // es].view(slots, -1)[:, :n]
+        else:
+            self.stride_bytes = 0
+            self.blob = torch.zeros(slots, n, dtype=dtype, device=device)
+        w13, w2 = self.blob[:, :self.n13], self.blob[:, self.n13:]
+        self.w13 = w13.view(slots, hidden, 2 * inter).transpose(1, 2) if t13 else w13.view(slots, 2 * inter, hidden)
+        self.w2 = w2.view(slots, inter, hidden).transpose(1, 2) if t2 else w2.view(slots, hidden, inter)
+
+    @property
+    def layout(self) -> dict:
+        """What a blob's bytes mean (a packed expert file must match it to be read into this pool)."""
+        return {"hidden": self.hidden, "inter": self.inter, "dtype": str(self.dtype).removeprefix("torch."),
+                "t13": self.t13, "t2": self.t2}
 
     @property
     def blob_bytes(self) -> int:
         return self.blob.shape[1] * self.blob.element_size()
+
+    def raw(self, slot: int) -> memoryview | None:
+        """The slot's whole padded stride as writable bytes (aligned pools only), for direct reads."""
+        if self._mm is None:
+            return None
+        return memoryview(self._mm)[slot * self.stride_bytes:(slot + 1) * self.stride_bytes]
 
     def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """gate/up [I, D], down [D, I] (HF per-expert layout) into one slot."""
@@ -34,6 +74,16 @@ class ExpertPool:
 
 class ExpertProvider(Protocol):
     """What the MoE block needs from the expert memory (one call per MoE layer per forward)."""
+
+    def observe(self, layer: int, x: torch.Tensor) -> None:
+        """The hidden state [N, D] entering `layer`'s MoE block (a prediction hook for prefetchers)."""
+
+    def chunks(self, layer: int, ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield (slots [N, K], mask [N, K] bool | None) until every (token, k) of ids was computable once.
+
+        The experts of a yielded chunk stay in their slots until the caller asks for the next chunk
+        (or closes the generator). mask None means the whole of ids in one pass.
+        """
 
     def ensure(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Make these experts computable; return their slot ids (same shape as ids)."""
@@ -53,8 +103,17 @@ class ResidentExperts:
         self.num_experts = num_experts
         self._all = torch.arange(num_experts)
 
+    def observe(self, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    def chunks(self, layer: int, ids: torch.Tensor):
+        yield ids, None
+
     def ensure(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         return ids
+
+    def release(self, layer: int) -> None:
+        pass
 
     def pool(self, layer: int) -> ExpertPool:
         return self.pools[layer]
@@ -64,3 +123,9 @@ class ResidentExperts:
 
     def expert_bytes(self) -> int:
         return next(iter(self.pools.values())).blob_bytes if self.pools else 0
+
+    def stats(self) -> dict:
+        return {"capacity": self.num_experts, "tier": "resident"}
+
+    def close(self) -> None:
+        pass

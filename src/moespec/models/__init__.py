@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, OffloadConfig
 from ..errors import MoespecError
 from ..experts.pool import ResidentExperts
 from ..loading import Checkpoint, load_weights
@@ -22,15 +22,25 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> DecoderLM:
-    """Load a Hugging Face checkpoint folder with every expert resident in memory."""
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               auto_layout: bool = True, offload: OffloadConfig | None = None) -> DecoderLM:
+    """Load a Hugging Face checkpoint folder with every expert resident in memory.
+
+    auto_layout: store each weight shape in whichever layout decodes faster here (models/layout.py).
+    offload: keep only a cache of experts in fast memory over a RAM or disk tier (experts/); the
+    routed experts are then never all materialised. None: every expert resident, as before.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MoespecError(f"model folder {path} does not exist")
     cfg = ModelConfig.from_folder(path)
     dt = parse_dtype(dtype)
-    weights, pools = load_weights(Checkpoint(path), cfg, dt, device)
-    return DecoderLM(cfg, weights, ResidentExperts(pools, cfg.num_experts), dt, device)
+    weights, pools = load_weights(Checkpoint(path), cfg, dt, device, auto_layout, experts=offload is None)
+    if offload is None:
+        return DecoderLM(cfg, weights, ResidentExperts(pools, cfg.num_experts), dt, device)
+    from ..experts.build import build_expert_provider
+    routers = {i: lw.moe.router for i, lw in enumerate(weights.layers) if lw.moe is not None}
+    return DecoderLM(cfg, weights, build_expert_provider(path, cfg, dt, device, offload, routers, auto_layout), dt, device)
 
 
 __all__ = ["DecoderLM", "ForwardOutput", "ForwardPlan", "load_model", "parse_dtype", "ModelConfig"]

@@ -25,6 +25,7 @@ class AttnWeights:
     bo: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [hd] (per head) or [H*hd] (full projection)
     k_norm: torch.Tensor | None = None
+    qk_norm: torch.Tensor | None = None  # [H + G, hd]: per-head norms stacked, q heads then k heads
 
 
 @dataclass
@@ -93,7 +94,9 @@ class DecoderLM:
             h = h + self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
             x = rms_norm(h, lw.ln2, c.rms_norm_eps)
             if lw.moe is not None:
-                y = moe_block(x.reshape(B * T, -1), lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, record)
+                x2 = x.reshape(B * T, -1)
+                self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
+                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, record)
                 h = h + y.view(B, T, -1)
             else:
                 h = h + mlp(x, lw.mlp)
@@ -105,18 +108,20 @@ class DecoderLM:
     def _attention(self, x, aw: AttnWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
         c = self.cfg
         B, T, _ = x.shape
-        qkv = F.linear(x, aw.wqkv, aw.bqkv)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        if c.qk_norm == "full":                 # OLMoE: norm over the whole projection
-            q, k = rms_norm(q, aw.q_norm, c.rms_norm_eps), rms_norm(k, aw.k_norm, c.rms_norm_eps)
-        if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, c.num_heads, c.head_dim)
-        k = k.view(B, T, c.num_kv_heads, c.head_dim)
-        if c.qk_norm == "head":                 # Qwen3: norm per head
-            q, k = rms_norm(q, aw.q_norm, c.rms_norm_eps), rms_norm(k, aw.k_norm, c.rms_norm_eps)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        keys, values = kv.write(layer, k, v)
-        return F.linear(attend(q, keys, values, mask), aw.wo, aw.bo)
+        H, G = c.num_heads, c.num_kv_heads
+        qkv = F.linear(x, aw.wqkv, aw.bqkv)                                     # [B, T, (H + 2G) hd]
+        if c.qk_norm == "full" or c.clip_qkv is not None:  # OLMoE: norm over whole projections, then clip
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            if c.qk_norm == "full":
+                q, k = rms_norm(q, aw.q_norm, c.rms_norm_eps), rms_norm(k, aw.k_norm, c.rms_norm_eps)
+            if c.clip_qkv is not None:
+                q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+            qkv = torch.cat((q, k, v), dim=-1)
+        # q and k heads go through norm and rope together: half the ops of doing them apart.
+        qk = qkv[..., :self.q_size + self.kv_size].view(B, T, H + G, c.head_dim)
+        if c.qk_norm == "head":                 # Qwen3: per-head norm, q and k with their own weights
+            qk = rms_norm(qk, None, c.rms_norm_eps) * aw.qk_norm
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)                            # [B, H + G, T, hd]
+        v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
+        keys, values = kv.write(layer, qk[:, H:], v)
+        return F.linear(attend(qk[:, :H], keys, values, mask), aw.wo, aw.bo)

@@ -4,6 +4,7 @@ Shapes: N tokens (B*T flattened), D hidden, E experts, K top-k, S pool slots, I 
 """
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +57,28 @@ def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool:
             y = F.linear(F.silu(g) * u, pool.w2[s]) * w[0, j]
             out = y if out is None else out + y
         return out
+    return sum_k(expert_outputs(x, slots, w, pool))
+
+
+def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool,
+                   mask: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Each (token, k)'s weighted expert output. x [N, D], slots/w/mask [N, K] -> acc [N, K, D].
+
+    Only entries where mask is true are written (all when None), so chunks over disjoint expert
+    sets fill one acc. Every expert sees the same rows in the same order however experts are split
+    into chunks or numbered into slots, and sum_k adds in k order: results are bit-identical.
+    """
+    n, k = slots.shape
+    if acc is None:
+        acc = x.new_zeros(n, k, x.shape[-1])
     flat = slots.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=pool.w13.shape[0]).tolist()
-    token = order // k
-    xs = x.index_select(0, token)
+    if mask is None:
+        order = torch.argsort(flat, stable=True)
+    else:
+        sel = mask.reshape(-1).nonzero().squeeze(1)
+        order = sel.index_select(0, torch.argsort(flat.index_select(0, sel), stable=True))
+    counts = torch.bincount(flat.index_select(0, order), minlength=pool.w13.shape[0]).tolist()
+    xs = x.index_select(0, order // k)
     ws = w.reshape(-1).index_select(0, order)[:, None]
     ys = torch.empty_like(xs)
     start = 0
@@ -71,17 +89,39 @@ def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool:
         g, u = F.linear(xs[seg], pool.w13[s]).chunk(2, dim=-1)
         ys[seg] = F.linear(F.silu(g) * u, pool.w2[s]) * ws[seg]
         start += c
-    return torch.zeros_like(x).index_add_(0, token, ys)
+    acc.view(n * k, -1).index_copy_(0, order, ys)
+    return acc
+
+
+def sum_k(acc: torch.Tensor) -> torch.Tensor:
+    """acc [N, K, D] -> [N, D], adding in k order (the order the one-token path uses)."""
+    out = acc[:, 0]
+    for j in range(1, acc.shape[1]):
+        out = out + acc[:, j]
+    return out
 
 
 def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, norm_topk: bool,
               record: list | None) -> torch.Tensor:
-    """x [N, D] -> [N, D]; appends this layer's expert ids [N, K] to `record` when asked."""
+    """x [N, D] -> [N, D]; appends this layer's expert ids [N, K] to `record` when asked.
+
+    The provider yields one chunk when every expert this forward needs fits in its pool (always for
+    resident experts); a cache smaller than the union yields several chunks of at most S experts,
+    each locked in its slots until we ask for the next one, and the chunks fill one [N, K, D] acc.
+    """
     w, ids = route(x, mw.router, top_k, norm_topk)
     if record is not None:
         record.append(ids)
-    slots = experts.ensure(layer, ids)
-    out = experts_forward(x, slots, w, experts.pool(layer))
+    pool = experts.pool(layer)
+    out, acc = None, None
+    with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises
+        for slots, mask in chunks:
+            if mask is None:
+                out = experts_forward(x, slots, w, pool)
+            else:
+                acc = expert_outputs(x, slots, w, pool, mask, acc)
+    if acc is not None:
+        out = sum_k(acc)
     if mw.shared is not None:
         out = out + torch.sigmoid(F.linear(x, mw.shared_gate)) * mlp(x, mw.shared)
     return out

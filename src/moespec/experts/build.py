@@ -1,0 +1,42 @@
+"""Build the expert provider an OffloadConfig asks for (the cache over a RAM or disk store)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, OffloadConfig
+from ..errors import MoespecError
+from .cache import ExpertCache
+from .policy import load_profile, parse_capacity
+from .pool import PAGE, round_up
+from .store import DiskStore, RamStore
+
+
+def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device, offload: OffloadConfig,
+                          routers: dict[int, torch.Tensor] | None = None, auto_layout: bool = True) -> ExpertCache:
+    """An ExpertCache with `offload.expert_cache` slots per MoE layer on `device` over the slow tier.
+
+    routers {moe layer: [E, D]} feed the next-layer prefetcher (load_model passes them).
+    """
+    from ..loading import Checkpoint
+    from ..loading.build import expert_layout, load_expert_pool
+    offload.validate()
+    if not cfg.is_moe:
+        raise MoespecError(f"expert offloading needs a Mixture-of-Experts model; {path} has no routed experts")
+    ck = Checkpoint(path)
+    layers = cfg.moe_layer_ids
+    layout = expert_layout(cfg, dtype, device, auto_layout)
+    if offload.offload == "disk":
+        store = DiskStore(ck, cfg, dtype, offload.resolved_dir(), layout, offload.direct_io)
+    else:
+        store = RamStore({i: load_expert_pool(ck, cfg, i, dtype, layout["t13"], layout["t2"]) for i in layers})
+    try:
+        slot_bytes = round_up(store.blob_bytes, PAGE) if torch.device(device).type == "cpu" else store.blob_bytes
+        slots = parse_capacity(offload.expert_cache, cfg.num_experts, len(layers), slot_bytes)
+        hot = load_profile(offload.hot_profile, layers, cfg.num_experts) if offload.policy == "static" else None
+        return ExpertCache(store, layers, slots, cfg.top_k, device, offload.policy, offload.prefetch, routers, hot,
+                           offload.io_threads, offload.io_timeout_s)
+    except BaseException:
+        store.close()
+        raise

@@ -1,0 +1,171 @@
+"""The packed expert file of the disk tier: a 4096-byte JSON header, then every expert's blob.
+
+Layout: header (JSON padded with spaces to ALIGN bytes), then for each MoE layer in order, for each
+expert 0..E-1, its blob (gate+up then down, exactly an ExpertPool row in the run's dtype) padded
+to `stride` = blob bytes rounded up to ALIGN, so every blob starts and ends on an O_DIRECT boundary.
+
+The header names the checkpoint it was packed from (size, mtime and sha256 of config.json; size,
+mtime and sha256 of each safetensors file's header bytes), the shapes, dtype, storage layout, blob
+size and alignment. A file whose header does not match, or whose size is not what the header
+promises (a truncated or interrupted write), is rebuilt: a stale file can never feed wrong weights.
+Files are written to a temporary name and renamed into place, so a crash leaves no valid-looking file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import MoespecError
+from .pool import PAGE, round_up
+
+if TYPE_CHECKING:  # loading imports models, which import experts: import it where it is used
+    from ..loading import Checkpoint
+
+FORMAT, VERSION, ALIGN = "moespec-experts", 1, PAGE
+
+
+def pack_path(offload_dir: Path, folder: Path, dtype: torch.dtype) -> Path:
+    """One file per (checkpoint folder, dtype), so several models can share one offload dir."""
+    tag = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+    return offload_dir / f"{folder.name}-{tag}-{str(dtype).removeprefix('torch.')}.experts"
+
+
+def _sha(path: Path, nbytes: int | None = None) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read() if nbytes is None else f.read(nbytes)).hexdigest()
+
+
+def checkpoint_identity(ck: Checkpoint) -> dict:
+    """Cheap but strict: stat data plus a hash of config.json and of each safetensors header."""
+    out = {}
+    cfg = ck.folder / "config.json"
+    st = cfg.stat()
+    out["config.json"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha(cfg)}
+    for f in sorted({ck.file_of(n) for n in ck.names}):
+        st = f.stat()
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        out[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": _sha(f, 8 + n)}
+    return out
+
+
+def expected_header(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, layout: dict) -> dict:
+    """The header a file packed now from `ck` would carry (layout: {"t13", "t2"} storage flags)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    blob = 3 * cfg.moe_intermediate_size * cfg.hidden_size * es
+    stride = round_up(blob, ALIGN)
+    layers = cfg.moe_layer_ids
+    return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint_identity(ck), "layers": layers,
+            "num_experts": cfg.num_experts, "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size,
+            "dtype": str(dtype).removeprefix("torch."), "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
+            "blob_bytes": blob, "stride": stride, "align": ALIGN, "data_offset": ALIGN,
+            "file_bytes": ALIGN + len(layers) * cfg.num_experts * stride}
+
+
+def read_header(path: Path) -> dict | None:
+    """The header of an existing file, or None when there is none worth reading (absent or garbage)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(ALIGN)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MoespecError(f"cannot read the packed expert file {path}: {e.strerror or e}") from None
+    try:
+        h = json.loads(raw.decode("utf-8"))
+        return h if isinstance(h, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
+    """None if `found` describes a complete file packed from the same checkpoint; else the reason.
+
+    The storage layout (t13 / t2) is not compared: the caller adopts the file's layout instead.
+    """
+    if found is None:
+        return "missing" if not path.exists() else "unreadable header"
+    if found.get("format") != FORMAT or found.get("version") != VERSION:
+        return f"format {found.get('format')!r} v{found.get('version')}, expected {FORMAT!r} v{VERSION}"
+    if found.get("checkpoint") != want["checkpoint"]:
+        return "checkpoint changed since packing"
+    for key in ("layers", "num_experts", "hidden", "inter", "dtype", "blob_bytes", "stride", "align",
+                "data_offset"):
+        if found.get(key) != want[key]:
+            return f"header mismatch: {key} is {found.get(key)!r}, expected {want[key]!r}"
+    if type(found.get("t13")) is not bool or type(found.get("t2")) is not bool:
+        return "header mismatch: layout"
+    size = path.stat().st_size
+    if size != want["file_bytes"]:
+        return f"truncated or overlong: {size} bytes, expected {want['file_bytes']}"
+    return None
+
+
+def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, header: dict) -> None:
+    """Pack every expert of `ck` into `path` (one MoE layer in memory at a time)."""
+    from ..loading.build import load_expert_pool
+    d = path.parent
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoespecError(f"cannot create offload dir {d}: {e.strerror or e}") from None
+    free = shutil.disk_usage(d).free
+    if free < header["file_bytes"]:
+        raise MoespecError(f"offload dir {d} has {free / 2**30:.2f} GiB free; the packed experts need "
+                           f"{header['file_bytes'] / 2**30:.2f} GiB")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pad = bytes(header["stride"] - header["blob_bytes"])
+    head = json.dumps(header).encode()
+    try:
+        with open(tmp, "wb") as f, _progress(len(header["layers"]) * header["num_experts"], path.name) as tick:
+            f.write(head + b" " * (ALIGN - len(head)))
+            for layer in header["layers"]:
+                pool = load_expert_pool(ck, cfg, layer, dtype, t13=header["t13"], t2=header["t2"])
+                rows = pool.blob.view(torch.uint8) if pool.blob.is_contiguous() else pool.blob.contiguous().view(torch.uint8)
+                for e in range(header["num_experts"]):
+                    f.write(memoryview(rows[e].numpy()))
+                    f.write(pad)
+                    tick()
+                del pool, rows
+            f.flush()
+            os.fsync(f.fileno())
+            # The reads that follow should come from the device, not from pages this write left behind.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MoespecError(f"cannot write the packed expert file {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _progress:
+    """A rich progress bar on an interactive stderr; silent otherwise (pipes, logs, tests)."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name, self.bar = total, name, None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return lambda: None
+        from rich.progress import Progress
+        from rich.console import Console
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(f"packing experts into {self.name}", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False

@@ -1,0 +1,237 @@
+"""The disk tier: packing, validation, O_DIRECT and its fallback, and failures that must surface."""
+import errno
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moespec.config import OffloadConfig
+from moespec.errors import MoespecError
+from moespec.experts import packfile
+from moespec.models import load_model
+
+TOKENS = torch.tensor([[5, 17, 3, 99, 42, 7, 11, 200, 1]])
+
+
+@pytest.fixture
+def ckpt(family_dirs, tmp_path):
+    """A private copy of the tiny Mixtral (tests here modify checkpoints and offload files)."""
+    folder = tmp_path / "mixtral"
+    shutil.copytree(family_dirs["mixtral"][0], folder)
+    return folder
+
+
+def logits(model, tokens=TOKENS):
+    return model.forward(tokens, model.new_cache(tokens.shape[0], 16)).logits
+
+
+def disk(folder, tmp_path, **kw):
+    cfg = OffloadConfig(**{"expert_cache": 2, "offload": "disk", "offload_dir": str(tmp_path / "off"), **kw})
+    return load_model(folder, auto_layout=False, offload=cfg)
+
+
+def pack_file(m):
+    return m.experts.store.path
+
+
+def test_pack_is_built_once_then_reused(ckpt, tmp_path):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    a = disk(ckpt, tmp_path)
+    assert a.experts.store.build_reason == "missing"
+    path = pack_file(a)
+    header = json.loads(path.read_bytes()[:4096])
+    assert header["stride"] % 4096 == 0 and header["file_bytes"] == path.stat().st_size
+    assert header["dtype"] == "float32" and header["num_experts"] == 6
+    a.experts.close()
+    mtime = path.stat().st_mtime_ns
+    b = disk(ckpt, tmp_path)
+    assert b.experts.store.build_reason is None and path.stat().st_mtime_ns == mtime
+    assert torch.equal(logits(b), ref)
+    b.experts.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header", "header_mismatch", "wrong_format"])
+def test_damaged_pack_is_rebuilt_never_read(damage, ckpt, tmp_path):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    disk(ckpt, tmp_path).experts.close()
+    path = packfile.pack_path(tmp_path / "off", ckpt, torch.float32)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-4096]
+    elif damage == "garbage_header":
+        raw[:16] = b"\x00garbage\xff\xfe\x00\x00\x00\x00\x00\x00"
+    else:
+        h = json.loads(raw[:4096])
+        if damage == "header_mismatch":
+            h["blob_bytes"] += 4
+        else:
+            h["version"] = 99
+        head = json.dumps(h).encode()
+        raw[:4096] = head + b" " * (4096 - len(head))
+    path.write_bytes(bytes(raw))
+    m = disk(ckpt, tmp_path)
+    reason = m.experts.store.build_reason
+    assert reason is not None and reason != "missing"
+    if damage == "truncate":
+        assert reason.startswith("truncated")
+    assert torch.equal(logits(m), ref)
+    m.experts.close()
+
+
+def test_checkpoint_changed_since_packing_is_repacked(ckpt, tmp_path):
+    disk(ckpt, tmp_path).experts.close()
+    sd = load_file(ckpt / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    sd[name] = sd[name] * -2.0                    # same shapes, same header bytes: only mtime/size tell
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ref = logits(load_model(ckpt, auto_layout=False))
+    m = disk(ckpt, tmp_path, expert_cache=6)
+    assert m.experts.store.build_reason == "checkpoint changed since packing"
+    assert torch.equal(logits(m), ref)
+    m.experts.close()
+
+
+def test_offload_dir_that_cannot_be_used_is_a_clear_error(ckpt, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MoespecError, match="offload dir .*afile is not a directory"):
+        disk(ckpt, tmp_path, offload_dir=str(tmp_path / "afile"))
+    with pytest.raises(MoespecError, match="cannot create offload dir .*afile/sub"):
+        disk(ckpt, tmp_path, offload_dir=str(tmp_path / "afile" / "sub"))
+    # An unreadable pack file (here: a directory where the file should be).
+    packfile.pack_path(tmp_path / "odd", ckpt, torch.float32).mkdir(parents=True)
+    with pytest.raises(MoespecError, match="cannot read the packed expert file"):
+        disk(ckpt, tmp_path, offload_dir=str(tmp_path / "odd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys"), reason="needs a read-only /sys")
+def test_unwritable_offload_dir_is_a_clear_error(ckpt, tmp_path):
+    with pytest.raises(MoespecError, match="cannot create offload dir /sys/"):
+        disk(ckpt, tmp_path, offload_dir="/sys/moespec-offload-test")
+
+
+def test_read_only_offload_dir_is_a_clear_error(ckpt, tmp_path, monkeypatch):
+    # Directory permissions do not bind root (CI runs as root), so the denial is simulated where the
+    # pack file is written.
+    import builtins
+    d = tmp_path / "ro"
+    d.mkdir()
+    real_open = builtins.open
+
+    def deny(file, mode="r", *a, **k):
+        if str(file).startswith(str(d)) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(MoespecError, match="cannot write the packed expert file .*Permission denied"):
+        disk(ckpt, tmp_path, offload_dir=str(d))
+
+
+def test_filesystems_without_o_direct_fall_back_to_buffered_reads(ckpt, tmp_path, monkeypatch):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    real_open = os.open
+
+    def no_direct(path, flags, *a, **k):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", no_direct)
+    m = disk(ckpt, tmp_path)
+    assert m.experts.store.direct_io is False
+    assert torch.equal(logits(m), ref)
+    m.experts.close()
+
+
+def test_o_direct_refused_at_read_time_falls_back(ckpt, tmp_path, monkeypatch):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    m = disk(ckpt, tmp_path)
+    real = os.preadv
+    calls = []
+
+    def refuse_once(fd, bufs, off):
+        if not calls:
+            calls.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+    monkeypatch.setattr(os, "preadv", refuse_once)
+    assert torch.equal(logits(m), ref)
+    assert calls and m.experts.store.direct_io is False
+    m.experts.close()
+
+
+def test_loader_failure_surfaces_as_an_error_and_the_cache_recovers(ckpt, tmp_path):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    m = disk(ckpt, tmp_path, expert_cache=1)
+    store = m.experts.store
+    real = store.load
+
+    def boom(*a):
+        raise RuntimeError("injected read failure")
+    store.load = boom
+    with pytest.raises(MoespecError, match="loading expert .* failed: RuntimeError: injected read failure"):
+        logits(m)
+    for layer in m.cfg.moe_layer_ids:
+        m.experts.check(layer)
+        assert m.experts.resident(layer).numel() == 0      # the failed slot holds nothing
+    store.load = real
+    assert torch.equal(logits(m), ref)
+    m.experts.close()
+
+
+def test_offload_file_truncated_mid_run_is_an_error_not_wrong_weights(ckpt, tmp_path):
+    m = disk(ckpt, tmp_path, expert_cache=1)
+    logits(m)
+    os.truncate(pack_file(m), 4096)
+    with pytest.raises(MoespecError, match="short read"):
+        logits(m)
+    m.experts.close()
+
+
+def test_a_stalled_load_times_out_with_a_clear_message(ckpt, tmp_path):
+    m = disk(ckpt, tmp_path, expert_cache=1, io_timeout_s=0.3)
+    store = m.experts.store
+    real = store.load
+
+    def slow(*a):
+        time.sleep(3.0)
+        return real(*a)
+    store.load = slow
+    t = time.perf_counter()
+    with pytest.raises(MoespecError, match=r"took more than 0.3s"):
+        logits(m)
+    assert time.perf_counter() - t < 2.0                # the timeout fired, not the 3 s read
+    m.experts.close()
+
+
+def test_a_failed_load_surfaces_and_leaves_no_stuck_slot(ckpt, tmp_path):
+    ref = logits(load_model(ckpt, auto_layout=False))
+    m = disk(ckpt, tmp_path, expert_cache=2, prefetch="next-layer", io_timeout_s=5)
+    store = m.experts.store
+    real = store.load
+
+    def boom(*a):
+        raise OSError(5, "Input/output error")
+    store.load = boom
+    with pytest.raises(MoespecError, match="Input/output error"):
+        logits(m)
+    store.load = real
+    t = time.perf_counter()
+    assert torch.equal(logits(m), ref)
+    assert time.perf_counter() - t < 4                    # no wait on a load that will never come
+    for layer in m.cfg.moe_layer_ids:
+        m.experts.check(layer)
+    m.experts.close()
+
+
+def test_a_dropped_model_stops_its_loader_threads(ckpt, tmp_path):
+    import gc
+    m = disk(ckpt, tmp_path)
+    logits(m)
+    loader = m.experts.loader
+    assert loader.alive()
+    del m
+    gc.collect()
+    assert not loader.alive()
