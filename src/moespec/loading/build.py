@@ -29,7 +29,7 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
     def get(name, shape=None):
         return ck.get(name, shape).to(dtype=dtype, device=device)
 
-    D, hd = c.hidden_size, c.head_dim
+    D = c.hidden_size
     embed = get("model.embed_tokens.weight", (c.vocab_size, D))
     if ck.has("lm_head.weight"):
         lm_head = lay.apply(get("lm_head.weight", (c.vocab_size, D)))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from .layers import apply_rope, attend, rms_norm, rope_tables
+from .layers import apply_rope, attend, linear, rms_norm, rope_tables
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
 
 
@@ -103,13 +103,13 @@ class DecoderLM:
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
         h = rms_norm(h, self.w.norm, c.rms_norm_eps)
-        return ForwardOutput(F.linear(h, self.w.lm_head), record or [], h)
+        return ForwardOutput(linear(h, self.w.lm_head), record or [], h)
 
     def _attention(self, x, aw: AttnWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
         c = self.cfg
         B, T, _ = x.shape
         H, G = c.num_heads, c.num_kv_heads
-        qkv = F.linear(x, aw.wqkv, aw.bqkv)                                     # [B, T, (H + 2G) hd]
+        qkv = linear(x, aw.wqkv, aw.bqkv)                                     # [B, T, (H + 2G) hd]
         if c.qk_norm == "full" or c.clip_qkv is not None:  # OLMoE: norm over whole projections, then clip
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             if c.qk_norm == "full":
@@ -124,4 +124,4 @@ class DecoderLM:
         qk = apply_rope(qk.transpose(1, 2), cos, sin)                            # [B, H + G, T, hd]
         v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
         keys, values = kv.write(layer, qk[:, H:], v)
-        return F.linear(attend(qk[:, :H], keys, values, mask), aw.wo, aw.bo)
+        return linear(attend(qk[:, :H], keys, values, mask), aw.wo, aw.bo)

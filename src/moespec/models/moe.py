@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.pool import ExpertPool
+from .layers import linear
 
 
 @dataclass
@@ -20,8 +21,8 @@ class MLPWeights:
 
 
 def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    g, u = F.linear(x, w.w13).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, w.w2)
+    g, u = linear(x, w.w13).chunk(2, dim=-1)
+    return linear(F.silu(g) * u, w.w2)
 
 
 @dataclass
@@ -86,8 +87,8 @@ def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: 
         if c == 0:
             continue
         seg = slice(start, start + c)
-        g, u = F.linear(xs[seg], pool.w13[s]).chunk(2, dim=-1)
-        ys[seg] = F.linear(F.silu(g) * u, pool.w2[s]) * ws[seg]
+        g, u = linear(xs[seg], pool.w13[s]).chunk(2, dim=-1)
+        ys[seg] = linear(F.silu(g) * u, pool.w2[s]) * ws[seg]
         start += c
     acc.view(n * k, -1).index_copy_(0, order, ys)
     return acc
