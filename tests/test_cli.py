@@ -79,3 +79,15 @@ def test_generate_with_disk_offload_matches_resident(text_model, tmp_path):
     assert s["expert_bytes_read"] % bytes_per_expert == 0 and s["expert_bytes_read"] > 0
     r = run(*base, "--expert-cache", "lots")
     assert r.returncode == 2 and "error:" in r.stderr and "lots" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_shows_what_fits_in_a_budget(text_model):
+    e = 3 * 64 * 48 * 4                               # bytes per expert (fp32)
+    info = json.loads(run("inspect", text_model, "--json").stdout)
+    budget = info["bytes_dense"] + 2 * 2 * e + 100    # room for 2 experts in each of the 2 MoE layers
+    fit = json.loads(run("inspect", text_model, "--json", "--memory", str(budget)).stdout)
+    assert fit["experts_per_layer_in_budget"] == 2 and fit["fits_entirely"] is False
+    big = json.loads(run("inspect", text_model, "--json", "--memory", "1GiB").stdout)
+    assert big["experts_per_layer_in_budget"] == 6 and big["fits_entirely"] is True
+    r = run("inspect", text_model, "--memory", "lots")
+    assert r.returncode == 2 and "--memory: cannot read 'lots' as a size" in r.stderr

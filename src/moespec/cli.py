@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a model: family, shape, parameters, bytes per expert")
     _model_args(i)
     i.add_argument("--json", action="store_true")
+    i.add_argument("--memory", default=None, help="a memory budget (e.g. 2GiB): show how many experts fit")
     from .bench.cli import add_bench_parser
     from .perf.cli import add_plan_parser
     add_bench_parser(sub, _model_args, _offload_args)
@@ -128,6 +129,15 @@ def cmd_inspect(a) -> None:
     path = resolve_model(a.model)
     cfg = ModelConfig.from_folder(path)
     info = {"path": str(path.resolve()), **describe(cfg, 2 if a.dtype == "bfloat16" else 4), "dtype": a.dtype}
+    if a.memory is not None:
+        from .perf.units import parse_size
+        budget = parse_size(a.memory, "--memory")
+        spare = budget - info["bytes_dense"]
+        per_layer = info["bytes_per_expert"] * max(1, info["moe_layers"])
+        fit = max(0, min(cfg.num_experts, spare // per_layer)) if per_layer else 0
+        info["memory_budget"] = budget
+        info["experts_per_layer_in_budget"] = int(fit)
+        info["fits_entirely"] = budget >= info["bytes_total"]
     if a.json:
         print(json.dumps(info))
         return
