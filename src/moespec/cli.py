@@ -44,6 +44,33 @@ def offload_config(a):
                          hot_profile=a.hot_profile)
 
 
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (lossless)")
+    g.add_argument("--spec", choices=["none", "ngram"], default=_env("spec", "none"),
+                   help="drafter: ngram = prompt lookup (self and draft_model are being built)")
+    g.add_argument("--draft-len", type=int, default=_env("draft_len", None, int), help="draft tokens per step (4)")
+    g.add_argument("--speculative-config", default=_env("speculative_config"),
+                   help='vLLM-style JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+
+
+def spec_config(a):
+    """A SpecConfig from --speculative-config or --spec/--draft-len, or None for plain decoding."""
+    from .config import SpecConfig
+    if a.speculative_config:
+        try:
+            d = json.loads(a.speculative_config)
+        except json.JSONDecodeError as e:
+            raise MoespecError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise MoespecError("--speculative-config must be a JSON object")
+        return SpecConfig.from_dict(d)
+    if a.spec == "none":
+        if a.draft_len is not None:
+            raise MoespecError("--draft-len needs a drafter: add --spec ngram")
+        return None
+    return SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4).validate()
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -65,18 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print exactly one JSON object")
     _sampling_args(g)
     _offload_args(g)
+    _spec_args(g)
     c = sub.add_parser("chat", help="chat in the terminal (empty line or Ctrl-D to quit)")
     _model_args(c)
     c.add_argument("--system", default=None)
     _sampling_args(c)
     _offload_args(c)
+    _spec_args(c)
     i = sub.add_parser("inspect", help="describe a model: family, shape, parameters, bytes per expert")
     _model_args(i)
     i.add_argument("--json", action="store_true")
     i.add_argument("--memory", default=None, help="a memory budget (e.g. 2GiB): show how many experts fit")
     from .bench.cli import add_bench_parser
     from .perf.cli import add_plan_parser
-    add_bench_parser(sub, _model_args, _offload_args)
+    add_bench_parser(sub, _model_args, _offload_args, _spec_args)
     add_plan_parser(sub, _model_args)
     return ap
 
@@ -89,7 +118,7 @@ def _params(a):
 
 def cmd_generate(a) -> None:
     from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a))
+    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     if a.json:
         out = llm.generate(prompt, _params(a))[0]
@@ -105,7 +134,7 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a))
+    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
     messages = [{"role": "system", "content": a.system}] if a.system else []
     params = _params(a)
     while True:

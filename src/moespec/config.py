@@ -198,3 +198,38 @@ class OffloadConfig:
         import os
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(base) / "moespec" / "experts"
+
+
+@dataclass
+class SpecConfig:
+    """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
+
+    method: "ngram" (prompt lookup). num_speculative_tokens: draft length k per step.
+    prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
+    """
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+
+    METHODS = ("ngram",)
+
+    @staticmethod
+    def from_dict(d: dict) -> "SpecConfig":
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return SpecConfig(**d).validate()
+
+    def validate(self) -> "SpecConfig":
+        if self.method not in self.METHODS:
+            raise MoespecError(f"speculative method {self.method!r} is not available; choose one of: "
+                               f"{', '.join(self.METHODS)} (self and draft_model are being built)")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or not 1 <= k <= 64:
+            raise MoespecError(f"num_speculative_tokens={k!r} must be an integer in [1, 64]")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise MoespecError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max, got "
+                               f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        return self

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .assets import resolve_model
-from .config import OffloadConfig
+from .config import OffloadConfig, SpecConfig
 from .errors import MoespecError
 from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
+from .spec.drafters import NgramDrafter
 from .tokenizer import Tokenizer
 
 
@@ -32,8 +33,13 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None, offload: OffloadConfig | None = None):
-        """offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig)."""
+                 max_model_len: int | None = None, offload: OffloadConfig | None = None,
+                 speculative: SpecConfig | dict | None = None):
+        """offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
+        speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)."""
+        self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
+            (speculative.validate() if speculative is not None else None)
+        self.drafter = NgramDrafter(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
         self.path = resolve_model(model)
         self.offload = offload
         self.model = load_model(self.path, dtype, device, offload=offload)
@@ -99,7 +105,8 @@ class LLM:
         """
         seqs = self._sequences(prompts, sampling_params)
         before = self.expert_stats() if self.offload is not None else None
-        timing = generate(self.model, seqs, on_text)
+        timing = generate(self.model, seqs, on_text, self.drafter,
+                          self.spec.num_speculative_tokens if self.spec else 0)
         if before is not None:
             after = self.expert_stats()
             timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
@@ -145,5 +152,14 @@ class LLM:
                  "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
         stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
+        spec = timing.get("spec")
+        if spec is not None:                         # per generate call (the whole batch)
+            stats.update({"draft_steps": spec["steps"], "draft_tokens": spec["drafted"],
+                          "accepted_tokens": spec["accepted"],
+                          "acceptance_rate": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
+                          "mean_accepted_len": (spec["accepted"] + spec["row_steps"]) / spec["row_steps"]
+                          if spec["row_steps"] else 0.0,
+                          "accepted_per_position": [spec["accepted_per_pos"].get(i, 0)
+                                                    for i in range(self.spec.num_speculative_tokens)]})
         text = s.text if s.detok is not None else ""
         return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)

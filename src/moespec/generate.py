@@ -12,6 +12,7 @@ import torch
 
 from .models.decoder import DecoderLM
 from .sampling import SamplingParams, make_generator, sample
+from .spec.step import speculative_step
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -54,29 +55,36 @@ class Sequence:
         return tail
 
 
-def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None) -> dict:
-    """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)."""
+def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
+             drafter=None, draft_len: int = 0) -> dict:
+    """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
+    and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
+    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py)."""
     B = len(seqs)
     gens = [make_generator(s.params.seed) for s in seqs]
     lens = [len(s.prompt_ids) for s in seqs]
-    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)))
+    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + draft_len + 1)
     t0 = time.perf_counter()
     # Ragged prefill: right-pad; each row's logits come from its own last prompt token.
     tokens = torch.zeros(B, max(lens), dtype=torch.long)
     for i, s in enumerate(seqs):
         tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)
-    last = torch.tensor(lens)[:, None] - 1
-    logits = model.forward(tokens, kv, logits_at=last).logits[:, 0]
+    logits = model.forward(tokens, kv, logits_at=torch.tensor(lens)[:, None] - 1).logits[:, 0]
     kv.advance(lens)
     live = list(range(B))                      # row r of the cache belongs to seqs[live[r]]
-    t_prefill, steps = time.perf_counter() - t0, 0
-    while live:
-        nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live])
+    nxt = sample(logits, [s.params for s in seqs], gens)          # pending: emitted, not yet in the KV
+    new = [[t] for t in nxt.tolist()]
+    t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
+                                               "accepted_per_pos": {}}
+    steps = 0
+    while True:
         now = time.perf_counter()
-        for i, tok in zip(live, nxt.tolist()):
-            delta = seqs[i].append(tok, now)
-            if delta and on_text is not None:
-                on_text(i, delta)
+        for i, toks in zip(live, new):
+            for tok in toks:
+                if seqs[i].finish_reason is None:
+                    delta = seqs[i].append(tok, now)
+                    if delta and on_text is not None:
+                        on_text(i, delta)
         keep = [r for r, i in enumerate(live) if seqs[i].finish_reason is None]
         if len(keep) < len(live):              # finished rows leave the batch: they cost nothing more
             if keep:
@@ -85,10 +93,18 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
             live = [live[r] for r in keep]
         if not live:
             break
-        logits = model.forward(nxt[:, None], kv).logits[:, 0]
-        kv.advance(1)
+        if drafter is not None:
+            new, nxt = speculative_step(model, kv, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
+                                        [seqs[i].params for i in live], [gens[i] for i in live], drafter,
+                                        draft_len, spec)
+        else:
+            logits = model.forward(nxt[:, None], kv).logits[:, 0]
+            kv.advance(1)
+            nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live])
+            new = [[t] for t in nxt.tolist()]
         steps += 1
-    return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0}
+    return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0,
+            "spec": spec if drafter is not None else None}
 
 
 def new_sequence(prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], tokenizer: Tokenizer | None

@@ -11,10 +11,11 @@ from pathlib import Path
 from ..errors import MoespecError
 
 
-def add_bench_parser(sub, model_args, offload_args) -> None:
+def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b = sub.add_parser("bench", help="time prefill and decode; compare with transformers")
     model_args(b)
     offload_args(b)
+    spec_args(b)
     b.add_argument("--synthetic", choices=["small", "large"], default=None,
                    help="benchmark a random Mixtral of this preset (written once under --synthetic-dir)")
     b.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "moespec" / "synthetic"))
@@ -47,8 +48,8 @@ def run_bench(a) -> None:
     for name in ("repetitions", "num_prompts", "max_new_tokens"):
         if getattr(a, name) < 1:
             raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
-    from ..cli import offload_config
-    llm = LLM(path, dtype=a.dtype, offload=offload_config(a))
+    from ..cli import offload_config, spec_config
+    llm = LLM(path, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
     prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size, llm.tokenizer)
     peer = TransformersRunner(path, llm.model.dtype) if a.peer == "transformers" else None
     report = {"model": str(path), "dtype": a.dtype, "prompts": a.prompts, "prompt_len": a.prompt_len,

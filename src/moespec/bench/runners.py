@@ -28,20 +28,25 @@ def _batches(prompts: list[list[int]], batch: int, reps: int) -> list[list[list[
 
 def run_moespec(llm, prompts, batch: int, new: int, reps: int, warmup: int) -> dict:
     params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    ttft, tpot, tps, tokens = [], [], [], []
+    ttft, tpot, tps, tokens, acc = [], [], [], [], []
     for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
         outs = llm.generate(b, params)
         if k < warmup:
             continue
+        if "acceptance_rate" in outs[0].stats:
+            acc.append({key: outs[0].stats[key] for key in ("acceptance_rate", "mean_accepted_len", "draft_steps")})
         decode = max(o.stats["decode_s"] for o in outs)
         ttft.append(outs[0].stats["ttft_s"])
         if new > 1:
             tpot.append(decode / (new - 1))
             tps.append(len(b) * (new - 1) / decode)
         tokens.append([o.token_ids for o in outs])
-    return {"engine": "moespec", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
-            "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
-            "_tokens": tokens}
+    out = {"engine": "moespec", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
+           "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
+           "_tokens": tokens}
+    if acc:
+        out["speculation"] = {key: _summary([a[key] for a in acc]) for key in acc[0]}
+    return out
 
 
 class TransformersRunner:

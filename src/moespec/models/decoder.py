@@ -63,7 +63,8 @@ class DecoderLM:
         self.cfg, self.w, self.experts = cfg, weights, experts
         self.dtype, self.device = dtype, torch.device(device)
         self.max_len = cfg.max_position_embeddings
-        self.cos, self.sin = rope_tables(cfg, self.max_len, dtype, self.device)
+        # Slack past the context limit: draft tokens of a sequence at its limit are verified, never emitted.
+        self.cos, self.sin = rope_tables(cfg, self.max_len + 256, dtype, self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 

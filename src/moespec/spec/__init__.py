@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters propose, one target forward verifies, pure functions accept."""
