@@ -25,12 +25,18 @@ FAMILY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                   max_position_embeddings=512, tie_word_embeddings=False),
 }
+# A dense model, as the draft-model drafter uses (same family code path, no experts).
+DENSE_CONFIGS = {
+    "qwen3": dict(model_type="qwen3", vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                  tie_word_embeddings=True),
+}
 
 
 def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=torch.float32, **overrides):
     """Save a random model of `family` into folder; returns the transformers model (eval, float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    spec = dict(FAMILY_CONFIGS[family], **overrides)
+    spec = dict({**FAMILY_CONFIGS, **DENSE_CONFIGS}[family], **overrides)
     mt = spec.pop("model_type")
     cfg = AutoConfig.for_model(mt, **spec)
     torch.manual_seed(seed)

@@ -138,3 +138,29 @@ def test_cli_spec_flags(text_model):
         assert key in a["stats"]
     r = run("--speculative-config", "{bad")
     assert r.returncode == 2 and "--speculative-config is not valid JSON" in r.stderr
+
+
+def test_draft_model_speculation_is_lossless_and_the_target_as_its_own_draft_accepts_everything(text_model, tmp_path):
+    import json as _json
+    vocab = _json.loads((text_model / "config.json").read_text())["vocab_size"]
+    hf_models.build("qwen3", tmp_path / "draft", seed=5, vocab_size=vocab)
+    p = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    plain = LLM(text_model).generate(PROMPTS, p)
+    spec = LLM(text_model, speculative={"method": "draft_model", "model": str(tmp_path / "draft"),
+                                        "num_speculative_tokens": 3}).generate(PROMPTS, p)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    same = LLM(text_model, speculative={"method": "draft_model", "model": str(text_model),
+                                        "num_speculative_tokens": 4})
+    out = same.generate(PROMPTS[0], p)[0]
+    assert out.token_ids == plain[0].token_ids
+    assert out.stats["acceptance_rate"] == 1.0
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.9, seed=2, ignore_eos=True)
+    assert same.generate(PROMPTS[0], sampled)[0].stats["acceptance_rate"] > 0.95  # q == p: (almost) always accepted
+
+
+def test_draft_model_must_share_the_vocabulary(text_model, tmp_path):
+    hf_models.build("qwen3", tmp_path / "other", vocab_size=97)
+    with pytest.raises(MoespecError, match="vocabulary size 97"):
+        LLM(text_model, speculative={"method": "draft_model", "model": str(tmp_path / "other")})
+    with pytest.raises(MoespecError, match="needs a draft model folder"):
+        LLM(text_model, speculative={"method": "draft_model"})

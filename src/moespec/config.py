@@ -204,19 +204,21 @@ class OffloadConfig:
 class SpecConfig:
     """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
 
-    method: "ngram" (prompt lookup). num_speculative_tokens: draft length k per step.
+    method: "ngram" (prompt lookup) or "draft_model" (a small model with the same tokenizer, `model`).
+    num_speculative_tokens: draft length k per step.
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
     """
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    model: str | None = None
 
-    METHODS = ("ngram",)
+    METHODS = ("ngram", "draft_model")
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -225,7 +227,9 @@ class SpecConfig:
     def validate(self) -> "SpecConfig":
         if self.method not in self.METHODS:
             raise MoespecError(f"speculative method {self.method!r} is not available; choose one of: "
-                               f"{', '.join(self.METHODS)} (self and draft_model are being built)")
+                               f"{', '.join(self.METHODS)} (the self drafter is being built)")
+        if self.method == "draft_model" and not self.model:
+            raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or not 1 <= k <= 64:
             raise MoespecError(f"num_speculative_tokens={k!r} must be an integer in [1, 64]")

@@ -12,7 +12,7 @@ from .errors import MoespecError
 from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
-from .spec.drafters import NgramDrafter
+from .spec.drafters import DraftModelDrafter, NgramDrafter
 from .tokenizer import Tokenizer
 
 
@@ -39,7 +39,6 @@ class LLM:
         speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)."""
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
-        self.drafter = NgramDrafter(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min) if self.spec else None
         self.path = resolve_model(model)
         self.offload = offload
         self.model = load_model(self.path, dtype, device, offload=offload)
@@ -53,6 +52,18 @@ class LLM:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = set(eos)
+        self.drafter = self._drafter(dtype, device)
+
+    def _drafter(self, dtype: str, device: str):
+        if self.spec is None:
+            return None
+        if self.spec.method == "ngram":
+            return NgramDrafter(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
+        draft = load_model(self.spec.model, dtype, device)
+        if draft.cfg.vocab_size != self.config.vocab_size:
+            raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "
+                               f"{self.config.vocab_size}: a draft model must share the target's tokenizer")
+        return DraftModelDrafter(draft, capacity=self.max_model_len + 128)
 
     # -- requests -------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

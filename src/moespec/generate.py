@@ -87,6 +87,9 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                         on_text(i, delta)
         keep = [r for r, i in enumerate(live) if seqs[i].finish_reason is None]
         if len(keep) < len(live):              # finished rows leave the batch: they cost nothing more
+            for r, i in enumerate(live):
+                if drafter is not None and seqs[i].finish_reason is not None:
+                    drafter.forget(i)
             if keep:
                 kv.select_rows(keep)
                 nxt = nxt[keep]
@@ -94,7 +97,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         if not live:
             break
         if drafter is not None:
-            new, nxt = speculative_step(model, kv, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
+            new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
                                         [seqs[i].params for i in live], [gens[i] for i in live], drafter,
                                         draft_len, spec)
         else:

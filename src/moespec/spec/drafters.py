@@ -1,7 +1,21 @@
-"""Drafters: propose(context, k) -> up to k draft tokens (a chain)."""
+"""Drafters: propose(key, context, k, params, generator) -> Draft (a chain of up to k tokens).
+
+`key` identifies the sequence (a drafter with state, such as a draft model's KV cache, keeps one
+state per key); `context` is everything the sequence holds so far, ending with the pending token.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import SamplingParams, target_probs
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    q: torch.Tensor | None = None      # [len(tokens), V] draft distributions; None = deterministic drafter
 
 
 @dataclass
@@ -10,13 +24,16 @@ class NgramDrafter:
     and propose the tokens that followed it: the latest occurrence followed by k tokens, else the one
     followed by the most. Free to draft; strong on code and on text that quotes its prompt.
 
-    >>> NgramDrafter(2, 1).propose([1, 2, 3, 9, 1, 2], 3)
+    >>> NgramDrafter(2, 1).lookup([1, 2, 3, 9, 1, 2], 3)
     [3, 9, 1]
     """
     n_max: int = 3
     n_min: int = 1
 
-    def propose(self, context: list[int], k: int) -> list[int]:
+    def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
+        return Draft(self.lookup(context, k))
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
         L = len(context)
         for n in range(min(self.n_max, L - 1), self.n_min - 1, -1):
             tail = context[L - n:]
@@ -30,3 +47,54 @@ class NgramDrafter:
             if best:
                 return best
         return []
+
+    def forget(self, key) -> None:
+        pass
+
+
+@dataclass
+class DraftModelDrafter:
+    """A separate small model with the same tokenizer drafts k tokens autoregressively.
+
+    Each sequence keeps its own draft KV cache; before drafting, the cache is rolled back to the longest
+    prefix it shares with the context (the accepted tokens), and the rest of the context is fed in.
+    Greedy requests draft greedily; sampled ones draw from the draft's distribution under the same
+    temperature / top-k / top-p and return it as q for the rejection rule.
+    """
+    model: object                       # a DecoderLM
+    capacity: int = 4096
+    _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
+
+    def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
+        kv, held = self._state.get(key) or (self.model.new_cache(1, self.capacity), [])
+        common = 0
+        for a, b in zip(held, context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)      # always re-feed at least the last token for its logits
+        kv.rollback(len(held) - common)
+        feed = context[common:]
+        logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]])).logits[0, 0]
+        kv.advance(len(feed))
+        tokens, qs, fed = [], [], []
+        for i in range(k):
+            if kv.lens[0] + 1 >= self.capacity:
+                break
+            if params.is_greedy:
+                tok = int(logits.argmax())
+            else:
+                q = target_probs(logits, params.temperature, params.top_k, params.top_p)
+                tok = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
+            tokens.append(tok)
+            if i + 1 < k:
+                logits = self.model.forward(torch.tensor([[tok]]), kv).logits[0, 0]
+                kv.advance(1)
+                fed.append(tok)
+        # The cache holds the context and the drafts fed back; the next call rolls back what was rejected.
+        self._state[key] = (kv, context + fed)
+        return Draft(tokens, torch.stack(qs) if qs else None)
+
+    def forget(self, key) -> None:
+        self._state.pop(key, None)

@@ -7,15 +7,18 @@ from ..sampling import SamplingParams, target_probs
 from .verify import chain_accept, greedy_accept
 
 
-def speculative_step(model, kv, contexts: list[list[int]], pending: torch.Tensor, params: list[SamplingParams],
-                     gens: list, drafter, k: int, stats: dict) -> tuple[list[list[int]], torch.Tensor]:
-    """contexts[r]: row r's tokens so far (prompt + output, ending with pending[r], which is not in the KV yet).
+def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: torch.Tensor,
+                     params: list[SamplingParams], gens: list, drafter, k: int, stats: dict
+                     ) -> tuple[list[list[int]], torch.Tensor]:
+    """contexts[r]: row r's tokens so far (prompt + output, ending with pending[r], which is not in the KV yet);
+    keys[r] names the sequence for drafters that keep per-sequence state.
 
     Writes [pending, drafts] after each row's committed KV in one forward, accepts per row, and commits
     pending + accepted drafts; rows may accept different lengths. Returns per row the new tokens to emit
     (accepted drafts + one target token) and the new pending tokens [R].
     """
-    drafts = [drafter.propose(c, k) for c in contexts]
+    proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
+    drafts = [d.tokens for d in proposals]
     width = 1 + max(map(len, drafts))
     tokens = torch.zeros(len(drafts), width, dtype=torch.long)
     tokens[:, 0] = pending
@@ -23,12 +26,12 @@ def speculative_step(model, kv, contexts: list[list[int]], pending: torch.Tensor
         tokens[r, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
     logits = model.forward(tokens, kv).logits                      # [R, width, V]
     emitted, nxt, commit = [], [], []
-    for r, (d, p) in enumerate(zip(drafts, params)):
+    for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
         if p.is_greedy:
             n, tok = greedy_accept(d, rows.argmax(-1).tolist())
         else:
-            n, tok = chain_accept(d, None, target_probs(rows, p.temperature, p.top_k, p.top_p), gens[r])
+            n, tok = chain_accept(d, prop.q, target_probs(rows, p.temperature, p.top_k, p.top_p), gens[r])
         emitted.append(d[:n] + [tok])
         nxt.append(tok)
         commit.append(1 + n)
