@@ -164,3 +164,32 @@ def test_draft_model_must_share_the_vocabulary(text_model, tmp_path):
         LLM(text_model, speculative={"method": "draft_model", "model": str(tmp_path / "other")})
     with pytest.raises(MoespecError, match="needs a draft model folder"):
         LLM(text_model, speculative={"method": "draft_model"})
+
+
+def test_self_drafter_is_lossless_and_with_every_expert_accepts_everything(text_model):
+    p = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    plain = LLM(text_model).generate(PROMPTS, p)
+    E = LLM(text_model).config.num_experts
+    for n in (1, 3):
+        spec = LLM(text_model, speculative={"method": "self", "draft_experts": n, "num_speculative_tokens": 3})
+        assert [o.token_ids for o in spec.generate(PROMPTS, p)] == [o.token_ids for o in plain]
+    full = LLM(text_model, speculative={"method": "self", "draft_experts": E, "num_speculative_tokens": 4})
+    out = full.generate(PROMPTS[0], p)[0]
+    assert out.token_ids == plain[0].token_ids and out.stats["acceptance_rate"] == 1.0
+
+
+def test_self_drafting_with_offloading_reads_nothing_while_drafting(text_model, tmp_path):
+    from moespec.spec.drafters import SelfDrafter
+    off = OffloadConfig(expert_cache=3, offload="disk", offload_dir=str(tmp_path))
+    llm = LLM(text_model, offload=off, speculative={"method": "self", "num_speculative_tokens": 3})
+    assert isinstance(llm.drafter, SelfDrafter) and llm.drafter.n == 3
+    p = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    plain = LLM(text_model).generate(PROMPTS[0], p)[0]
+    llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))  # warm the cache
+    # Draft alone: every expert it computes is resident, so the store reads nothing.
+    ctx = llm.encode(PROMPTS[0])
+    before = llm.expert_stats()["bytes_read"]
+    llm.drafter.propose("probe", ctx, 3, SamplingParams(temperature=0).with_defaults({}), None)
+    assert llm.expert_stats()["bytes_read"] == before
+    assert llm.generate(PROMPTS[0], p)[0].token_ids == plain.token_ids
+    llm.close()

@@ -46,8 +46,11 @@ def offload_config(a):
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (lossless)")
-    g.add_argument("--spec", choices=["none", "ngram", "draft_model"], default=_env("spec", "none"),
-                   help="drafter: ngram = prompt lookup, draft_model = --draft-model (self is being built)")
+    g.add_argument("--spec", choices=["none", "ngram", "draft_model", "self"], default=_env("spec", "none"),
+                   help="drafter: ngram = prompt lookup, draft_model = --draft-model, self = the target with "
+                        "fewer experts (SpecMoE)")
+    g.add_argument("--draft-experts", type=int, default=_env("draft_experts", None, int),
+                   help="self drafter: experts per layer while drafting (default: the resident ones, or E/2)")
     g.add_argument("--draft-model", default=_env("draft_model"), help="draft model folder (same tokenizer)")
     g.add_argument("--draft-len", type=int, default=_env("draft_len", None, int), help="draft tokens per step (4)")
     g.add_argument("--speculative-config", default=_env("speculative_config"),
@@ -69,7 +72,8 @@ def spec_config(a):
         if a.draft_len is not None:
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
         return None
-    return SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model).validate()
+    return SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
+                      draft_experts=a.draft_experts).validate()
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -204,7 +204,8 @@ class OffloadConfig:
 class SpecConfig:
     """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
 
-    method: "ngram" (prompt lookup) or "draft_model" (a small model with the same tokenizer, `model`).
+    method: "ngram" (prompt lookup), "draft_model" (a small model with the same tokenizer, `model`) or
+        "self" (the target drafts with `draft_experts` experts per layer: the resident ones when offloading).
     num_speculative_tokens: draft length k per step.
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
     """
@@ -213,12 +214,13 @@ class SpecConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     model: str | None = None
+    draft_experts: int | None = None        # self: experts per layer while drafting (default: resident / E/2)
 
-    METHODS = ("ngram", "draft_model")
+    METHODS = ("ngram", "draft_model", "self")
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -227,7 +229,9 @@ class SpecConfig:
     def validate(self) -> "SpecConfig":
         if self.method not in self.METHODS:
             raise MoespecError(f"speculative method {self.method!r} is not available; choose one of: "
-                               f"{', '.join(self.METHODS)} (the self drafter is being built)")
+                               f"{', '.join(self.METHODS)}")
+        if self.draft_experts is not None and (not isinstance(self.draft_experts, int) or self.draft_experts < 1):
+            raise MoespecError(f"draft_experts={self.draft_experts!r} must be a positive integer")
         if self.method == "draft_model" and not self.model:
             raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens

@@ -12,7 +12,7 @@ from .errors import MoespecError
 from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
-from .spec.drafters import DraftModelDrafter, NgramDrafter
+from .spec.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
 from .tokenizer import Tokenizer
 
 
@@ -59,6 +59,12 @@ class LLM:
             return None
         if self.spec.method == "ngram":
             return NgramDrafter(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
+        if self.spec.method == "self":
+            if not self.config.is_moe:
+                raise MoespecError("the self drafter needs an MoE model (it drafts with fewer experts)")
+            E = self.config.num_experts
+            n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
+            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128)
         draft = load_model(self.spec.model, dtype, device)
         if draft.cfg.vocab_size != self.config.vocab_size:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "

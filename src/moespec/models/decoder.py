@@ -49,6 +49,9 @@ class Weights:
 class ForwardPlan:
     """What a forward should do beyond computing logits (the engine decides; the model obeys)."""
     record_routing: bool = False
+    # Per MoE layer, a map [E] from each expert to the one computed in its place (self-drafting with a
+    # restricted expert set: experts outside it are substituted); None = every expert as routed.
+    expert_map: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -97,7 +100,8 @@ class DecoderLM:
             if lw.moe is not None:
                 x2 = x.reshape(B * T, -1)
                 self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
-                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, record)
+                emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
+                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, record, emap)
                 h = h + y.view(B, T, -1)
             else:
                 h = h + mlp(x, lw.mlp)

@@ -103,8 +103,10 @@ def sum_k(acc: torch.Tensor) -> torch.Tensor:
 
 
 def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, norm_topk: bool,
-              record: list | None) -> torch.Tensor:
-    """x [N, D] -> [N, D]; appends this layer's expert ids [N, K] to `record` when asked.
+              record: list | None, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, D] -> [N, D]; appends this layer's routed expert ids [N, K] to `record` when asked.
+
+    expert_map [E]: compute expert_map[e] wherever the router chose e (substitution), keeping the weights.
 
     The provider yields one chunk when every expert this forward needs fits in its pool (always for
     resident experts); a cache smaller than the union yields several chunks of at most S experts,
@@ -113,6 +115,8 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     w, ids = route(x, mw.router, top_k, norm_topk)
     if record is not None:
         record.append(ids)
+    if expert_map is not None:
+        ids = expert_map[ids]
     pool = experts.pool(layer)
     out, acc = None, None
     with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises

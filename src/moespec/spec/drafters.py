@@ -65,6 +65,10 @@ class DraftModelDrafter:
     capacity: int = 4096
     _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
 
+    def plan(self):
+        """The ForwardPlan for draft forwards (None: the draft model as it is)."""
+        return None
+
     def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
         kv, held = self._state.get(key) or (self.model.new_cache(1, self.capacity), [])
         common = 0
@@ -75,7 +79,9 @@ class DraftModelDrafter:
         common = min(common, len(context) - 1)      # always re-feed at least the last token for its logits
         kv.rollback(len(held) - common)
         feed = context[common:]
-        logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]])).logits[0, 0]
+        plan = self.plan()
+        logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]]),
+                                    plan=plan).logits[0, 0]
         kv.advance(len(feed))
         tokens, qs, fed = [], [], []
         for i in range(k):
@@ -89,7 +95,7 @@ class DraftModelDrafter:
                 qs.append(q)
             tokens.append(tok)
             if i + 1 < k:
-                logits = self.model.forward(torch.tensor([[tok]]), kv).logits[0, 0]
+                logits = self.model.forward(torch.tensor([[tok]]), kv, plan=plan).logits[0, 0]
                 kv.advance(1)
                 fed.append(tok)
         # The cache holds the context and the drafts fed back; the next call rolls back what was rejected.
@@ -98,3 +104,65 @@ class DraftModelDrafter:
 
     def forget(self, key) -> None:
         self._state.pop(key, None)
+
+
+class SelfDrafter(DraftModelDrafter):
+    """SpecMoE: the target drafts for itself with only N draft experts per MoE layer.
+
+    A routed expert outside the draft set is replaced by its nearest expert in the set (substitution
+    table from expert affinity, computed once). With offloading the draft set is what is resident, so
+    drafting moves no bytes; after each verification the set is refreshed to the N experts the
+    verified positions chose most (recency beats a static hot list, per the paper).
+    Its draft KV lives in its own cache (the target's cache only ever holds verified tokens).
+    """
+
+    def __init__(self, model, n_experts: int, capacity: int = 4096):
+        super().__init__(model, capacity)
+        E = model.cfg.num_experts
+        self.n = max(1, min(n_experts, E))
+        self.dist = {i: expert_distances(model, i) for i in model.cfg.moe_layer_ids}
+        # Start from the experts resident now (all of them when nothing is offloaded): the first N. An
+        # offload cache that is still empty falls back to experts 0..N-1 (loaded once, then resident).
+        self.sets, self._maps = {}, {}
+        for i in self.dist:
+            res = model.experts.resident(i)
+            self.sets[i] = (res if len(res) else torch.arange(E))[:self.n].clone()
+            self._maps[i] = self._map(i)
+
+    def _map(self, layer: int) -> torch.Tensor:
+        allowed = self.sets[layer]
+        d = self.dist[layer][:, allowed]                          # [E, N]
+        return allowed[d.argmin(dim=1)]                           # allowed experts map to themselves
+
+    def plan(self):
+        from ..models.decoder import ForwardPlan
+        return ForwardPlan(expert_map=self._maps)
+
+    def observe_verification(self, routing: list[torch.Tensor], keep: torch.Tensor) -> None:
+        """routing: per MoE layer the ids [R*width, K] the verification routed; keep [R*width] bool marks
+        the positions that were committed. The N experts they chose most, among those usable without
+        I/O, become the next draft set."""
+        for layer, ids in zip(self.dist, routing):
+            counts = torch.bincount(ids[keep].reshape(-1), minlength=self.dist[layer].shape[0]).float()
+            resident = self.model.experts.resident(layer)
+            counts[resident] += 0.5                           # ties (and unseen experts) go to resident ones
+            usable = torch.zeros_like(counts, dtype=torch.bool)
+            usable[resident] = True
+            counts[~usable] = -1
+            if not usable.any():
+                continue
+            top = torch.topk(counts, min(self.n, int(usable.sum()))).indices
+            self.sets[layer] = top.sort().values
+            self._maps[layer] = self._map(layer)
+
+
+def expert_distances(model, layer: int) -> torch.Tensor:
+    """[E, E] L2 distances between experts' flattened weights (resident pools), or between their router
+    rows when the experts are not all in memory (offloaded): the affinity used for substitution."""
+    pool = model.experts.pool(layer)
+    E = model.cfg.num_experts
+    if pool.blob.shape[0] == E and len(model.experts.resident(layer)) == E:
+        flat = torch.cat([pool.w13.reshape(E, -1), pool.w2.reshape(E, -1)], dim=1).float()
+    else:
+        flat = model.w.layers[layer].moe.router.float()
+    return torch.cdist(flat[None], flat[None])[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.decoder import ForwardPlan
 from ..sampling import SamplingParams, target_probs
 from .verify import chain_accept, greedy_accept
 
@@ -24,7 +25,9 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     tokens[:, 0] = pending
     for r, d in enumerate(drafts):
         tokens[r, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
-    logits = model.forward(tokens, kv).logits                      # [R, width, V]
+    observe = getattr(drafter, "observe_verification", None)
+    out = model.forward(tokens, kv, plan=ForwardPlan(record_routing=True) if observe else None)
+    logits = out.logits                                            # [R, width, V]
     emitted, nxt, commit = [], [], []
     for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
@@ -40,6 +43,9 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
         for pos in range(n):
             stats["accepted_per_pos"][pos] = stats["accepted_per_pos"].get(pos, 0) + 1
     kv.advance(commit)
+    if observe is not None:                # self-drafting: refresh the draft experts from what was verified
+        keep = torch.arange(width)[None, :] < torch.tensor(commit)[:, None]
+        observe(out.routing, keep.reshape(-1))
     stats["steps"] += 1
     stats["row_steps"] += len(drafts)
     return emitted, torch.tensor(nxt, dtype=torch.long)
