@@ -97,6 +97,7 @@ def test_greedy_ngram_speculation_equals_plain_greedy(text_model, batch, k):
         assert s["mean_accepted_len"] == pytest.approx((s["accepted_tokens"] + s["draft_steps"]) / s["draft_steps"])
     assert s["mean_accepted_len"] > 1
     assert len(s["accepted_per_position"]) == k
+    assert s["verify_s"] > 0 and s["draft_s"] >= 0
 
 
 def test_speculation_with_expert_offloading_is_lossless(text_model, tmp_path):

@@ -75,6 +75,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     nxt = sample(logits, [s.params for s in seqs], gens)          # pending: emitted, not yet in the KV
     new = [[t] for t in nxt.tolist()]
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
+                                               "draft_s": 0.0, "verify_s": 0.0,
                                                "accepted_per_pos": {}}
     steps = 0
     while True:

@@ -1,6 +1,8 @@
 """One speculative step for every live row: draft, verify in one target forward, accept, commit KV."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..models.decoder import ForwardPlan
@@ -18,7 +20,9 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     pending + accepted drafts; rows may accept different lengths. Returns per row the new tokens to emit
     (accepted drafts + one target token) and the new pending tokens [R].
     """
+    t0 = time.perf_counter()
     proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
+    t1 = time.perf_counter()
     drafts = [d.tokens for d in proposals]
     width = 1 + max(map(len, drafts))
     tokens = torch.zeros(len(drafts), width, dtype=torch.long)
@@ -28,6 +32,8 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     observe = getattr(drafter, "observe_verification", None)
     out = model.forward(tokens, kv, plan=ForwardPlan(record_routing=True) if observe else None)
     logits = out.logits                                            # [R, width, V]
+    stats["draft_s"] += t1 - t0
+    stats["verify_s"] += time.perf_counter() - t1
     emitted, nxt, commit = [], [], []
     for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
