@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--export", type=Path, default=None, help="write the HF folders under this directory")
     ap.add_argument("--allow-unfinished", action="store_true", help="export checkpoints that have not finished training")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=None, help="cap held-out tokens scored per set at export")
     a = ap.parse_args()
     if a.stage == "export" and a.export is None:
         ap.error("--stage export needs --export DIR")
@@ -134,7 +135,8 @@ def main() -> None:
             return
     if a.export is not None and a.stage in ("all", "export"):
         export.export_all(run, a.export, {"moe": TINY_MOE if a.tiny else MOE, "draft": TINY_DRAFT if a.tiny else DRAFT},
-                          build_model, vocab, ids, streams, tiny=a.tiny, allow_unfinished=a.allow_unfinished)
+                          build_model, vocab, ids, streams, tiny=a.tiny, allow_unfinished=a.allow_unfinished,
+                          eval_tokens=a.eval_tokens)
 
 
 if __name__ == "__main__":

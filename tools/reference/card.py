@@ -125,7 +125,7 @@ def _recipe(cfg: dict, step: int, log: dict) -> str:
             ("hardware", f"2 CPU cores; ≈{_hours(train_hours(log))} of training compute"
                          f" (median {_median([r['tok_s'] for r in log['train'] if r.get('tok_s')]):,.0f} tokens/s)")]
     if cfg.get("aux_coef"):
-        rows.insert(2, ("load balancing", f"Switch-style auxiliary loss over all layers, coefficient {cfg['aux_coef']}"))
+        rows.insert(2, ("load balancing", f"Switch-style auxiliary loss, coefficient {cfg['aux_coef']} (see tools/reference/moe_train.py)"))
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -203,7 +203,7 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
              f"{curve_table(log)}\n")
     s.append("## Evaluation\n\nMeasured with moespec on the exported bf16 weights upcast to float32, over **every** "
              f"held-out token in non-overlapping {ev['ctx']}-token windows"
-             + (f" (capped at {ev['max_tokens_per_set']:,} tokens per set for this smoke export)"
+             + (f" (capped at {ev['max_tokens_per_set']:,} tokens per set)"
                 if ev.get("max_tokens_per_set") else "")
              + ". Bits/byte = nats/token × (tokens ÷ UTF-8 bytes of the set) ÷ ln 2 (document separators count as "
              f"tokens). *Unseen* rows are the sources of {unseen}, installed only in moespec's virtualenv: "

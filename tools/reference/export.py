@@ -135,7 +135,7 @@ def parity_windows(streams: dict, n: int, length: int) -> torch.Tensor:
 
 
 def export_all(run: Path, out: Path, specs: dict, build_model, vocab: int, ids: dict, streams: dict,
-               tiny: bool = False, allow_unfinished: bool = False) -> dict:
+               tiny: bool = False, allow_unfinished: bool = False, eval_tokens: int | None = None) -> dict:
     """Export, verify and evaluate both models; returns the eval record written to reference-moe/eval.json."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def export_all(run: Path, out: Path, specs: dict, build_model, vocab: int, ids: 
                           "log": card.read_log(run / name / "log.jsonl")}
         stats = json.loads((run / "data" / "data_stats.json").read_text())
         ev = evaluate.evaluate_all({n: stage / FOLDERS[n] for n in specs}, run, streams, stats,
-                                   max_tokens=4096 if tiny else None)
+                                   max_tokens=4096 if tiny else eval_tokens)
         ev["corpus"] = manifest_counts(run)
         ev["export"] = {n: {"step": info[n]["step"], "verify": info[n]["verify"]} for n in info}
         for name in specs:

@@ -142,11 +142,11 @@ class TrainLM(nn.Module):
         logits = F.linear(self.norm(h), self.embed_tokens.weight)
         aux = None
         if stats:
-            # Switch-style balance over all layers: E * sum_e(share of assignments to e * mean prob of e); 1 when uniform
-            probs = torch.cat([p for p, _ in stats])
-            chosen = torch.cat([c for _, c in stats])
-            E, K = probs.shape[1], self.c["num_experts_per_tok"]
-            aux = E * torch.sum((chosen.mean(0) / K) * probs.mean(0))
+            # Switch-style balance per layer, averaged: E * sum_e(share of assignments to e * mean prob of e),
+            # 1 when uniform. Balancing the concatenation of all layers instead (as transformers' loss does)
+            # let each layer collapse onto a few experts while the average stayed balanced (reference v0).
+            E, K = stats[0][0].shape[1], self.c["num_experts_per_tok"]
+            aux = torch.stack([E * torch.sum((c.mean(0) / K) * p.mean(0)) for p, c in stats]).mean()
         return logits, aux
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
