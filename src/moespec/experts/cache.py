@@ -286,8 +286,10 @@ class ExpertCache:
                 "policy": self.policy_name, "prefetch": self.prefetch_name, **self.store.stats()}
 
     def check(self, layer: int) -> None:
-        """Assert the layer's slot table is consistent (a debug aid for tests and debug hooks)."""
-        check_layer(self._st[layer], self.slot_of[layer], self.S, layer)
+        """Assert the layer's slot table is consistent (a debug aid for tests and debug hooks). Under the
+        lock: read while a prefetching thread installs experts, the table would look torn."""
+        with self._mu:
+            check_layer(self._st[layer], self.slot_of[layer], self.S, layer)
 
     def close(self) -> None:
         """Let queued loads finish, join the loader threads, close the store (idempotent)."""
