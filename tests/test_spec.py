@@ -22,10 +22,11 @@ def test_greedy_accept():
 
 def test_ngram_drafter():
     d = NgramDrafter(3, 1)
-    assert d.propose([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
-    assert d.propose([4, 4, 4, 4, 4], 2) == [4, 4]
-    assert d.propose([1, 2, 3], 2) == []                     # no earlier occurrence
-    assert NgramDrafter(2, 2).propose([7, 1, 2, 8, 3, 2], 2) == []  # only a 1-gram matches
+    assert d.lookup([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
+    assert d.lookup([4, 4, 4, 4, 4], 2) == [4, 4]
+    assert d.lookup([1, 2, 3], 2) == []                      # no earlier occurrence
+    assert NgramDrafter(2, 2).lookup([7, 1, 2, 8, 3, 2], 2) == []  # only a 1-gram matches
+    assert d.propose("seq", [1, 2, 3, 9, 1, 2], 3, None, None).tokens == [3, 9, 1]
 
 
 def test_rejection_rule_accepts_with_the_analytic_probability():
