@@ -93,7 +93,7 @@ class ModelDesc:
     def params_total(self) -> int:
         return (self.layers * self.attn_params + self.moe_layers * (self.moe_dense_params
                 + self.experts * self.expert_params) + self.dense_layers * self.mlp_params
-                + self.embed_params + (0 if self.tied else self.head_params))
+                + self.embed_params + (0 if self.tied else self.head_params) + self.hidden)   # + final norm
 
     @property
     def active_params_per_token(self) -> int:
