@@ -63,14 +63,7 @@ class ModelConfig:
 
     @staticmethod
     def from_folder(path: str | Path) -> "ModelConfig":
-        p = Path(path) / "config.json"
-        if not p.is_file():
-            raise MoespecError(f"no config.json in model folder {path}")
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise MoespecError(f"{p} is not valid JSON: {e}") from None
-        return ModelConfig.from_hf(raw)
+        return ModelConfig.from_hf(read_config_json(Path(path) / "config.json"))
 
     @staticmethod
     def from_hf(raw: dict) -> "ModelConfig":
@@ -140,6 +133,16 @@ class ModelConfig:
             moe_layers=tuple(moe_layers), hidden_act="silu", eos_token_id=eos,
             bos_token_id=raw.get("bos_token_id"),
         )
+
+
+def read_config_json(p: Path, error: type[Exception] = MoespecError) -> dict:
+    """A config.json as a dict; a missing or malformed file raises `error` naming it."""
+    if not p.is_file():
+        raise error(f"no config.json at {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{p} is not valid JSON: {e}") from None
 
 
 def rope_params(raw: dict) -> dict:

@@ -100,10 +100,9 @@ class KVCache:
         """Keep only these batch rows (in this order), e.g. to stop spending compute on finished sequences."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         hi = max(self.lens[r] for r in rows) if rows else 0
-        cap = self.capacity
         k = torch.zeros(self.k.shape[0], len(rows), *self.k.shape[2:], dtype=self.k.dtype, device=self.k.device)
         v = torch.zeros_like(k)
         k[:, :, :, :hi] = self.k[:, idx, :, :hi]
         v[:, :, :, :hi] = self.v[:, idx, :, :hi]
-        self.k, self.v, self.capacity = k, v, cap
+        self.k, self.v = k, v
         self.lens = [self.lens[r] for r in rows]
