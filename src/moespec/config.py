@@ -135,14 +135,14 @@ class ModelConfig:
         )
 
 
-def read_config_json(p: Path, error: type[Exception] = MoespecError) -> dict:
-    """A config.json as a dict; a missing or malformed file raises `error` naming it."""
+def read_config_json(p: Path) -> dict:
+    """A config.json as a dict; a missing or malformed file is a MoespecError naming it."""
     if not p.is_file():
-        raise error(f"no config.json at {p}")
+        raise MoespecError(f"no config.json at {p}")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise error(f"{p} is not valid JSON: {e}") from None
+        raise MoespecError(f"{p} is not valid JSON: {e}") from None
 
 
 def rope_params(raw: dict) -> dict:

@@ -13,7 +13,6 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..config import read_config_json
 from .errors import PerfError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -147,7 +146,13 @@ class ModelDesc:
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
-        raw = read_config_json(p, PerfError)
+        # Read here rather than through moespec.config: perf stays standalone (stdlib, numpy, errors).
+        if not p.is_file():
+            raise PerfError(f"no config.json at {path}")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise PerfError(f"{p} is not valid JSON: {e}") from None
         kw.setdefault("name", raw.get("_source") or p.parent.name or p.stem)
         return ModelDesc.from_config(raw, **kw)
 
