@@ -30,22 +30,29 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-dir", default=_env("offload_dir"), help="folder of the packed expert file (disk)")
     g.add_argument("--expert-policy", choices=["lru", "lfu", "static"], default=_env("expert_policy", "lru"))
     g.add_argument("--hot-profile", default=_env("hot_profile"), help="routing profile JSON for --expert-policy static")
-    g.add_argument("--prefetch", choices=["none", "next-layer"], default=_env("prefetch", "none"))
+    g.add_argument("--prefetch", choices=["none", "next-layer", "draft", "auto"], default=_env("prefetch", "none"),
+                   help="background loading: next-layer (router of the next layer), draft (the self drafter's "
+                        "router picks, for verification; needs --spec self), auto (draft when --spec self)")
+    g.add_argument("--prefetch-cutoff", default=_env("prefetch_cutoff", "auto"),
+                   help="draft prefetch covers the first L MoE layers: L or auto (from measured load and draft time)")
     g.add_argument("--no-direct-io", action="store_true", help="read the disk tier through the page cache")
 
 
 def offload_config(a):
     """An OffloadConfig when any offload flag was given, else None (every expert resident)."""
     if a.expert_cache is None and a.offload is None:
+        if a.prefetch != "none":
+            raise MoespecError(f"--prefetch {a.prefetch} needs offloaded experts: add --expert-cache N|N%|SIZE")
         return None
     from .config import OffloadConfig
     return OffloadConfig(expert_cache=a.expert_cache, offload=a.offload or "ram", offload_dir=a.offload_dir,
-                         policy=a.expert_policy, prefetch=a.prefetch, direct_io=not a.no_direct_io,
+                         policy=a.expert_policy, prefetch=a.prefetch, prefetch_cutoff=a.prefetch_cutoff,
+                         direct_io=not a.no_direct_io,
                          hot_profile=a.hot_profile)
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("speculative decoding (lossless)")
+    g = p.add_argument_group("speculative decoding (lossless unless a verify budget is set)")
     g.add_argument("--spec", choices=["none", "ngram", "draft_model", "self"], default=_env("spec", "none"),
                    help="drafter: ngram = prompt lookup, draft_model = --draft-model, self = the target with "
                         "fewer experts (SpecMoE)")
@@ -55,11 +62,30 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-len", type=int, default=_env("draft_len", None, int), help="draft tokens per step (4)")
     g.add_argument("--speculative-config", default=_env("speculative_config"),
                    help='vLLM-style JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    b = p.add_argument_group("verification expert budget (LOSSY: outputs may differ from plain decoding)")
+    b.add_argument("--verify-budget", type=int, default=_env("verify_budget", None, int), metavar="B",
+                   help="LOSSY: each MoE layer of a verification forward computes only the B experts with the "
+                        "most router probability over its tokens (B >= top_k; needs --spec)")
+    b.add_argument("--verify-budget-mass", type=float, default=_env("verify_budget_mass", None, float), metavar="TAU",
+                   help="LOSSY: keep the fewest experts holding TAU (0 < TAU <= 1) of the router probability "
+                        "instead of a fixed B")
+    b.add_argument("--budget-mode", choices=["substitute", "truncate"], default=_env("budget_mode"),
+                   help="tokens routed outside the kept experts: substitute = re-pick top-k inside them (default), "
+                        "truncate = drop those choices")
+    b.add_argument("--budget-decay", type=float, default=_env("budget_decay", None, float), metavar="D",
+                   help="weight D**depth of a draft token in the expert scores (default 1: no decay)")
+
+
+LOSSY_NOTE = "note: --verify-budget makes verification lossy: outputs may differ from plain decoding"
 
 
 def spec_config(a):
-    """A SpecConfig from --speculative-config or --spec/--draft-len, or None for plain decoding."""
+    """A SpecConfig from --speculative-config or --spec/--draft-len, or None for plain decoding.
+
+    The verify budget flags apply on top of either (they override the same fields of the JSON)."""
     from .config import SpecConfig
+    budget = {k: v for k, v in (("verify_budget", a.verify_budget), ("verify_budget_mass", a.verify_budget_mass),
+                                ("budget_mode", a.budget_mode), ("budget_decay", a.budget_decay)) if v is not None}
     if a.speculative_config:
         try:
             d = json.loads(a.speculative_config)
@@ -67,13 +93,21 @@ def spec_config(a):
             raise MoespecError(f"--speculative-config is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise MoespecError("--speculative-config must be a JSON object")
-        return SpecConfig.from_dict(d)
-    if a.spec == "none":
+        cfg = SpecConfig.from_dict({**d, **budget})
+    elif a.spec == "none":
         if a.draft_len is not None:
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
+        if budget:
+            flag = "--" + next(iter(budget)).replace("_", "-")
+            raise MoespecError(f"{flag} needs speculative decoding (it limits the experts of verification): "
+                               "add --spec ngram, self or draft_model")
         return None
-    return SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
-                      draft_experts=a.draft_experts).validate()
+    else:
+        cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
+                         draft_experts=a.draft_experts, **budget).validate()
+    if cfg.budget() is not None:
+        print(LOSSY_NOTE, file=sys.stderr)
+    return cfg
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

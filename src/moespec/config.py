@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MoespecError
+
+if TYPE_CHECKING:
+    from .spec.budget import VerifyBudget
 
 # model_type -> (query/key norm kind, default norm_topk_prob); dense families have no experts.
 FAMILIES = {
@@ -171,13 +175,18 @@ class OffloadConfig:
         per-expert blobs in offload_dir, read with pread, O_DIRECT when direct_io).
     policy: eviction "lru" | "lfu" | "static" (hottest experts of hot_profile pinned, the rest LRU).
     prefetch: "none" (load on demand) | "next-layer" (run the next layer's router on the hidden state
-        entering this layer's MoE and load its top-k in the background).
+        entering this layer's MoE and load its top-k in the background) | "draft" (self-speculation:
+        load the experts the draft's router picks, for verification; spec/prefetch.py) | "auto" (draft
+        when self-speculating, else next-layer).
+    prefetch_cutoff: draft prefetch covers the first L MoE layers (an int) or an L chosen from
+        measured load and draft times ("auto").
     """
     expert_cache: str | int | None = None
     offload: str = "ram"
     offload_dir: str | None = None          # None: $XDG_CACHE_HOME/moespec/experts (or ~/.cache/...)
     policy: str = "lru"
     prefetch: str = "none"
+    prefetch_cutoff: int | str = "auto"
     direct_io: bool = True
     hot_profile: str | None = None          # JSON routing profile (experts/profile.py) for policy "static"
     io_threads: int = 1
@@ -186,9 +195,17 @@ class OffloadConfig:
     def validate(self) -> "OffloadConfig":
         for name, value, allowed in (("offload", self.offload, ("ram", "disk")),
                                      ("policy", self.policy, ("lru", "lfu", "static")),
-                                     ("prefetch", self.prefetch, ("none", "next-layer"))):
+                                     ("prefetch", self.prefetch, ("none", "next-layer", "draft", "auto"))):
             if value not in allowed:
                 raise MoespecError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        c = self.prefetch_cutoff
+        if isinstance(c, str) and c != "auto":
+            try:
+                self.prefetch_cutoff = c = int(c)
+            except ValueError:
+                raise MoespecError(f"prefetch_cutoff={c!r} must be a number of MoE layers or 'auto'") from None
+        if c != "auto" and (not isinstance(c, int) or c < 0):
+            raise MoespecError(f"prefetch_cutoff={c!r} must be a number of MoE layers (>= 0) or 'auto'")
         if self.policy == "static" and not self.hot_profile:
             raise MoespecError("expert policy 'static' needs a routing profile (hot_profile / --hot-profile)")
         if self.io_threads < 1 or self.io_timeout_s <= 0:
@@ -211,6 +228,11 @@ class SpecConfig:
         "self" (the target drafts with `draft_experts` experts per layer: the resident ones when offloading).
     num_speculative_tokens: draft length k per step.
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
+    verify_budget / verify_budget_mass: LOSSY verification expert budget (MoE-Spec, spec/budget.py): each MoE
+        layer of a verification forward computes only the top-B experts by aggregate router probability, or
+        the smallest set reaching that probability mass; None (default) = lossless. At most one of the two.
+    budget_mode: "substitute" (re-pick a token's top-K inside the kept set) or "truncate" (drop its choices
+        outside it). budget_decay: a draft token at depth d weighs budget_decay**d in the expert scores.
     """
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -218,12 +240,17 @@ class SpecConfig:
     prompt_lookup_min: int = 1
     model: str | None = None
     draft_experts: int | None = None        # self: experts per layer while drafting (default: resident / E/2)
+    verify_budget: int | None = None        # lossy: experts per MoE layer per verification forward
+    verify_budget_mass: float | None = None  # lossy: router probability mass kept per MoE layer, in (0, 1]
+    budget_mode: str = "substitute"
+    budget_decay: float = 1.0
 
     METHODS = ("ngram", "draft_model", "self")
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
+                 "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -243,4 +270,31 @@ class SpecConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise MoespecError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max, got "
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        self._validate_budget()
         return self
+
+    def _validate_budget(self) -> None:
+        b, m = self.verify_budget, self.verify_budget_mass
+        if b is not None and m is not None:
+            raise MoespecError(f"verify_budget={b!r} and verify_budget_mass={m!r} were both given; "
+                               "choose one (--verify-budget or --verify-budget-mass)")
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise MoespecError(f"verify_budget={b!r} must be a positive integer (experts per MoE layer)")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
+            raise MoespecError(f"verify_budget_mass={m!r} must be in (0, 1]")
+        from .spec.budget import MODES
+        if self.budget_mode not in MODES:
+            raise MoespecError(f"budget_mode={self.budget_mode!r} is not one of: {', '.join(MODES)}")
+        d = self.budget_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            raise MoespecError(f"budget_decay={d!r} must be in (0, 1]")
+        if b is None and m is None and (self.budget_mode != "substitute" or d != 1.0):
+            raise MoespecError("budget_mode / budget_decay need a verify budget (verify_budget or verify_budget_mass)")
+
+    def budget(self) -> VerifyBudget | None:
+        """The verification expert budget as spec/budget.py takes it, or None when verification is lossless."""
+        if self.verify_budget is None and self.verify_budget_mass is None:
+            return None
+        from .spec.budget import VerifyBudget
+        return VerifyBudget(self.verify_budget, self.verify_budget_mass, self.budget_mode,
+                            float(self.budget_decay)).validate()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -13,6 +13,7 @@ from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
 from .spec.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+from .spec.prefetch import DraftPrefetch
 from .tokenizer import Tokenizer
 
 
@@ -36,11 +37,12 @@ class LLM:
                  max_model_len: int | None = None, offload: OffloadConfig | None = None,
                  speculative: SpecConfig | dict | None = None):
         """offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
-        speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)."""
+        speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)
+            unless it sets a verify budget (verify_budget / verify_budget_mass), which is LOSSY."""
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
         self.path = resolve_model(model)
-        self.offload = offload
+        self.offload = offload = _resolve_prefetch(offload, self.spec)
         self.model = load_model(self.path, dtype, device, offload=offload)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
@@ -52,6 +54,7 @@ class LLM:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]
         self.eos_token_ids = set(eos)
+        self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
 
     def _drafter(self, dtype: str, device: str):
@@ -64,12 +67,31 @@ class LLM:
                 raise MoespecError("the self drafter needs an MoE model (it drafts with fewer experts)")
             E = self.config.num_experts
             n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
-            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128)
+            prefetch = None
+            if self.offload is not None and self.offload.prefetch == "draft":
+                # Prefetch fills the slots outside the draft set: by default half the cache drafts.
+                n = self.spec.draft_experts or max(1, self.model.experts.S // 2)
+                cut = self.offload.prefetch_cutoff
+                prefetch = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
+                                         None if cut == "auto" else int(cut))
+            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128, prefetcher=prefetch)
         draft = load_model(self.spec.model, dtype, device)
         if draft.cfg.vocab_size != self.config.vocab_size:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "
                                f"{self.config.vocab_size}: a draft model must share the target's tokenizer")
         return DraftModelDrafter(draft, capacity=self.max_model_len + 128)
+
+    def _budget(self):
+        """The spec's VerifyBudget, checked against the model (it needs experts, and B >= top_k)."""
+        b = self.spec.budget() if self.spec is not None else None
+        if b is None:
+            return None
+        if not self.config.is_moe:
+            raise MoespecError("a verify budget (verify_budget / verify_budget_mass) needs an MoE model")
+        if b.experts is not None and b.experts < self.config.top_k:
+            raise MoespecError(f"verify_budget={b.experts} is below the model's top_k={self.config.top_k} (experts "
+                               f"per token): use --verify-budget {self.config.top_k} or more")
+        return b
 
     # -- requests -------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -123,14 +145,19 @@ class LLM:
         seqs = self._sequences(prompts, sampling_params)
         before = self.expert_stats() if self.offload is not None else None
         timing = generate(self.model, seqs, on_text, self.drafter,
-                          self.spec.num_speculative_tokens if self.spec else 0)
+                          self.spec.num_speculative_tokens if self.spec else 0, budget=self.budget)
         if before is not None:
             after = self.expert_stats()
             timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
                                  "expert_misses": after["misses"] - before["misses"],
                                  "expert_bytes_read": after["bytes_read"] - before["bytes_read"],
                                  "stall_s": after["stall_s"] - before["stall_s"],
-                                 "cache_capacity": after["capacity"]}
+                                 "cache_capacity": after["capacity"],
+                                 **{k: after[k] - before[k] for k in ("prefetch_issued", "prefetch_used",
+                                                                      "prefetch_wasted")}}
+            pf = getattr(self.drafter, "prefetcher", None)
+            if pf is not None:                       # cumulative since load, like expert_stats()
+                timing["experts"].update(pf.stats())
         return [self._output(s, timing, len(seqs)) for s in seqs]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
@@ -169,6 +196,11 @@ class LLM:
                  "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
         stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
+        stats["lossy"] = self.budget is not None     # only the verify budget makes outputs differ from plain decoding
+        if self.budget is not None:
+            stats.update({k: v for k, v in (("verify_budget", self.spec.verify_budget),
+                                            ("verify_budget_mass", self.spec.verify_budget_mass)) if v is not None})
+            stats.update({"budget_mode": self.spec.budget_mode, "budget_decay": self.spec.budget_decay})
         spec = timing.get("spec")
         if spec is not None:                         # per generate call (the whole batch)
             stats.update({"draft_steps": spec["steps"], "draft_tokens": spec["drafted"],
@@ -178,6 +210,23 @@ class LLM:
                           "mean_accepted_len": (spec["accepted"] + spec["row_steps"]) / spec["row_steps"]
                           if spec["row_steps"] else 0.0,
                           "accepted_per_position": [spec["accepted_per_pos"].get(i, 0)
-                                                    for i in range(self.spec.num_speculative_tokens)]})
+                                                    for i in range(self.spec.num_speculative_tokens)],
+                          "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
+                          if spec["verify_layers"] else 0.0})
         text = s.text if s.detok is not None else ""
         return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)
+
+
+def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) -> OffloadConfig | None:
+    """prefetch "auto" becomes "draft" when self-speculating, else "next-layer"; "draft" needs the self
+    drafter (its router picks are the prediction)."""
+    if offload is None:
+        return None
+    offload.validate()
+    self_spec = spec is not None and spec.method == "self"
+    if offload.prefetch == "auto":
+        offload = replace(offload, prefetch="draft" if self_spec else "next-layer")
+    if offload.prefetch == "draft" and not self_spec:
+        raise MoespecError("prefetch 'draft' needs the self drafter (--spec self): the draft's router picks are "
+                           "what it prefetches")
+    return offload

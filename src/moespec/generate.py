@@ -56,10 +56,11 @@ class Sequence:
 
 
 def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
-             drafter=None, draft_len: int = 0) -> dict:
+             drafter=None, draft_len: int = 0, budget=None) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
-    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py)."""
+    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); budget: a VerifyBudget that
+    makes verification LOSSY (spec/budget.py)."""
     B = len(seqs)
     gens = [make_generator(s.params.seed) for s in seqs]
     lens = [len(s.prompt_ids) for s in seqs]
@@ -76,7 +77,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     new = [[t] for t in nxt.tolist()]
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
-                                               "accepted_per_pos": {}}
+                                               "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0}
     steps = 0
     while True:
         now = time.perf_counter()
@@ -100,7 +101,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         if drafter is not None:
             new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
                                         [seqs[i].params for i in live], [gens[i] for i in live], drafter,
-                                        draft_len, spec)
+                                        draft_len, spec, budget=budget)
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)

@@ -69,6 +69,14 @@ class ExpertCache:
             ready = [e for s, e in enumerate(st.expert_in) if e >= 0 and (st.loads[s] is None or st.loads[s].done.is_set())]
             return torch.tensor(sorted(ready), dtype=torch.long)
 
+    def cached(self, layer: int) -> torch.Tensor:
+        """Experts holding a slot, loaded or loading: a forward using them reads nothing new (it may
+        wait for a load in flight). Unlike resident(), it does not depend on I/O timing, so drafters
+        that choose from it draft the same tokens however fast the store is."""
+        with self._mu:
+            self._reap(layer)
+            return (self.slot_of[layer] >= 0).nonzero().squeeze(1)
+
     def observe(self, layer: int, x: torch.Tensor) -> None:
         if self.predictor is not None:
             guess = self.predictor.predict(layer, x)
@@ -138,13 +146,15 @@ class ExpertCache:
         with self._mu:
             self._st[layer].pinned -= set(experts)
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Best effort, no waiting: load these (most wanted first) into evictable slots only."""
+    def prefetch(self, layer: int, experts: list[int], protect: set[int] | frozenset = frozenset()) -> int:
+        """Best effort, no waiting: load these (most wanted first) into evictable slots only, never
+        evicting an expert of `protect` (e.g. the ones a drafter computes with). Returns loads queued."""
         with self._mu:
             st = self._st[layer]
-            self._fill(layer, experts[:self.S - len(st.pinned | st.hot)], "prefetch_issued")
+            keep = st.pinned | st.hot | (set(protect) - set(experts))
+            return self._fill(layer, experts[:max(0, self.S - len(keep))], "prefetch_issued", set(protect))
 
-    def _fill(self, layer: int, experts: list[int], counter: str) -> None:
+    def _fill(self, layer: int, experts: list[int], counter: str, protect: set[int] = frozenset()) -> int:
         st = self._st[layer]
         loads = []
         self._reap(layer)                        # a failed load's expert must not look cached
@@ -152,7 +162,7 @@ class ExpertCache:
             for e in experts:
                 if self.slot_of[layer, e] >= 0:
                     continue
-                s = self._victim(layer, protect=set(experts), wait=False)
+                s = self._victim(layer, protect=set(experts) | protect, wait=False)
                 if s is None:
                     break
                 loads.append(self._install(layer, e, s))
@@ -160,6 +170,7 @@ class ExpertCache:
                 if counter == "prefetch_issued":
                     st.prefetched.add(s)
             self.loader.submit(loads, demand=False)
+            return len(loads)
         except BaseException:
             self._cancel(layer, loads)
             raise
@@ -243,24 +254,32 @@ class ExpertCache:
         return load
 
     def _victim(self, layer: int, protect: set[int], wait: bool) -> int | None:
-        """A slot to (re)fill: empty first, else the policy's pick among evictable slots."""
+        """A slot to (re)fill: empty first, else the policy's pick among evictable slots (None, or an
+        error when wait, if every slot is locked, pinned or protected).
+
+        A slot whose load is still in flight is a candidate like any other; if picked, we wait for the
+        load to land before reusing it. Skipping it instead would make the choice (and so which experts
+        stay cached, and what a self drafter drafts with) depend on I/O timing."""
         st = self._st[layer]
-        while True:
-            self._reap(layer)
-            fixed = st.pinned | st.hot
-            free = [s for s in range(self.S) if st.locks[s] == 0 and st.loads[s] is None
-                    and st.expert_in[s] not in fixed and st.expert_in[s] not in protect]
-            empty = [s for s in free if st.expert_in[s] < 0]
-            if empty or free:
-                return empty[0] if empty else st.policy.victim(free, st.expert_in)
-            loading = [st.loads[s] for s in range(self.S) if st.loads[s] is not None and st.locks[s] == 0]
+        self._reap(layer)
+        fixed = st.pinned | st.hot
+        free = [s for s in range(self.S) if st.locks[s] == 0 and st.expert_in[s] not in fixed
+                and st.expert_in[s] not in protect]
+        if not free:
             if not wait:
                 return None
-            if not loading:
-                raise MoespecError(f"no evictable slot in layer {layer} ({self.S} slots: all locked or pinned)")
-            t = time.perf_counter()              # only prefetches in flight: the compute must wait for one
-            self.loader.wait(loading[0])
+            raise MoespecError(f"no evictable slot in layer {layer} ({self.S} slots: all locked or pinned)")
+        empty = [s for s in free if st.expert_in[s] < 0]
+        s = empty[0] if empty else st.policy.victim(free, st.expert_in)
+        if st.loads[s] is not None:
+            t = time.perf_counter()
+            try:
+                self.loader.wait(st.loads[s])
+            except MoespecError:
+                pass                                 # a failed prefetch: its slot is emptied below
             st.n.stall_s += time.perf_counter() - t
+            self._reap(layer)
+        return s
 
     def _reap(self, layer: int) -> None:
         """Retire finished loads. A failed one empties its slot: the forward waiting on it (if any)
@@ -283,6 +302,7 @@ class ExpertCache:
         with self._mu:
             total = totals({i: st.n for i, st in self._st.items()})
         return {**total, "capacity": self.S, "num_experts": self.E, "expert_bytes": self.expert_bytes,
+                "load_s_per_expert": self.loader.seconds_per_expert(),
                 "policy": self.policy_name, "prefetch": self.prefetch_name, **self.store.stats()}
 
     def check(self, layer: int) -> None:

@@ -94,6 +94,9 @@ class ExpertProvider(Protocol):
     def resident(self, layer: int) -> torch.Tensor:
         """Experts usable right now without I/O."""
 
+    def cached(self, layer: int) -> torch.Tensor:
+        """Experts usable without starting I/O (resident, or loading into a slot already)."""
+
 
 class ResidentExperts:
     """Every expert in fast memory: slot = expert id, no I/O, nothing to wait for."""
@@ -119,6 +122,9 @@ class ResidentExperts:
         return self.pools[layer]
 
     def resident(self, layer: int) -> torch.Tensor:
+        return self._all
+
+    def cached(self, layer: int) -> torch.Tensor:
         return self._all
 
     def expert_bytes(self) -> int:

@@ -48,6 +48,7 @@ class Loader:
         self._prefetch: list[Load] = []
         self._closed = False
         self.batches = 0
+        self.loaded, self.load_s = 0, 0.0      # experts read and seconds spent reading them (all threads)
         self._threads = [threading.Thread(target=self._run, name=f"moespec-expert-loader-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -80,13 +81,22 @@ class Loader:
                 batch = self._take()
             try:
                 layer = batch[0].layer
+                t = time.perf_counter()
                 self.store.load(layer, [x.expert for x in batch], self.pools[layer], [x.slot for x in batch])
-                self.batches += 1
+                with self._cv:
+                    self.batches += 1
+                    self.loaded += len(batch)
+                    self.load_s += time.perf_counter() - t
             except BaseException as e:          # handed to the waiting compute thread, never swallowed
                 for x in batch:
                     x.error = e
             for x in batch:
                 x.done.set()
+
+    def seconds_per_expert(self) -> float | None:
+        """Measured read time per expert (batched reads share their time), None before any load."""
+        with self._cv:
+            return self.load_s / self.loaded if self.loaded else None
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)

@@ -7,12 +7,14 @@ draft models. Shapes: B rows, T new tokens, D hidden, H/G query/kv heads, hd hea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
+from ..spec.budget import VerifyBudget
 from .layers import apply_rope, attend, linear, rms_norm, rope_tables
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
 
@@ -52,6 +54,13 @@ class ForwardPlan:
     # Per MoE layer, a map [E] from each expert to the one computed in its place (self-drafting with a
     # restricted expert set: experts outside it are substituted); None = every expert as routed.
     expert_map: dict[int, torch.Tensor] | None = None
+    # Called as after_moe(layer, routed_ids [B*T, K]) once a MoE layer has computed (its experts are no
+    # longer needed by this forward): draft-guided prefetch queues the routed experts from here.
+    after_moe: Callable[[int, torch.Tensor], None] | None = None
+    # Verification expert budget (spec/budget.py, LOSSY): each MoE layer computes only a kept set of
+    # experts; depth [B*T] long is each flattened token's draft depth (0 = pending, < 0 = padding).
+    budget: VerifyBudget | None = None
+    depth: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ForwardOutput:
     logits: torch.Tensor               # [B, n, V] at the requested positions
     routing: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: expert ids [B*T, K]
     hidden: torch.Tensor | None = None  # final normed hidden [B, n, D]
+    kept: list[int] = field(default_factory=list)  # per MoE layer: distinct experts computed (plans with a budget)
 
 
 class DecoderLM:
@@ -93,6 +103,8 @@ class DecoderLM:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, hd]
         mask = kv.mask(T, tree, c.sliding_window)
         record = [] if plan is not None and plan.record_routing else None
+        budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
+        kept = [] if budget is not None else None
         h = F.embedding(tokens, self.w.embed)                                      # [B, T, D]
         for i, lw in enumerate(self.w.layers):
             h = h + self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
@@ -101,14 +113,18 @@ class DecoderLM:
                 x2 = x.reshape(B * T, -1)
                 self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
                 emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
-                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, record, emap)
+                rec = record if record is not None or plan is None or plan.after_moe is None else []
+                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, rec, emap,
+                              budget, kept)
                 h = h + y.view(B, T, -1)
+                if plan is not None and plan.after_moe is not None:
+                    plan.after_moe(i, rec[-1])
             else:
                 h = h + mlp(x, lw.mlp)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
         h = rms_norm(h, self.w.norm, c.rms_norm_eps)
-        return ForwardOutput(linear(h, self.w.lm_head), record or [], h)
+        return ForwardOutput(linear(h, self.w.lm_head), record or [], h, kept or [])
 
     def _attention(self, x, aw: AttnWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
         c = self.cfg

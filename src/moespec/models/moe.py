@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.pool import ExpertPool
+from ..spec.budget import apply_budget
 from .layers import linear
 
 
@@ -37,11 +38,21 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) ->
 
     x [N, D] -> weights [N, K] (x.dtype), ids [N, K] long.
     """
+    w, ids, _ = route_probs(x, router, top_k, norm_topk)
+    return w, ids
+
+
+def route_probs(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """route() that also returns the full softmax: x [N, D] -> (w [N, K], ids [N, K], probs [N, E] float32).
+
+    The one implementation behind route(), so the budget path routes bit-identically to the normal one.
+    """
     probs = F.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
     w, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk:
         w = w / w.sum(dim=-1, keepdim=True)
-    return w.to(x.dtype), ids
+    return w.to(x.dtype), ids, probs
 
 
 def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool) -> torch.Tensor:
@@ -103,20 +114,35 @@ def sum_k(acc: torch.Tensor) -> torch.Tensor:
 
 
 def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, norm_topk: bool,
-              record: list | None, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+              record: list | None, expert_map: torch.Tensor | None = None,
+              budget: tuple | None = None, kept: list | None = None) -> torch.Tensor:
     """x [N, D] -> [N, D]; appends this layer's routed expert ids [N, K] to `record` when asked.
 
     expert_map [E]: compute expert_map[e] wherever the router chose e (substitution), keeping the weights.
+    budget (VerifyBudget, depth [N] long | None): hold the layer to a verification expert budget
+    (spec/budget.py, lossy); `record` still gets the routing as the router chose it.
+    kept: appends the number of distinct experts this layer computes.
 
     The provider yields one chunk when every expert this forward needs fits in its pool (always for
     resident experts); a cache smaller than the union yields several chunks of at most S experts,
     each locked in its slots until we ask for the next one, and the chunks fill one [N, K, D] acc.
     """
-    w, ids = route(x, mw.router, top_k, norm_topk)
+    w, ids, probs = route_probs(x, mw.router, top_k, norm_topk)
     if record is not None:
         record.append(ids)
+    if budget is not None:
+        vb, depth = budget
+        res = experts.cached(layer)        # cached, not resident: choices must not depend on I/O timing
+        # Every expert resident (no offloading): the tie-break bonus would be uniform, so skip it.
+        resident = None
+        if res.numel() < probs.shape[1]:
+            resident = torch.zeros(probs.shape[1], dtype=torch.bool)
+            resident[res] = True
+        w, ids, _ = apply_budget(probs, w, ids, vb, top_k, norm_topk, depth, resident)
     if expert_map is not None:
         ids = expert_map[ids]
+    if kept is not None:
+        kept.append(int(torch.unique(ids).numel()))
     pool = experts.pool(layer)
     out, acc = None, None
     with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises

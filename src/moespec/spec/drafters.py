@@ -66,7 +66,7 @@ class DraftModelDrafter:
     _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
 
     def plan(self):
-        """The ForwardPlan for draft forwards (None: the draft model as it is)."""
+        """The ForwardPlan for each draft forward (None: the draft model as it is)."""
         return None
 
     def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
@@ -79,9 +79,8 @@ class DraftModelDrafter:
         common = min(common, len(context) - 1)      # always re-feed at least the last token for its logits
         kv.rollback(len(held) - common)
         feed = context[common:]
-        plan = self.plan()
         logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]]),
-                                    plan=plan).logits[0, 0]
+                                    plan=self.plan()).logits[0, 0]
         kv.advance(len(feed))
         tokens, qs, fed = [], [], []
         for i in range(k):
@@ -95,7 +94,7 @@ class DraftModelDrafter:
                 qs.append(q)
             tokens.append(tok)
             if i + 1 < k:
-                logits = self.model.forward(torch.tensor([[tok]]), kv, plan=plan).logits[0, 0]
+                logits = self.model.forward(torch.tensor([[tok]]), kv, plan=self.plan()).logits[0, 0]
                 kv.advance(1)
                 fed.append(tok)
         # The cache holds the context and the drafts fed back; the next call rolls back what was rejected.
@@ -110,33 +109,56 @@ class SelfDrafter(DraftModelDrafter):
     """SpecMoE: the target drafts for itself with only N draft experts per MoE layer.
 
     A routed expert outside the draft set is replaced by its nearest expert in the set (substitution
-    table from expert affinity, computed once). With offloading the draft set is what is resident, so
-    drafting moves no bytes; after each verification the set is refreshed to the N experts the
-    verified positions chose most (recency beats a static hot list, per the paper).
+    table from expert affinity, computed once). With offloading the draft set is chosen among the
+    cached experts, so drafting starts no reads; after each verification the set is refreshed to the
+    N experts the verified positions chose most (recency beats a static hot list, per the paper), and
+    before each draft forward members evicted meanwhile (by a prefill, say) give way to cached ones.
     Its draft KV lives in its own cache (the target's cache only ever holds verified tokens).
+
+    With a `prefetcher` (draft-guided prefetch, spec/prefetch.py) each draft forward hands it the
+    router's picks layer by layer, and the cache loads them while drafting goes on, into slots outside
+    the draft set (prefetch never evicts it). Experts prefetched join the substitution set of later
+    draft forwards: they are the router's own picks (a draft forward may wait for one still landing).
+    "Cached" counts slots whose load is in flight, so what is drafted never depends on I/O timing.
     """
 
-    def __init__(self, model, n_experts: int, capacity: int = 4096):
+    def __init__(self, model, n_experts: int, capacity: int = 4096, prefetcher=None):
         super().__init__(model, capacity)
         E = model.cfg.num_experts
         self.n = max(1, min(n_experts, E))
+        self.prefetcher = prefetcher
         self.dist = {i: expert_distances(model, i) for i in model.cfg.moe_layer_ids}
         # Start from the experts resident now (all of them when nothing is offloaded): the first N. An
         # offload cache that is still empty falls back to experts 0..N-1 (loaded once, then resident).
-        self.sets, self._maps = {}, {}
+        self.sets, self._maps, self._over = {}, {}, {}
         for i in self.dist:
-            res = model.experts.resident(i)
+            res = model.experts.cached(i)
             self.sets[i] = (res if len(res) else torch.arange(E))[:self.n].clone()
-            self._maps[i] = self._map(i)
+            self._remap(i, self.sets[i])
 
-    def _map(self, layer: int) -> torch.Tensor:
-        allowed = self.sets[layer]
-        d = self.dist[layer][:, allowed]                          # [E, N]
-        return allowed[d.argmin(dim=1)]                           # allowed experts map to themselves
+    def _remap(self, layer: int, allowed: torch.Tensor) -> None:
+        """Substitution map over `allowed` [A]: every expert -> its nearest allowed one."""
+        d = self.dist[layer][:, allowed]                          # [E, A]
+        self._maps[layer] = allowed[d.argmin(dim=1)]              # allowed experts map to themselves
+        self._over[layer] = allowed
 
     def plan(self):
         from ..models.decoder import ForwardPlan
-        return ForwardPlan(expert_map=self._maps)
+        for layer in self.dist:
+            cached = self.model.experts.cached(layer)
+            base = self.sets[layer]
+            gone = ~torch.isin(base, cached)
+            if gone.any() and cached.numel():   # evicted since the last verification (e.g. by a prefill)
+                fill = cached[~torch.isin(cached, base)][:int(gone.sum())]
+                self.sets[layer] = base = torch.cat([base[~gone], fill]).sort().values
+            # With prefetch, experts it brought in join the set: they are the router's own picks.
+            allowed = torch.unique(torch.cat([base, cached])) if self.prefetcher is not None else base
+            if not torch.equal(allowed, self._over[layer]):
+                self._remap(layer, allowed)
+        return ForwardPlan(expert_map=self._maps, after_moe=self._after_moe if self.prefetcher else None)
+
+    def _after_moe(self, layer: int, routed: torch.Tensor) -> None:
+        self.prefetcher.observe(layer, routed[-1].tolist(), self.sets[layer])   # last row: the new token
 
     def observe_verification(self, routing: list[torch.Tensor], keep: torch.Tensor) -> None:
         """routing: per MoE layer the ids [R*width, K] the verification routed; keep [R*width] bool marks
@@ -144,7 +166,7 @@ class SelfDrafter(DraftModelDrafter):
         I/O, become the next draft set."""
         for layer, ids in zip(self.dist, routing):
             counts = torch.bincount(ids[keep].reshape(-1), minlength=self.dist[layer].shape[0]).float()
-            resident = self.model.experts.resident(layer)
+            resident = self.model.experts.cached(layer)     # not resident(): must not depend on I/O timing
             counts[resident] += 0.5                           # ties (and unseen experts) go to resident ones
             usable = torch.zeros_like(counts, dtype=torch.bool)
             usable[resident] = True
@@ -153,7 +175,7 @@ class SelfDrafter(DraftModelDrafter):
                 continue
             top = torch.topk(counts, min(self.n, int(usable.sum()))).indices
             self.sets[layer] = top.sort().values
-            self._maps[layer] = self._map(layer)
+            self._remap(layer, self.sets[layer])
 
 
 def expert_distances(model, layer: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from .verify import chain_accept, greedy_accept
 
 
 def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: torch.Tensor,
-                     params: list[SamplingParams], gens: list, drafter, k: int, stats: dict
-                     ) -> tuple[list[list[int]], torch.Tensor]:
+                     params: list[SamplingParams], gens: list, drafter, k: int, stats: dict,
+                     budget=None) -> tuple[list[list[int]], torch.Tensor]:
     """contexts[r]: row r's tokens so far (prompt + output, ending with pending[r], which is not in the KV yet);
     keys[r] names the sequence for drafters that keep per-sequence state.
 
@@ -20,6 +20,9 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     pending + accepted drafts; rows may accept different lengths. Returns per row the new tokens to emit
     (accepted drafts + one target token) and the new pending tokens [R].
     """
+    prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec/prefetch.py)
+    if prefetch is not None:
+        prefetch.begin_step()
     t0 = time.perf_counter()
     proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
     t1 = time.perf_counter()
@@ -30,10 +33,23 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     for r, d in enumerate(drafts):
         tokens[r, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
     observe = getattr(drafter, "observe_verification", None)
-    out = model.forward(tokens, kv, plan=ForwardPlan(record_routing=True) if observe else None)
+    plan = ForwardPlan(record_routing=True)
+    if budget is not None:     # lossy: hold each MoE layer to the verify budget (spec/budget.py)
+        # depth [R*width]: token j of a row's [pending, drafts] is at depth j; padding past a short draft
+        # gets -1, so it is routed inside the kept set but does not vote for experts.
+        depth = torch.arange(width).repeat(len(drafts), 1)
+        depth[depth > torch.tensor([len(d) for d in drafts])[:, None]] = -1
+        plan.budget, plan.depth = budget, depth.reshape(-1)
+    out = model.forward(tokens, kv, plan=plan)
     logits = out.logits                                            # [R, width, V]
     stats["draft_s"] += t1 - t0
     stats["verify_s"] += time.perf_counter() - t1
+    # One verification forward reads each distinct expert once per layer (coalesced): count them.
+    # (With a budget, out.kept counts what was computed; out.routing is what the router chose.)
+    stats["verify_experts"] += sum(out.kept) if out.kept else sum(int(torch.unique(ids).numel()) for ids in out.routing)
+    stats["verify_layers"] += len(out.routing)
+    if prefetch is not None:
+        prefetch.end_step(out.routing, t1 - t0)
     emitted, nxt, commit = [], [], []
     for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
