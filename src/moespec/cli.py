@@ -59,7 +59,9 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-experts", type=int, default=_env("draft_experts", None, int),
                    help="self drafter: experts per layer while drafting (default: the resident ones, or E/2)")
     g.add_argument("--draft-model", default=_env("draft_model"), help="draft model folder (same tokenizer)")
-    g.add_argument("--draft-len", type=int, default=_env("draft_len", None, int), help="draft tokens per step (4)")
+    g.add_argument("--draft-len", default=_env("draft_len", None),
+                   help="draft tokens per step (4), or auto: the controller picks k each step and decodes plainly "
+                        "while speculation would lose")
     g.add_argument("--speculative-config", default=_env("speculative_config"),
                    help='vLLM-style JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     b = p.add_argument_group("verification expert budget (LOSSY: outputs may differ from plain decoding)")
@@ -103,6 +105,8 @@ def spec_config(a):
                                "add --spec ngram, self or draft_model")
         return None
     else:
+        if a.draft_len is not None and a.draft_len != "auto" and not str(a.draft_len).isdigit():
+            raise MoespecError(f"--draft-len must be a positive integer or auto, got {a.draft_len!r}")
         cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
                          draft_experts=a.draft_experts, **budget).validate()
     if cfg.budget() is not None:

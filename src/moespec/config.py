@@ -226,7 +226,10 @@ class SpecConfig:
 
     method: "ngram" (prompt lookup), "draft_model" (a small model with the same tokenizer, `model`) or
         "self" (the target drafts with `draft_experts` experts per layer: the resident ones when offloading).
-    num_speculative_tokens: draft length k per step.
+    num_speculative_tokens: draft length k per step, or "auto": the online controller (perf/controller.py)
+        picks k in 1..max_speculative_tokens each step from measured acceptance and step costs, and
+        switches to plain decoding while speculation would lose. Greedy output is identical either way;
+        seeded sampling is reproducible run to run only with a fixed k (auto's choices follow timings).
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
     verify_budget / verify_budget_mass: LOSSY verification expert budget (MoE-Spec, spec/budget.py): each MoE
         layer of a verification forward computes only the top-B experts by aggregate router probability, or
@@ -235,7 +238,8 @@ class SpecConfig:
         outside it). budget_decay: a draft token at depth d weighs budget_decay**d in the expert scores.
     """
     method: str = "ngram"
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int | str = 4
+    max_speculative_tokens: int = 8          # the largest k "auto" may choose
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     model: str | None = None
@@ -249,7 +253,7 @@ class SpecConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
+        known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
                  "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -265,13 +269,28 @@ class SpecConfig:
         if self.method == "draft_model" and not self.model:
             raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens
-        if not isinstance(k, int) or not 1 <= k <= 64:
-            raise MoespecError(f"num_speculative_tokens={k!r} must be an integer in [1, 64]")
+        if isinstance(k, str) and k.strip().isdigit():
+            self.num_speculative_tokens = k = int(k)
+        if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64):
+            raise MoespecError(f"num_speculative_tokens={k!r} must be an integer in [1, 64] or 'auto'")
+        m = self.max_speculative_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 64:
+            raise MoespecError(f"max_speculative_tokens={m!r} must be an integer in [1, 64]")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise MoespecError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max, got "
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         self._validate_budget()
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """The online controller picks k (num_speculative_tokens "auto")."""
+        return self.num_speculative_tokens == "auto"
+
+    @property
+    def k_max(self) -> int:
+        """The longest draft a step may use (sizes the KV slack and the per-position stats)."""
+        return self.max_speculative_tokens if self.adaptive else self.num_speculative_tokens
 
     def _validate_budget(self) -> None:
         b, m = self.verify_budget, self.verify_budget_mass

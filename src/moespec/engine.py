@@ -13,6 +13,7 @@ from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
 from .spec.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+from .perf.controller import SpecController
 from .spec.prefetch import DraftPrefetch
 from .tokenizer import Tokenizer
 
@@ -144,8 +145,13 @@ class LLM:
         """
         seqs = self._sequences(prompts, sampling_params)
         before = self.expert_stats() if self.offload is not None else None
-        timing = generate(self.model, seqs, on_text, self.drafter,
-                          self.spec.num_speculative_tokens if self.spec else 0, budget=self.budget)
+        # "auto" draft length: a fresh controller per call (its costs depend on the batch it runs).
+        controller = SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)) \
+            if self.spec is not None and self.spec.adaptive else None
+        timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
+                          budget=self.budget, controller=controller)
+        if controller is not None:
+            timing["spec"]["controller"] = controller.stats()
         if before is not None:
             after = self.expert_stats()
             timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
@@ -210,9 +216,12 @@ class LLM:
                           "mean_accepted_len": (spec["accepted"] + spec["row_steps"]) / spec["row_steps"]
                           if spec["row_steps"] else 0.0,
                           "accepted_per_position": [spec["accepted_per_pos"].get(i, 0)
-                                                    for i in range(self.spec.num_speculative_tokens)],
+                                                    for i in range(self.spec.k_max)],
+                          "draft_len": self.spec.num_speculative_tokens,
                           "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
                           if spec["verify_layers"] else 0.0})
+            if "controller" in spec:                 # draft length "auto": what the controller saw and chose
+                stats.update({"plain_steps": spec["plain_steps"], "controller": spec["controller"]})
         text = s.text if s.detok is not None else ""
         return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)
 

@@ -56,11 +56,12 @@ class Sequence:
 
 
 def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
-             drafter=None, draft_len: int = 0, budget=None) -> dict:
+             drafter=None, draft_len: int = 0, budget=None, controller=None) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
-    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); budget: a VerifyBudget that
-    makes verification LOSSY (spec/budget.py)."""
+    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); a controller
+    (perf/controller.py) instead picks each step's draft length, 0 = a plain step, from the costs it
+    is told. budget: a VerifyBudget that makes verification LOSSY (spec/budget.py)."""
     B = len(seqs)
     gens = [make_generator(s.params.seed) for s in seqs]
     lens = [len(s.prompt_ids) for s in seqs]
@@ -77,7 +78,8 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     new = [[t] for t in nxt.tolist()]
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
-                                               "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0}
+                                               "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0,
+                                               "plain_steps": 0}
     steps = 0
     while True:
         now = time.perf_counter()
@@ -98,15 +100,23 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
             live = [live[r] for r in keep]
         if not live:
             break
-        if drafter is not None:
+        k = 0 if drafter is None else (controller.next_k() if controller is not None else draft_len)
+        t_step, before = time.perf_counter(), (spec["draft_s"], spec["verify_s"], spec["accepted"])
+        if k > 0:
             new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
                                         [seqs[i].params for i in live], [gens[i] for i in live], drafter,
-                                        draft_len, spec, budget=budget)
+                                        k, spec, budget=budget)
+            if controller is not None:
+                controller.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],
+                                       spec["accepted"] - before[2], rows=len(live))
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)
             nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live])
             new = [[t] for t in nxt.tolist()]
+            if controller is not None:
+                controller.record_plain(time.perf_counter() - t_step, rows=len(live))
+                spec["plain_steps"] += 1
         steps += 1
     return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0,
             "spec": spec if drafter is not None else None}
