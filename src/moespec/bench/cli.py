@@ -62,7 +62,11 @@ def run_bench(a) -> None:
         jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
     for kind, batch, ps, new in jobs:
         # Alternate engines per job so a noisy neighbour hits both alike.
-        results = [run_moespec(llm, ps, batch, new, a.repetitions, a.warmup)]
+        before = {}
+        snap = (lambda: before.update(llm.expert_stats())) if llm.offload is not None else None
+        results = [run_moespec(llm, ps, batch, new, a.repetitions, a.warmup, on_measure=snap)]
+        if before:
+            results[0]["experts"] = expert_delta(before, llm.expert_stats(), results[0])
         if peer is not None:
             results.append(peer.run(ps, batch, new, a.repetitions, a.warmup))
         for r in results:
@@ -88,10 +92,34 @@ def run_bench(a) -> None:
                   f"per layer {row['distinct_experts_per_layer']}", file=sys.stderr)
     if llm.offload is not None:
         report["experts"] = llm.expert_stats()
+    report["peak_rss_bytes"] = peak_rss_bytes()
     text = json.dumps(report, indent=1)
     if a.output:
         Path(a.output).write_text(text)
     print(text)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def expert_delta(before: dict, after: dict, run: dict) -> dict:
+    """Expert-cache figures of one job's measured batches: hit rate, bytes read per generated token,
+    the share of decode time the compute waited on loads, and the loader's achieved read bandwidth."""
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_read", "stall_s", "prefetch_issued",
+                                           "prefetch_used", "prefetch_wasted", "evictions")}
+    reps = run["ttft_s"]["n"]                  # measured batches (the snapshot is taken after the warm-up)
+    tokens = max(1, run["batch"] * run["new_tokens"] * reps)
+    seen = d["hits"] + d["misses"]
+    decode = (run["tpot_s"]["mean"] * (run["new_tokens"] - 1) * reps) if run.get("tpot_s") else 0.0
+    per = after.get("load_s_per_expert")
+    return {**d, "hit_rate": d["hits"] / seen if seen else 0.0, "bytes_read_per_token": d["bytes_read"] / tokens,
+            "stall_share": min(1.0, d["stall_s"] / decode) if decode else 0.0,
+            "loader_read_gbs": after["expert_bytes"] / per / 1e9 if per else None,
+            "capacity": after["capacity"], "policy": after["policy"], "prefetch": after["prefetch"]}
 
 
 def _log(r: dict) -> None:

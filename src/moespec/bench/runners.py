@@ -26,10 +26,13 @@ def _batches(prompts: list[list[int]], batch: int, reps: int) -> list[list[list[
     return out
 
 
-def run_moespec(llm, prompts, batch: int, new: int, reps: int, warmup: int) -> dict:
+def run_moespec(llm, prompts, batch: int, new: int, reps: int, warmup: int, on_measure=None) -> dict:
+    """on_measure(): called once, after the warm-up and before the first measured batch."""
     params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     ttft, tpot, tps, tokens, acc = [], [], [], [], []
     for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
+        if k == warmup and on_measure is not None:
+            on_measure()
         outs = llm.generate(b, params)
         if k < warmup:
             continue
