@@ -33,7 +33,10 @@ def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:
     out = {"plain": (dict(off, prefetch="none"), None),
            "plain-next-layer": (dict(off, prefetch="next-layer"), None),
            "self": (dict(off, prefetch="none"), spec),                          # draft set = whole cache
-           "self-draft-set": (dict(off, prefetch="none"), half)}                # same set, no prefetch
+           "self-draft-set": (dict(off, prefetch="none"), half),                # same set, no prefetch
+           "self-k-auto": (dict(off, prefetch="none"), dict(spec, num_speculative_tokens="auto")),
+           "ngram": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=a.draft_len)),
+           "ngram-k-auto": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens="auto"))}
     cuts = range(0, n_moe + 1) if a.cutoffs == "all" else [int(c) for c in a.cutoffs.split(",") if c]
     for c in cuts:
         out[f"self-prefetch-L{c}"] = (dict(off, prefetch="draft", prefetch_cutoff=c), half)
@@ -42,6 +45,27 @@ def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:
         out[f"self-prefetch-auto-B{b}"] = (dict(off, prefetch="draft", prefetch_cutoff="auto"),
                                            dict(half, verify_budget=b))
     return out
+
+
+def budget_loss(llm: LLM, texts: list[list[int]], width: int, budget) -> float:
+    """Mean next-token loss (nats) of the target when it scores text in verification-sized windows of
+    `width` tokens (pending + k drafts) with the verify budget applied to each window (None: exact)."""
+    import torch
+    import torch.nn.functional as F
+    from moespec.models.decoder import ForwardPlan
+    model, total, count = llm.model, 0.0, 0
+    for ids in texts:
+        kv = model.new_cache(1, len(ids) + width)
+        for s in range(0, len(ids) - 1, width):
+            chunk = ids[s:s + width]
+            plan = ForwardPlan(budget=budget, depth=torch.arange(len(chunk))) if budget is not None else None
+            logits = model.forward(torch.tensor([chunk]), kv, plan=plan).logits[0]
+            kv.advance(len(chunk))
+            target = torch.tensor(ids[s + 1:s + 1 + len(chunk)])
+            n = target.numel()
+            total += float(F.cross_entropy(logits[:n].float(), target, reduction="sum"))
+            count += n
+    return total / count
 
 
 def agreement(ref: list[int], got: list[int]) -> tuple[float, int]:
@@ -123,6 +147,13 @@ def main() -> None:
         row["identical_token_fraction"] = statistics.fmean(s for s, _ in same)
         row["mean_first_divergence"] = statistics.fmean(f for _, f in same)
         report["configs"][name] = row
+    # Held-out loss of the budgeted verifier: the prompts plus the lossless continuations, scored in
+    # windows of k + 1 tokens as verification sees them.
+    texts = [list(p) + r["tokens"] for p, r in zip(prompts, ref)]
+    for name in [n for n in report["configs"] if "-B" in n or n == "self"]:
+        spec = llms[name].spec
+        report["configs"][name]["heldout_loss"] = budget_loss(llms[name], texts, a.draft_len + 1,
+                                                              spec.budget() if spec is not None else None)
     base = report["configs"]["plain"]["tokens_per_s"]
     for row in report["configs"].values():
         row["speedup_vs_plain"] = row["tokens_per_s"] / base
