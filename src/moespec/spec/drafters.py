@@ -117,8 +117,8 @@ class SelfDrafter(DraftModelDrafter):
 
     With a `prefetcher` (draft-guided prefetch, spec/prefetch.py) each draft forward hands it the
     router's picks layer by layer, and the cache loads them while drafting goes on, into slots outside
-    the draft set (prefetch never evicts it). Experts prefetched join the substitution set of later
-    draft forwards: they are the router's own picks (a draft forward may wait for one still landing).
+    the draft set (prefetch never evicts it). Experts prefetched join the substitution set from the
+    next proposal on: they are the router's own picks, and by then they have landed.
     "Cached" counts slots whose load is in flight, so what is drafted never depends on I/O timing.
     """
 
@@ -142,10 +142,23 @@ class SelfDrafter(DraftModelDrafter):
         self._maps[layer] = allowed[d.argmin(dim=1)]              # allowed experts map to themselves
         self._over[layer] = allowed
 
+    def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
+        self._snap = None                       # taken by the first draft forward of this proposal
+        return super().propose(key, context, k, params, generator)
+
     def plan(self):
         from ..models.decoder import ForwardPlan
+        first = getattr(self, "_snap", None) is None
+        if first:
+            self._snap = {}
         for layer in self.dist:
             cached = self.model.experts.cached(layer)
+            if first:
+                self._snap[layer] = cached
+            elif self.prefetcher is not None:
+                # Experts prefetched during this proposal join the set from the next one: by then they
+                # have landed, so a draft forward does not wait on its own prefetches.
+                cached = cached[torch.isin(cached, self._snap[layer])]
             base = self.sets[layer]
             gone = ~torch.isin(base, cached)
             if gone.any() and cached.numel():   # evicted since the last verification (e.g. by a prefill)
