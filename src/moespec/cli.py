@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .perf.cli import add_plan_parser
     add_bench_parser(sub, _model_args, _offload_args, _spec_args)
     add_plan_parser(sub, _model_args)
+    from .calibrate.cli import add_calibrate_parser
+    add_calibrate_parser(sub)
     return ap
 
 
@@ -220,7 +222,8 @@ def cmd_inspect(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan}.get(a.command, _bench)(a)
+        {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan,
+         "calibrate": _calibrate}.get(a.command, _bench)(a)
     except MoespecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -230,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def _calibrate(a) -> None:
+    from .calibrate.cli import run_calibrate
+    run_calibrate(a)
 
 
 def _plan(a) -> None:

@@ -1,0 +1,77 @@
+"""`moespec calibrate`: the O_DIRECT reader, a quick calibration usable by `moespec plan`, clear errors, and the
+predicted-vs-measured validation (tiny runs; accuracy targets are checked by benchmarks, not here)."""
+import hashlib
+import json
+import math
+import os
+
+from moespec.calibrate.measure import read_direct, read_latency
+from moespec.calibrate.validate import validate
+from moespec.cli import main
+from moespec.perf.hardware import PROFILES, Hardware
+
+
+def _write(path, nbytes, seed=0):
+    data = hashlib.shake_256(str(seed).encode()).digest(nbytes)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_direct_reader_reads_back_every_byte(tmp_path):
+    f = tmp_path / "blob.bin"
+    digest = _write(f, 3 * 2**20 + 12345)           # not a multiple of the chunk nor of the 4 KiB block
+    for direct in (True, False):
+        h = hashlib.sha256()
+        r = read_direct(f, chunk=2**20, direct=direct, hasher=h)
+        assert h.hexdigest() == digest and r.nbytes == f.stat().st_size
+        assert r.seconds > 0 and r.gbs > 0
+        if not direct:
+            assert not r.direct
+    assert 0 < read_latency(f, f.stat().st_size, reads=8) < 1.0
+
+
+def test_quick_calibration_feeds_plan(tmp_path, capsys):
+    out = tmp_path / "hw.json"
+    assert main(["calibrate", "--quick", "--output", str(out), "--offload-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    hw = Hardware.from_json(out)
+    assert hw.name.startswith("calibrated: ") and hw.slow_kind == "ssd"
+    assert hw.mem_eff == hw.flops_eff == hw.slow_eff == 1.0
+    for v in (hw.mem_bw_gbs, hw.peak_fp32_tflops, hw.peak_bf16_tflops, hw.slow_bw_gbs, hw.slow_latency_s,
+              hw.fast_mem_bytes):
+        assert math.isfinite(v) and v > 0
+    assert hw.layer_overhead_s >= 0 and len(hw.sources) >= 5
+    assert report["path"] == str(out) and report["profile"]["name"] == hw.name
+    assert [p.name for p in tmp_path.iterdir()] == ["hw.json"]        # the SSD test file is gone
+    assert main(["plan", "--hardware", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["hardware"]["name"] == hw.name and plan["plain"]["tpot_s"] > 0
+
+
+def test_clear_errors_before_measuring(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "hw.json"                # parent is a regular file: cannot be created
+    assert main(["calibrate", "--quick", "--output", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the hardware profile to {bad}") and "Traceback" not in err
+    assert main(["calibrate", "--quick", "--output", str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["calibrate", "--quick", "--output", str(tmp_path / "hw.json"), "--offload-dir", str(missing)]) == 2
+    assert f"offload folder {missing} does not exist" in capsys.readouterr().err
+    assert main(["calibrate", "--hardware", "this-machine"]) == 2
+    assert "only applies with --validate" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hw.json")
+
+
+def test_validation_points(capsys):
+    v = validate(PROFILES["this-machine"], batches=(1, 2), new_tokens=6, repetitions=1, warmup=0, forwards=4)
+    assert [p["batch"] for p in v["points"]] == [1, 2]
+    for p in v["points"]:
+        assert p["predicted_s"] > 0 and p["measured_s"] > 0 and math.isfinite(p["rel_error"])
+        assert p["rel_error"] == (p["predicted_s"] - p["measured_s"]) / p["measured_s"]
+        assert p["forward_s"] > 0 and p["host_s"] == p["measured_s"] - p["forward_s"]
+        assert 1 <= p["measured_experts_per_layer"] <= 2 * p["batch"]           # top-2 routing
+    assert math.isfinite(v["mape"]) and v["mape"] == sum(abs(p["rel_error"]) for p in v["points"]) / 2
+    assert main(["calibrate", "--validate", "--hardware", "this-machine", "--batch-size", "0"]) == 2
+    assert "--batch-size and --repetitions must be at least 1" in capsys.readouterr().err
