@@ -62,6 +62,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-len", default=_env("draft_len", None),
                    help="draft tokens per step (4), or auto: the controller picks k each step and decodes plainly "
                         "while speculation would lose")
+    g.add_argument("--tree", default=_env("tree"), metavar="SHAPE",
+                   help="draft a static tree instead of a chain: branching factors per depth, e.g. 2,2,1,1 = 2 "
+                        "candidates at depth 1, 2 below each, then one (14 nodes, at most 64); the draft length "
+                        "is its depth. ngram branches at the root only")
     g.add_argument("--speculative-config", default=_env("speculative_config"),
                    help='vLLM-style JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     b = p.add_argument_group("verification expert budget (LOSSY: outputs may differ from plain decoding)")
@@ -88,6 +92,13 @@ def spec_config(a):
     from .config import SpecConfig
     budget = {k: v for k, v in (("verify_budget", a.verify_budget), ("verify_budget_mass", a.verify_budget_mass),
                                 ("budget_mode", a.budget_mode), ("budget_decay", a.budget_decay)) if v is not None}
+    tree = getattr(a, "tree", None)
+    if tree is not None:
+        from .spec.tree import parse_shape
+        try:
+            tree = parse_shape(tree, "--tree")
+        except ValueError as e:
+            raise MoespecError(str(e)) from None
     if a.speculative_config:
         try:
             d = json.loads(a.speculative_config)
@@ -95,10 +106,12 @@ def spec_config(a):
             raise MoespecError(f"--speculative-config is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise MoespecError("--speculative-config must be a JSON object")
-        cfg = SpecConfig.from_dict({**d, **budget})
+        cfg = SpecConfig.from_dict({**d, **budget, **({"tree": tree} if tree is not None else {})})
     elif a.spec == "none":
         if a.draft_len is not None:
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
+        if tree is not None:
+            raise MoespecError("--tree needs a drafter: add --spec ngram, self or draft_model")
         if budget:
             flag = "--" + next(iter(budget)).replace("_", "-")
             raise MoespecError(f"{flag} needs speculative decoding (it limits the experts of verification): "
@@ -107,8 +120,10 @@ def spec_config(a):
     else:
         if a.draft_len is not None and a.draft_len != "auto" and not str(a.draft_len).isdigit():
             raise MoespecError(f"--draft-len must be a positive integer or auto, got {a.draft_len!r}")
+        if tree is not None and a.draft_len is not None:
+            raise MoespecError("--draft-len and --tree both set the draft length: a tree's depth is its draft length")
         cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
-                         draft_experts=a.draft_experts, **budget).validate()
+                         draft_experts=a.draft_experts, tree=tree, **budget).validate()
     if cfg.budget() is not None:
         print(LOSSY_NOTE, file=sys.stderr)
     return cfg

@@ -236,6 +236,9 @@ class SpecConfig:
         the smallest set reaching that probability mass; None (default) = lossless. At most one of the two.
     budget_mode: "substitute" (re-pick a token's top-K inside the kept set) or "truncate" (drop its choices
         outside it). budget_decay: a draft token at depth d weighs budget_decay**d in the expert scores.
+    tree: a static draft tree, branching factors per depth ([2, 2, 1, 1] or "2,2,1,1": 2 children at depth
+        1, each with 2 at depth 2, then one each; at most 64 nodes; spec/tree.py); the draft length is then
+        the tree's depth. None (default): chains.
     """
     method: str = "ngram"
     num_speculative_tokens: int | str = 4
@@ -248,13 +251,14 @@ class SpecConfig:
     verify_budget_mass: float | None = None  # lossy: router probability mass kept per MoE layer, in (0, 1]
     budget_mode: str = "substitute"
     budget_decay: float = 1.0
+    tree: list[int] | str | None = None     # static draft tree shape; validate() makes it a list
 
     METHODS = ("ngram", "draft_model", "self")
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
         known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
-                 "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay"}
+                 "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -276,6 +280,16 @@ class SpecConfig:
         m = self.max_speculative_tokens
         if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 64:
             raise MoespecError(f"max_speculative_tokens={m!r} must be an integer in [1, 64]")
+        if self.tree is not None:
+            from .spec.tree import parse_shape
+            try:
+                self.tree = parse_shape(self.tree, "tree")
+            except ValueError as e:
+                raise MoespecError(str(e)) from None
+            if k == "auto":
+                raise MoespecError("tree and num_speculative_tokens 'auto' cannot be combined: a tree's depth is "
+                                   "its draft length")
+            self.num_speculative_tokens = len(self.tree)
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise MoespecError("prompt_lookup_min must be >= 1 and <= prompt_lookup_max, got "
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")

@@ -57,6 +57,8 @@ class LLM:
         self.eos_token_ids = set(eos)
         self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
+        if self.drafter is not None and self.spec.tree is not None:
+            self.drafter.tree = list(self.spec.tree)     # static draft trees (spec/tree.py)
 
     def _drafter(self, dtype: str, device: str):
         if self.spec is None:
@@ -220,6 +222,8 @@ class LLM:
                           "draft_len": self.spec.num_speculative_tokens,
                           "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
                           if spec["verify_layers"] else 0.0})
+            if self.spec.tree is not None:           # tree drafts: draft_tokens counts depths, draft_nodes nodes
+                stats.update({"tree": list(self.spec.tree), "draft_nodes": spec["draft_nodes"]})
             if "controller" in spec:                 # draft length "auto": what the controller saw and chose
                 stats.update({"plain_steps": spec["plain_steps"], "controller": spec["controller"]})
         text = s.text if s.detok is not None else ""

@@ -13,6 +13,7 @@ import torch
 from .models.decoder import DecoderLM
 from .sampling import SamplingParams, make_generator, sample
 from .spec.step import speculative_step
+from .spec.tree import shape_nodes
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -65,7 +66,9 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     B = len(seqs)
     gens = [make_generator(s.params.seed) for s in seqs]
     lens = [len(s.prompt_ids) for s in seqs]
-    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + draft_len + 1)
+    tree = getattr(drafter, "tree", None)       # a static draft tree writes all its nodes in one verification
+    slack = max(draft_len, shape_nodes(tree)) if tree else draft_len
+    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + slack + 1)
     t0 = time.perf_counter()
     # Ragged prefill: right-pad; each row's logits come from its own last prompt token.
     tokens = torch.zeros(B, max(lens), dtype=torch.long)
@@ -79,7 +82,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
                                                "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0,
-                                               "plain_steps": 0}
+                                               "plain_steps": 0, "draft_nodes": 0}
     steps = 0
     while True:
         now = time.perf_counter()

@@ -47,10 +47,13 @@ class KVCache:
             self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer, :, :, :hi + t], self.v[layer, :, :, :hi + t]
 
-    def mask(self, t: int, tree: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor | None:
+    def mask(self, t: int, tree: torch.Tensor | None = None, window: int | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor | None:
         """Visibility [B, 1, T, L] (True = attend) for T new tokens, or None when plain causal needs none.
 
-        tree [T, T] bool: which new tokens each new token sees (itself included); None = causal.
+        tree [T, T] or [B, T, T] (one per row) bool: which new tokens each new token sees (itself
+        included); None = causal. positions [B, T]: the new tokens' positions, for the sliding window
+        (default committed length + 0..T-1; a tree's are its depths).
         """
         lo, hi = min(self.lens), max(self.lens)
         if tree is None and window is None and lo == hi and t == 1:
@@ -60,12 +63,20 @@ class KVCache:
         rel = torch.arange(L, device=dev)[None, :] - self.lens_tensor()[:, None]        # [B, L]
         new = torch.tril(torch.ones(t, t, dtype=torch.bool, device=dev)) if tree is None else tree.to(dev)
         in_new = (rel >= 0) & (rel < t)
-        vis_new = new[:, rel.clamp(0, t - 1)].permute(1, 0, 2) & in_new[:, None, :]      # [B, T, L]
+        relc = rel.clamp(0, t - 1)
+        if new.dim() == 3:                                                               # per-row trees
+            vis_new = torch.gather(new, 2, relc[:, None, :].expand(-1, t, -1))
+        else:
+            vis_new = new[:, relc].permute(1, 0, 2)                                        # [B, T, L]
+        vis_new = vis_new & in_new[:, None, :]
         vis = (rel < 0)[:, None, :] | vis_new
         if window is not None:
-            qpos = self.lens_tensor()[:, None] + torch.arange(t, device=dev)[None, :]     # [B, T]
-            kpos = torch.arange(L, device=dev)
-            vis = vis & (qpos[:, :, None] - kpos[None, None, :] < window)
+            qpos = self.lens_tensor()[:, None] + torch.arange(t, device=dev)[None, :] if positions is None \
+                else positions.to(dev)                                                     # [B, T]
+            kpos = torch.arange(L, device=dev).expand(self.batch, -1)                      # [B, L]
+            if positions is not None:          # new tokens sit at their own positions (a tree's depths)
+                kpos = torch.where(in_new, torch.gather(qpos, 1, relc), kpos)
+            vis = vis & (qpos[:, :, None] - kpos[:, None, :] < window)
         return vis[:, None]
 
     def advance(self, n: int | list[int]) -> None:

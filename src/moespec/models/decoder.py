@@ -92,16 +92,17 @@ class DecoderLM:
         """tokens [B, T] are written after each row's committed KV (not committed: see KVCache.advance).
 
         positions [B, T]: rope positions (default: committed length + 0..T-1; trees pass depths).
-        tree [T, T] bool: visibility among the new tokens (default causal).
+        tree [T, T] bool, or [B, T, T] one per row: visibility among the new tokens (default causal).
         logits_at [B, n]: which of the T positions get logits (default all).
         """
         c = self.cfg
         B, T = tokens.shape
         kv.check_room(T)
+        given = positions
         if positions is None:
             positions = kv.lens_tensor()[:, None] + torch.arange(T, device=self.device)[None, :]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, hd]
-        mask = kv.mask(T, tree, c.sliding_window)
+        mask = kv.mask(T, tree, c.sliding_window, given)
         record = [] if plan is not None and plan.record_routing else None
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
         kept = [] if budget is not None else None

@@ -1,4 +1,5 @@
-"""Drafters: propose(key, context, k, params, generator) -> Draft (a chain of up to k tokens).
+"""Drafters: propose(key, context, k, params, generator) -> Draft (a chain of up to k tokens, or a tree of
+depth up to k when the drafter has a static tree shape `tree`, spec/tree.py).
 
 `key` identifies the sequence (a drafter with state, such as a draft model's KV cache, keeps one
 state per key); `context` is everything the sequence holds so far, ending with the pending token.
@@ -10,12 +11,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplingParams, target_probs
+from .tree import ancestor_mask, depths
 
 
 @dataclass
 class Draft:
     tokens: list[int]
     q: torch.Tensor | None = None      # [len(tokens), V] draft distributions; None = deterministic drafter
+    # Tree drafts: parents[i] is node i's parent (-1: the pending token), parents[i] < i; q[i] is the
+    # distribution node i was drawn from (siblings i.i.d. from it). None = a chain (parents i - 1).
+    parents: list[int] | None = None
 
 
 @dataclass
@@ -26,12 +31,49 @@ class NgramDrafter:
 
     >>> NgramDrafter(2, 1).lookup([1, 2, 3, 9, 1, 2], 3)
     [3, 9, 1]
+
+    With a tree shape whose root branches (b > 1), up to b continuations with distinct first tokens, from
+    different earlier matches, become chains below the root (the first is the chain `lookup` gives);
+    a single continuation stays a chain.
     """
     n_max: int = 3
     n_min: int = 1
+    tree: list[int] | None = None       # static tree shape (spec/tree.py); only its root branching is used
 
     def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
-        return Draft(self.lookup(context, k))
+        if self.tree is None or self.tree[0] < 2:
+            return Draft(self.lookup(context, k))
+        conts = self.lookup_many(context, k, self.tree[0])
+        if len(conts) < 2:
+            return Draft(conts[0] if conts else [])
+        tokens, parents = [], []
+        for c in conts:
+            for j, t in enumerate(c):
+                parents.append(-1 if j == 0 else len(tokens) - 1)
+                tokens.append(t)
+        return Draft(tokens, None, parents)
+
+    def lookup_many(self, context: list[int], k: int, b: int) -> list[list[int]]:
+        """Up to b continuations (of up to k tokens) with distinct first tokens: `lookup`'s first, then
+        the latest match for each other first token, longest n-grams first.
+
+        >>> NgramDrafter(2, 1).lookup_many([1, 2, 3, 1, 2, 4, 5, 1, 2], 2, 3)
+        [[4, 5], [3, 1]]
+        """
+        first = self.lookup(context, k)
+        if not first:
+            return []
+        out, seen = [first], {first[0]}
+        L = len(context)
+        for n in range(min(self.n_max, L - 1), self.n_min - 1, -1):
+            tail = context[L - n:]
+            for start in range(L - n - 1, -1, -1):      # latest match first
+                if len(out) >= b:
+                    return out
+                if context[start:start + n] == tail and context[start + n] not in seen:
+                    seen.add(context[start + n])
+                    out.append(context[start + n:start + n + k])
+        return out
 
     def lookup(self, context: list[int], k: int) -> list[int]:
         L = len(context)
@@ -60,10 +102,18 @@ class DraftModelDrafter:
     prefix it shares with the context (the accepted tokens), and the rest of the context is fed in.
     Greedy requests draft greedily; sampled ones draw from the draft's distribution under the same
     temperature / top-k / top-p and return it as q for the rejection rule.
+
+    With a static tree shape `tree` (spec/tree.py) a node with branching b gets the b most likely tokens
+    (greedy requests) or b i.i.d. samples from q (sampled ones: the multi-candidate rejection rule of
+    `verify.tree_accept` is exact for these). The tree grows one depth per draft forward: a forward over
+    every node so far under the tree's ancestor mask, not committed, so the draft KV ends at the context
+    and the next call re-feeds what was accepted.
     """
     model: object                       # a DecoderLM
     capacity: int = 4096
     _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
+    tree: list[int] | None = None                # static tree shape (branching per depth); None = chains
+    _frontier = 1                                # rows of the running draft forward that are new nodes
 
     def plan(self):
         """The ForwardPlan for each draft forward (None: the draft model as it is)."""
@@ -82,6 +132,9 @@ class DraftModelDrafter:
         logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]]),
                                     plan=self.plan()).logits[0, 0]
         kv.advance(len(feed))
+        if self.tree is not None and any(b > 1 for b in self.tree[:k]):
+            self._state[key] = (kv, list(context))
+            return self._propose_tree(kv, logits, self.tree[:k], params, generator)
         tokens, qs, fed = [], [], []
         for i in range(k):
             if kv.lens[0] + 1 >= self.capacity:
@@ -100,6 +153,43 @@ class DraftModelDrafter:
         # The cache holds the context and the drafts fed back; the next call rolls back what was rejected.
         self._state[key] = (kv, context + fed)
         return Draft(tokens, torch.stack(qs) if qs else None)
+
+    def _propose_tree(self, kv, logits: torch.Tensor, shape: list[int], params: SamplingParams,
+                      generator) -> Draft:
+        """Grow the static tree `shape` from the root's draft logits, one draft forward per depth but the
+        last (leaves need no logits). The draft KV stays at the context: each forward writes every node
+        so far after it, uncommitted, under the ancestor mask, at positions context + depth - 1."""
+        parents: list[int] = []
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        base = kv.lens[0]                  # the context, ending with the pending token at base - 1
+        frontier = [(-1, logits)]
+        for d, b in enumerate(shape):
+            new = []
+            for node, lg in frontier:
+                if params.is_greedy:       # the argmax first (ties as in greedy decoding), then the runners-up
+                    top = int(lg.argmax())
+                    ranked = torch.topk(lg, min(b + 1, lg.numel())).indices.tolist()
+                    picks = [top] + [t for t in ranked if t != top][:b - 1]
+                else:
+                    q = target_probs(lg, params.temperature, params.top_k, params.top_p)
+                    picks = torch.multinomial(q, b, replacement=True, generator=generator).tolist()
+                    qs.extend([q] * len(picks))
+                for t in picks:
+                    parents.append(node)
+                    tokens.append(t)
+                    new.append(len(tokens) - 1)
+            if d + 1 == len(shape) or base + len(tokens) > self.capacity:
+                break
+            pos = torch.tensor([[base - 1 + x for x in depths(parents)]])
+            self._frontier = len(new)
+            try:
+                out = self.model.forward(torch.tensor([tokens]), kv, positions=pos, tree=ancestor_mask(parents),
+                                         logits_at=torch.tensor([new]), plan=self.plan())
+            finally:
+                self._frontier = 1
+            frontier = list(zip(new, out.logits[0]))
+        return Draft(tokens, torch.stack(qs) if qs else None, parents)
 
     def forget(self, key) -> None:
         self._state.pop(key, None)
@@ -171,7 +261,9 @@ class SelfDrafter(DraftModelDrafter):
         return ForwardPlan(expert_map=self._maps, after_moe=self._after_moe if self.prefetcher else None)
 
     def _after_moe(self, layer: int, routed: torch.Tensor) -> None:
-        self.prefetcher.observe(layer, routed[-1].tolist(), self.sets[layer])   # last row: the new token
+        # The newest rows: the token being drafted, or a tree depth's new nodes (their picks rank by rank).
+        picks = routed[-self._frontier:].T.reshape(-1).tolist()
+        self.prefetcher.observe(layer, picks, self.sets[layer])
 
     def observe_verification(self, routing: list[torch.Tensor], keep: torch.Tensor) -> None:
         """routing: per MoE layer the ids [R*width, K] the verification routed; keep [R*width] bool marks

@@ -7,7 +7,8 @@ import torch
 
 from ..models.decoder import ForwardPlan
 from ..sampling import SamplingParams, target_probs
-from .verify import chain_accept, greedy_accept
+from .tree import chain_parents, depths, pack
+from .verify import chain_accept, greedy_accept, tree_accept, tree_greedy_accept
 
 
 def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: torch.Tensor,
@@ -19,6 +20,11 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     Writes [pending, drafts] after each row's committed KV in one forward, accepts per row, and commits
     pending + accepted drafts; rows may accept different lengths. Returns per row the new tokens to emit
     (accepted drafts + one target token) and the new pending tokens [R].
+
+    Tree drafts (Draft.parents, spec/tree.py): when any row's draft is a tree, the forward runs over
+    [pending, nodes] with each row's ancestor mask and positions committed length + depth; the accepted
+    root path's entries are compacted behind the committed KV (`KVCache.keep`). Stats count along depth:
+    "drafted" adds each draft's depth, "accepted" the path length; "draft_nodes" adds its nodes.
     """
     prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec/prefetch.py)
     if prefetch is not None:
@@ -32,15 +38,21 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     tokens[:, 0] = pending
     for r, d in enumerate(drafts):
         tokens[r, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+    trees = any(prop.parents is not None for prop in proposals)
+    parents = [prop.parents if prop.parents is not None else chain_parents(len(prop.tokens)) for prop in proposals]
+    # depth [R, width]: the pending token 0, a node its depth in its tree (a chain's j-th token: j),
+    # padding past a short draft -1; vis [R, width, width]: each row's ancestor mask (trees only).
+    vis, depth = pack(parents, width)
     observe = getattr(drafter, "observe_verification", None)
     plan = ForwardPlan(record_routing=True)
     if budget is not None:     # lossy: hold each MoE layer to the verify budget (spec/budget.py)
-        # depth [R*width]: token j of a row's [pending, drafts] is at depth j; padding past a short draft
-        # gets -1, so it is routed inside the kept set but does not vote for experts.
-        depth = torch.arange(width).repeat(len(drafts), 1)
-        depth[depth > torch.tensor([len(d) for d in drafts])[:, None]] = -1
+        # Padding (depth -1) is routed inside the kept set but does not vote for experts.
         plan.budget, plan.depth = budget, depth.reshape(-1)
-    out = model.forward(tokens, kv, plan=plan)
+    if trees:
+        out = model.forward(tokens, kv, positions=kv.lens_tensor()[:, None] + torch.where(depth < 0, 1, depth),
+                            tree=vis, plan=plan)
+    else:
+        out = model.forward(tokens, kv, plan=plan)
     logits = out.logits                                            # [R, width, V]
     stats["draft_s"] += t1 - t0
     stats["verify_s"] += time.perf_counter() - t1
@@ -50,23 +62,41 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     stats["verify_layers"] += len(out.routing)
     if prefetch is not None:
         prefetch.end_step(out.routing, t1 - t0)
-    emitted, nxt, commit = [], [], []
+    emitted, nxt, paths = [], [], []
     for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
-        if p.is_greedy:
-            n, tok = greedy_accept(d, rows.argmax(-1).tolist())
+        if prop.parents is None:           # a chain
+            if p.is_greedy:
+                n, tok = greedy_accept(d, rows.argmax(-1).tolist())
+            else:
+                n, tok = chain_accept(d, prop.q, target_probs(rows, p.temperature, p.top_k, p.top_p), gens[r])
+            path = list(range(n))
+        elif p.is_greedy:
+            path, tok = tree_greedy_accept(prop.parents, d, rows.argmax(-1).tolist())
         else:
-            n, tok = chain_accept(d, prop.q, target_probs(rows, p.temperature, p.top_k, p.top_p), gens[r])
-        emitted.append(d[:n] + [tok])
+            path, tok = tree_accept(prop.parents, d, prop.q, target_probs(rows, p.temperature, p.top_k, p.top_p),
+                                    gens[r])
+        emitted.append([d[i] for i in path] + [tok])
         nxt.append(tok)
-        commit.append(1 + n)
-        stats["drafted"] += len(d)
-        stats["accepted"] += n
-        for pos in range(n):
+        paths.append(path)
+        stats["drafted"] += max(depths(parents[r]), default=0)
+        stats["draft_nodes"] = stats.get("draft_nodes", 0) + len(d)
+        stats["accepted"] += len(path)
+        for pos in range(len(path)):
             stats["accepted_per_pos"][pos] = stats["accepted_per_pos"].get(pos, 0) + 1
-    kv.advance(commit)
+    # Commit the pending token and the accepted path: a chain's is a prefix of what the forward wrote,
+    # a tree's is compacted (its nodes are scattered among the written entries).
+    keep = torch.zeros(len(drafts), width, dtype=torch.bool)
+    keep[:, 0] = True
+    for r, path in enumerate(paths):
+        keep[r, [1 + i for i in path]] = True
+    if trees:
+        for r, path in enumerate(paths):
+            base = kv.lens[r]
+            kv.keep(r, [base] + [base + 1 + i for i in path])
+    else:
+        kv.advance([1 + len(path) for path in paths])
     if observe is not None:                # self-drafting: refresh the draft experts from what was verified
-        keep = torch.arange(width)[None, :] < torch.tensor(commit)[:, None]
         observe(out.routing, keep.reshape(-1))
     stats["steps"] += 1
     stats["row_steps"] += len(drafts)

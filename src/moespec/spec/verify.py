@@ -46,3 +46,60 @@ def chain_accept(draft: list[int], q: torch.Tensor | None, p: torch.Tensor,
             residual, total = p[i], p[i].sum()
         return i, int(torch.multinomial(residual / total, 1, generator=generator))
     return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=generator))
+
+
+def tree_greedy_accept(parents: list[int], tokens: list[int], target: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance over a draft tree (spec/tree.py): from the root, step to the first child whose
+    token is the target's argmax at the current node; stop where no child matches.
+
+    target[0] is the argmax after the pending token (the root), target[i + 1] the argmax after node i.
+    Returns (accepted path: node indices from the root down, next token = the argmax where it stopped),
+    which is exactly plain greedy decoding.
+    >>> tree_greedy_accept([-1, -1, 0, 1], [5, 6, 7, 8], [6, 0, 8, 0, 3])
+    ([1, 3], 3)
+    """
+    path, node = [], -1
+    while True:
+        want = target[node + 1]
+        nxt = next((i for i, p in enumerate(parents) if p == node and tokens[i] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        node = nxt
+
+
+def tree_accept(parents: list[int], tokens: list[int], q: torch.Tensor | None, p: torch.Tensor,
+                generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Speculative sampling over a draft tree (multi-candidate rejection, SpecInfer / Miao et al.).
+
+    q [N, V]: q[i] is the draft distribution node i was drawn from (siblings drawn i.i.d. from their
+    parent's q); None: a deterministic drafter (one-hot q; siblings should be distinct tokens).
+    p [N + 1, V]: the target's distribution at the root (p[0]) and after each node (p[i + 1]).
+    At a node with residual target r (starting as its p), try its children in order: accept child x with
+    probability min(1, r(x) / q(x)); if rejected, r <- norm(max(r - q, 0)) and try the next child. A
+    child accepted becomes the node; when every child is rejected (or there are none) the token is drawn
+    from r. The emitted tokens are distributed exactly as the target's. With a chain this is
+    `chain_accept`, consuming the same random numbers.
+    Returns (accepted path: node indices from the root down, the recovered or bonus token).
+    """
+    path, node = [], -1
+    r = p[0]
+    while True:
+        moved = False
+        for i in (j for j, par in enumerate(parents) if par == node):
+            x = tokens[i]
+            qx = 1.0 if q is None else float(q[i, x])
+            if qx > 0 and float(torch.rand((), generator=generator)) < min(1.0, float(r[x]) / qx):
+                path.append(i)
+                node, r, moved = i, p[i + 1], True
+                break
+            if q is None:
+                residual = r.clone()
+                residual[x] = 0.0
+            else:
+                residual = (r - q[i]).clamp_min(0.0)
+            total = residual.sum()
+            if total > 0:       # else r == q: rejection had probability 0; numerically, keep r
+                r = residual / total
+        if not moved:
+            return path, int(torch.multinomial(r, 1, generator=generator))
