@@ -228,7 +228,8 @@ class SpecConfig:
         "self" (the target drafts with `draft_experts` experts per layer: the resident ones when offloading).
     num_speculative_tokens: draft length k per step, or "auto": the online controller (perf/controller.py)
         picks k in 1..max_speculative_tokens each step from measured acceptance and step costs, and
-        switches to plain decoding while speculation would lose. Greedy output is identical either way;
+        switches to plain decoding while speculation would lose (one controller per batch size, kept
+        across requests of an LLM). Greedy output is identical either way;
         seeded sampling is reproducible run to run only with a fixed k (auto's choices follow timings).
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
     verify_budget / verify_budget_mass: LOSSY verification expert budget (MoE-Spec, spec/budget.py): each MoE

@@ -57,6 +57,7 @@ class LLM:
         self.eos_token_ids = set(eos)
         self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
+        self._controllers: dict[int, SpecController] = {}     # batch size -> controller (draft length "auto")
         if self.drafter is not None and self.spec.tree is not None:
             self.drafter.tree = list(self.spec.tree)     # static draft trees (spec/tree.py)
 
@@ -147,9 +148,12 @@ class LLM:
         """
         seqs = self._sequences(prompts, sampling_params)
         before = self.expert_stats() if self.offload is not None else None
-        # "auto" draft length: a fresh controller per call (its costs depend on the batch it runs).
-        controller = SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)) \
-            if self.spec is not None and self.spec.adaptive else None
+        # "auto" draft length: one controller per batch size, kept across calls (step costs depend on the
+        # batch; what it learned about acceptance and costs carries over to the next request).
+        controller = None
+        if self.spec is not None and self.spec.adaptive:
+            controller = self._controllers.setdefault(
+                len(seqs), SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)))
         timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
                           budget=self.budget, controller=controller)
         if controller is not None:
