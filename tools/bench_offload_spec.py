@@ -37,9 +37,22 @@ def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:
            "self-k-auto": (dict(off, prefetch="none"), dict(spec, num_speculative_tokens="auto")),
            "ngram": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=a.draft_len)),
            "ngram-k-auto": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens="auto"))}
-    cuts = range(0, n_moe + 1) if a.cutoffs == "all" else [int(c) for c in a.cutoffs.split(",") if c]
+    for k in (1, 2, 8):                     # fixed draft lengths the controller is compared with
+        out[f"ngram-k{k}"] = (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=k))
+    if a.draft_model:
+        dm = dict(method="draft_model", model=a.draft_model)
+        out["draft-model"] = (dict(off, prefetch="none"), dict(dm, num_speculative_tokens=a.draft_len))
+        out["draft-model-k-auto"] = (dict(off, prefetch="none"), dict(dm, num_speculative_tokens="auto"))
+    if a.expert_cache == "none":             # every expert resident: no prefetch or offload rows
+        out = {k: v for k, v in out.items() if "prefetch" not in k and k not in ("plain-next-layer", "self-draft-set")}
+    cuts = [] if a.expert_cache == "none" else \
+        (range(0, n_moe + 1) if a.cutoffs == "all" else [int(c) for c in a.cutoffs.split(",") if c])
     for c in cuts:
         out[f"self-prefetch-L{c}"] = (dict(off, prefetch="draft", prefetch_cutoff=c), half)
+    if a.expert_cache == "none":
+        for b in a.budgets:
+            out[f"self-B{b}"] = (off, dict(spec, verify_budget=b))
+        return out
     out["self-prefetch-auto"] = (dict(off, prefetch="draft", prefetch_cutoff="auto"), half)
     for b in a.budgets:
         out[f"self-prefetch-auto-B{b}"] = (dict(off, prefetch="draft", prefetch_cutoff="auto"),
@@ -77,10 +90,11 @@ def agreement(ref: list[int], got: list[int]) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None)
-    ap.add_argument("--expert-cache", default="25%")
+    ap.add_argument("--expert-cache", default="25%", help="slots per layer, or none (every expert resident)")
     ap.add_argument("--offload", default="disk")
     ap.add_argument("--offload-dir", default=str(Path(tempfile.gettempdir()) / "moespec-bench-experts"))
     ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--draft-model", default=None, help="also run this draft model (fixed k and auto)")
     ap.add_argument("--draft-experts", type=int, default=None, help="draft set of the prefetch modes (default S/2)")
     ap.add_argument("--cutoffs", default="all", help="'all' or a comma list of MoE-layer cutoffs")
     ap.add_argument("--budgets", type=int, nargs="*", default=[])
@@ -93,8 +107,10 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="PNG of TPOT against the prefetch cutoff")
     a = ap.parse_args()
 
-    probe = LLM(a.model, offload=OffloadConfig(expert_cache=a.expert_cache, offload="ram"))
-    n_moe, slots = len(probe.config.moe_layer_ids), probe.model.experts.S
+    resident = a.expert_cache == "none"
+    probe = LLM(a.model, offload=None if resident else OffloadConfig(expert_cache=a.expert_cache, offload="ram"))
+    n_moe = len(probe.config.moe_layer_ids)
+    slots = probe.config.num_experts if resident else probe.model.experts.S
     prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, probe.config.vocab_size, probe.tokenizer)
     probe.close()
     del probe
@@ -102,7 +118,8 @@ def main() -> None:
     if a.only:
         keep = a.only.split(",")
         todo = {k: v for k, v in todo.items() if k in keep or k == "plain"}
-    llms = {name: LLM(a.model, offload=OffloadConfig(**off), speculative=SpecConfig(**spec) if spec else None)
+    llms = {name: LLM(a.model, offload=None if resident else OffloadConfig(**off),
+                      speculative=SpecConfig(**spec) if spec else None)
             for name, (off, spec) in todo.items()}
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=0, ignore_eos=True)
     for llm in llms.values():                  # warm-up: builds the pack file, fills caches, JIT paths

@@ -107,14 +107,17 @@ def peak_rss_bytes() -> int:
 
 
 def expert_delta(before: dict, after: dict, run: dict) -> dict:
-    """Expert-cache figures of one job's measured batches: hit rate, bytes read per generated token,
-    the share of decode time the compute waited on loads, and the loader's achieved read bandwidth."""
+    """Expert-cache figures of one job's measured batches: hit rate, bytes read per generated token
+    (prefill reads included), the share of generate time (TTFT + decode) the compute waited on loads,
+    and the loader's achieved read bandwidth."""
     d = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_read", "stall_s", "prefetch_issued",
                                            "prefetch_used", "prefetch_wasted", "evictions")}
     reps = run["ttft_s"]["n"]                  # measured batches (the snapshot is taken after the warm-up)
     tokens = max(1, run["batch"] * run["new_tokens"] * reps)
     seen = d["hits"] + d["misses"]
-    decode = (run["tpot_s"]["mean"] * (run["new_tokens"] - 1) * reps) if run.get("tpot_s") else 0.0
+    # stall happens in prefill too: share of the whole generate time (TTFT + decode) of the measured batches
+    decode = ((run["tpot_s"]["mean"] * (run["new_tokens"] - 1) if run.get("tpot_s") else 0.0)
+              + run["ttft_s"]["mean"]) * reps
     per = after.get("load_s_per_expert")
     return {**d, "hit_rate": d["hits"] / seen if seen else 0.0, "bytes_read_per_token": d["bytes_read"] / tokens,
             "stall_share": min(1.0, d["stall_s"] / decode) if decode else 0.0,
