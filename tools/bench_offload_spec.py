@@ -37,6 +37,11 @@ def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:
            "self-k-auto": (dict(off, prefetch="none"), dict(spec, num_speculative_tokens="auto")),
            "ngram": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=a.draft_len)),
            "ngram-k-auto": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens="auto"))}
+    K, L = a.model_top_k, a.model_layers
+    for name, extra in (("self-top1", dict(draft_top_k=1)), (f"self-L{L - 2}", dict(draft_layers=L - 2)),
+                        (f"self-top1-L{L - 2}", dict(draft_top_k=1, draft_layers=L - 2))):
+        if K > 1 or "top1" not in name:      # cheaper self drafts (fewer experts per token, fewer layers)
+            out[name] = (dict(off, prefetch="none"), dict(spec, **extra))
     for k in (1, 2, 8):                     # fixed draft lengths the controller is compared with
         out[f"ngram-k{k}"] = (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=k))
     if a.draft_model:
@@ -110,6 +115,7 @@ def main() -> None:
     resident = a.expert_cache == "none"
     probe = LLM(a.model, offload=None if resident else OffloadConfig(expert_cache=a.expert_cache, offload="ram"))
     n_moe = len(probe.config.moe_layer_ids)
+    a.model_top_k, a.model_layers = probe.config.top_k, probe.config.num_layers
     slots = probe.config.num_experts if resident else probe.model.experts.S
     prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, probe.config.vocab_size, probe.tokenizer)
     probe.close()

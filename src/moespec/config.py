@@ -248,6 +248,8 @@ class SpecConfig:
     prompt_lookup_min: int = 1
     model: str | None = None
     draft_experts: int | None = None        # self: experts per layer while drafting (default: resident / E/2)
+    draft_top_k: int | None = None          # self: experts per token while drafting (default: the model's K)
+    draft_layers: int | None = None         # self: draft with the first L decoder layers only (default: all)
     verify_budget: int | None = None        # lossy: experts per MoE layer per verification forward
     verify_budget_mass: float | None = None  # lossy: router probability mass kept per MoE layer, in (0, 1]
     budget_mode: str = "substitute"
@@ -259,7 +261,8 @@ class SpecConfig:
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
         known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
-                 "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree"}
+                 "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree",
+                 "draft_top_k", "draft_layers"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -269,8 +272,13 @@ class SpecConfig:
         if self.method not in self.METHODS:
             raise MoespecError(f"speculative method {self.method!r} is not available; choose one of: "
                                f"{', '.join(self.METHODS)}")
-        if self.draft_experts is not None and (not isinstance(self.draft_experts, int) or self.draft_experts < 1):
-            raise MoespecError(f"draft_experts={self.draft_experts!r} must be a positive integer")
+        for name in ("draft_experts", "draft_top_k", "draft_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise MoespecError(f"{name}={v!r} must be a positive integer")
+        if (self.draft_top_k or self.draft_layers) and self.method != "self":
+            raise MoespecError("draft_top_k and draft_layers shape the self drafter's forward: they need method "
+                               "'self' (--spec self)")
         if self.method == "draft_model" and not self.model:
             raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens

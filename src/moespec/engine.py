@@ -78,7 +78,14 @@ class LLM:
                 cut = self.offload.prefetch_cutoff
                 prefetch = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
                                          None if cut == "auto" else int(cut))
-            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128, prefetcher=prefetch)
+            c = self.config
+            if self.spec.draft_top_k is not None and self.spec.draft_top_k > c.top_k:
+                raise MoespecError(f"draft_top_k={self.spec.draft_top_k} exceeds the model's experts per token "
+                                   f"({c.top_k}); drafting with fewer is what makes it cheaper")
+            if self.spec.draft_layers is not None and self.spec.draft_layers > c.num_layers:
+                raise MoespecError(f"draft_layers={self.spec.draft_layers} exceeds the model's {c.num_layers} layers")
+            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128, prefetcher=prefetch,
+                               top_k=self.spec.draft_top_k, layers=self.spec.draft_layers)
         draft = load_model(self.spec.model, dtype, device)
         if draft.cfg.vocab_size != self.config.vocab_size:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "

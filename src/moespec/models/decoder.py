@@ -57,6 +57,10 @@ class ForwardPlan:
     # Called as after_moe(layer, routed_ids [B*T, K]) once a MoE layer has computed (its experts are no
     # longer needed by this forward): draft-guided prefetch queues the routed experts from here.
     after_moe: Callable[[int, torch.Tensor], None] | None = None
+    # Cheaper forwards for self-drafting: route each token to top_k experts instead of the model's K, and
+    # run only the first `layers` decoder layers (then the final norm and LM head). None = as the model.
+    top_k: int | None = None
+    layers: int | None = None
     # Verification expert budget (spec/budget.py, LOSSY): each MoE layer computes only a kept set of
     # experts; depth [B*T] long is each flattened token's draft depth (0 = pending, < 0 = padding).
     budget: VerifyBudget | None = None
@@ -107,7 +111,9 @@ class DecoderLM:
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
         kept = [] if budget is not None else None
         h = F.embedding(tokens, self.w.embed)                                      # [B, T, D]
-        for i, lw in enumerate(self.w.layers):
+        top_k = plan.top_k if plan is not None and plan.top_k else c.top_k
+        n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
+        for i, lw in enumerate(self.w.layers[:n_layers]):
             h = h + self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
             x = rms_norm(h, lw.ln2, c.rms_norm_eps)
             if lw.moe is not None:
@@ -115,7 +121,7 @@ class DecoderLM:
                 self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
                 emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
                 rec = record if record is not None or plan is None or plan.after_moe is None else []
-                y = moe_block(x2, lw.moe, i, self.experts, c.top_k, c.norm_topk_prob, rec, emap,
+                y = moe_block(x2, lw.moe, i, self.experts, top_k, c.norm_topk_prob, rec, emap,
                               budget, kept)
                 h = h + y.view(B, T, -1)
                 if plan is not None and plan.after_moe is not None:

@@ -212,11 +212,14 @@ class SelfDrafter(DraftModelDrafter):
     "Cached" counts slots whose load is in flight, so what is drafted never depends on I/O timing.
     """
 
-    def __init__(self, model, n_experts: int, capacity: int = 4096, prefetcher=None):
+    def __init__(self, model, n_experts: int, capacity: int = 4096, prefetcher=None,
+                 top_k: int | None = None, layers: int | None = None):
         super().__init__(model, capacity)
         E = model.cfg.num_experts
         self.n = max(1, min(n_experts, E))
         self.prefetcher = prefetcher
+        # Cheaper drafts (issue 5's variants): fewer experts per token, or only the first `layers` layers.
+        self.top_k, self.layers = top_k, layers
         self.dist = {i: expert_distances(model, i) for i in model.cfg.moe_layer_ids}
         # Start from the experts resident now (all of them when nothing is offloaded): the first N. An
         # offload cache that is still empty falls back to experts 0..N-1 (loaded once, then resident).
@@ -258,7 +261,8 @@ class SelfDrafter(DraftModelDrafter):
             allowed = torch.unique(torch.cat([base, cached])) if self.prefetcher is not None else base
             if not torch.equal(allowed, self._over[layer]):
                 self._remap(layer, allowed)
-        return ForwardPlan(expert_map=self._maps, after_moe=self._after_moe if self.prefetcher else None)
+        return ForwardPlan(expert_map=self._maps, after_moe=self._after_moe if self.prefetcher else None,
+                           top_k=self.top_k, layers=self.layers)
 
     def _after_moe(self, layer: int, routed: torch.Tensor) -> None:
         # The newest rows: the token being drafted, or a tree depth's new nodes (their picks rank by rank).

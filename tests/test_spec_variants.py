@@ -1,0 +1,78 @@
+"""Cheaper self-drafting variants: fewer experts per token and fewer layers while drafting."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import hf_models
+from moespec import LLM, MoespecError, SamplingParams
+
+PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(", "import re\nimport os\nimport"]
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("variants")
+    hf_models.build_text_model(d)          # qwen3_moe: 4 layers (MoE at 1 and 3), 8 experts, top-3
+    return d
+
+
+@pytest.fixture(scope="module")
+def plain(text_model):
+    return [o.token_ids for o in LLM(text_model).generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("top_k,layers", [(1, None), (None, 2), (2, 3)])
+def test_cheaper_self_drafts_stay_lossless(text_model, plain, top_k, layers):
+    llm = LLM(text_model, speculative={"method": "self", "num_speculative_tokens": 3, "draft_experts": 4,
+                                       "draft_top_k": top_k, "draft_layers": layers})
+    assert llm.drafter.top_k == top_k and llm.drafter.layers == layers
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == plain
+
+
+def test_full_variant_is_the_target_itself(text_model, plain):
+    # every expert, the model's own top-k and every layer: the draft is the target, acceptance is 100%
+    llm = LLM(text_model, speculative={"method": "self", "num_speculative_tokens": 4, "draft_experts": 8,
+                                       "draft_top_k": 3, "draft_layers": 4})
+    out = llm.generate(PROMPTS[0], GREEDY)[0]
+    assert out.token_ids == plain[0] and out.stats["acceptance_rate"] == 1.0
+
+
+def test_variant_plans_change_the_forward(text_model):
+    import torch
+    from moespec.models.decoder import ForwardPlan
+    m = LLM(text_model).model
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+
+    def logits(plan):
+        kv = m.new_cache(1, 16)
+        return m.forward(ids, kv, plan=plan).logits
+    full = logits(None)
+    assert torch.equal(logits(ForwardPlan(top_k=3, layers=4)), full)      # the model's own settings
+    assert not torch.allclose(logits(ForwardPlan(top_k=1)), full, atol=1e-4)
+    assert not torch.allclose(logits(ForwardPlan(layers=2)), full, atol=1e-4)
+    # two layers run means the KV of layers 2 and 3 is never written
+    kv = m.new_cache(1, 16)
+    m.forward(ids, kv, plan=ForwardPlan(layers=2))
+    assert kv.k[2].abs().sum() == 0 and kv.k[1].abs().sum() > 0
+
+
+def test_variant_settings_are_checked(text_model):
+    with pytest.raises(MoespecError, match="exceeds the model's experts per token"):
+        LLM(text_model, speculative={"method": "self", "draft_top_k": 4})
+    with pytest.raises(MoespecError, match="exceeds the model's 4 layers"):
+        LLM(text_model, speculative={"method": "self", "draft_layers": 5})
+    with pytest.raises(MoespecError, match="need method 'self'"):
+        LLM(text_model, speculative={"method": "ngram", "draft_top_k": 1})
+    with pytest.raises(MoespecError, match="draft_layers=0 must be a positive integer"):
+        LLM(text_model, speculative={"method": "self", "draft_layers": 0})
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "generate", str(text_model), "--prompt", "x",
+                        "--draft-top-k", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--draft-top-k and --draft-layers shape self-drafting: add --spec self" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "generate", str(text_model), "--prompt", "x",
+                        "--max-new-tokens", "4", "--spec", "self", "--draft-top-k", "1", "--draft-layers", "2",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "acceptance_rate" in json.loads(r.stdout)["stats"]
