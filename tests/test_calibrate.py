@@ -5,10 +5,23 @@ import json
 import math
 import os
 
+import pytest
+
 from moespec.calibrate.measure import read_direct, read_latency
 from moespec.calibrate.validate import validate
 from moespec.cli import main
 from moespec.perf.hardware import PROFILES, Hardware
+
+
+@pytest.fixture
+def one_thread():
+    """Calibrate with one torch thread: measurements are per thread count, and two threads on a 2-core machine
+    shared with other jobs spend minutes in spin barriers."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _write(path, nbytes, seed=0):
@@ -30,7 +43,7 @@ def test_direct_reader_reads_back_every_byte(tmp_path):
     assert 0 < read_latency(f, f.stat().st_size, reads=8) < 1.0
 
 
-def test_quick_calibration_feeds_plan(tmp_path, capsys):
+def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
     out = tmp_path / "hw.json"
     assert main(["calibrate", "--quick", "--output", str(out), "--offload-dir", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -40,7 +53,11 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys):
     for v in (hw.mem_bw_gbs, hw.peak_fp32_tflops, hw.peak_bf16_tflops, hw.slow_bw_gbs, hw.slow_latency_s,
               hw.fast_mem_bytes):
         assert math.isfinite(v) and v > 0
-    assert hw.layer_overhead_s >= 0 and len(hw.sources) >= 5
+    assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and len(hw.sources) >= 7
+    for table in (hw.rows_fp32_tflops, hw.rows_bf16_tflops):           # M-rows tables: every size x M measured
+        assert {m for _, m, _ in table} == {1, 2, 4, 8, 16, 32, 64} and len({s for s, _, _ in table}) == 3
+        assert all(s > 0 and math.isfinite(tf) and tf > 0 for s, _, tf in table)
+    assert report["profile"]["rows_fp32_tflops"] == [list(r) for r in hw.rows_fp32_tflops]
     assert report["path"] == str(out) and report["profile"]["name"] == hw.name
     assert [p.name for p in tmp_path.iterdir()] == ["hw.json"]        # the SSD test file is gone
     assert main(["plan", "--hardware", str(out), "--json"]) == 0
@@ -64,7 +81,7 @@ def test_clear_errors_before_measuring(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "hw.json")
 
 
-def test_validation_points(capsys):
+def test_validation_points(capsys, one_thread):
     v = validate(PROFILES["this-machine"], batches=(1, 2), new_tokens=6, repetitions=1, warmup=0, forwards=4)
     assert [p["batch"] for p in v["points"]] == [1, 2]
     for p in v["points"]:
@@ -72,6 +89,7 @@ def test_validation_points(capsys):
         assert p["rel_error"] == (p["predicted_s"] - p["measured_s"]) / p["measured_s"]
         assert p["forward_s"] > 0 and p["host_s"] == p["measured_s"] - p["forward_s"]
         assert 1 <= p["measured_experts_per_layer"] <= 2 * p["batch"]           # top-2 routing
+        assert p["predicted_step_overhead_s"] == 0.0                           # the built-in profile has none
     assert math.isfinite(v["mape"]) and v["mape"] == sum(abs(p["rel_error"]) for p in v["points"]) / 2
     assert main(["calibrate", "--validate", "--hardware", "this-machine", "--batch-size", "0"]) == 2
     assert "--batch-size and --repetitions must be at least 1" in capsys.readouterr().err

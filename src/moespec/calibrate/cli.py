@@ -97,13 +97,19 @@ def print_summary(r: dict, file=None) -> None:
             ("memory (GEMV weight streaming)", f"{p['mem_bw_gbs']:,.1f} GB/s")]
     m = r.get("measurements")
     if m:
-        rows += [("memory (sum / copy)", f"{m['memory']['sum_gbs']:,.1f} / {m['memory']['copy_gbs']:,.1f} GB/s"),
-                 ("same weight x 2/4/8/16 rows (not in the profile)",
-                  " / ".join(f"{v:,.1f}" for v in m["memory"]["rows_gbs"].values()) + " GB/s")]
+        rows += [("memory (sum / copy)", f"{m['memory']['sum_gbs']:,.1f} / {m['memory']['copy_gbs']:,.1f} GB/s")]
+    for key, kind in (("rows_fp32_tflops", "fp32"), ("rows_bf16_tflops", "bf16")):
+        by_size: dict = {}
+        for size, n, tf in p.get(key) or ():
+            by_size.setdefault(size, []).append((n, tf))
+        for size, pts in sorted(by_size.items()):
+            rows.append((f"{kind} {size / 2 ** 20:g} MiB matrix x M = {'/'.join(f'{n:g}' for n, _ in pts)} rows",
+                         " / ".join(f"{tf * 1e3:,.1f}" for _, tf in pts) + " GFLOPS"))
     rows += [("SSD read", f"{p['slow_bw_gbs']:,.2f} GB/s" + ("" if not m else " (O_DIRECT)" if m["ssd"]["direct"]
                                                             else " (buffered: O_DIRECT refused)")),
              ("SSD 4 KiB read latency", f"{p['slow_latency_s'] * 1e6:,.0f} us"),
              ("per-layer overhead", f"{p['layer_overhead_s'] * 1e6:,.0f} us"),
+             ("per-step overhead (generation loop)", f"{p.get('step_overhead_s', 0.0) * 1e6:,.0f} us"),
              ("fast memory (RAM)", f"{p['fast_mem_bytes'] / 2 ** 30:,.1f} GiB")]
     for k, v in rows:
         t.add_row(k, v)
@@ -124,4 +130,5 @@ def print_summary(r: dict, file=None) -> None:
                       f"{pt['measured_experts_per_layer']:.2f} / {pt['predicted_experts_per_layer']:.2f}")
         con.print(t)
         con.print(f"mean absolute percentage error of TPOT: {v['mape']:.1%} (of the bare forward: "
-                  f"{v['forward_mape']:.1%}); loop = measured TPOT - bare forward, not in the model")
+                  f"{v['forward_mape']:.1%}); loop = measured TPOT - bare forward (the model's per-step "
+                  f"overhead: {p.get('step_overhead_s', 0.0) * 1e3:.2f} ms)")

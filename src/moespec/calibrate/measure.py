@@ -6,15 +6,28 @@
 - memory: a `sum` and a `copy_` of a large fp32 tensor (reported), and fp32 GEMV over a matrix of the same
   size in both storage orders (the faster is kept, as `models/layout.py` does). The profile's `mem_bw_gbs` is
   the GEMV rate: the step model divides *weight bytes streamed by matmuls* by it, which is what decode does,
-  and GEMV and a plain `sum` can differ widely on CPUs. The same weight multiplied by M = 2..16 rows is also
-  timed and reported (`rows_gbs`, not used by the profile): on some BLAS builds small-M GEMM costs nearly M
-  GEMVs, which the step model's single bandwidth and peak cannot express.
+  and GEMV and a plain `sum` can differ widely on CPUs.
+- M-rows tables: products of M = 1, 2, 4, ..., 64 rows through `models.layers.linear` with the same weight
+  (faster storage order) and with pools of smaller square matrices (0.25 / 1 / 4 / 16 MiB by default, 128 MiB
+  of each, multiplied in turn so that each comes from memory as in a decode forward, in the storage order
+  whose one-row product is faster, as `models/layout.py` does), in fp32 and cast to bf16. Achieved TFLOPS by
+  (matrix bytes, M) go into the profile's `rows_fp32_tflops` / `rows_bf16_tflops` (`rows_gbs` reports the
+  large fp32 weight as weight bytes per second). On this CPU a product of 2-16 rows costs nearly M GEMVs and
+  a small matrix read cold streams at a third of the large-weight rate, which one bandwidth and one peak
+  cannot express; the step model prices each weight product by its rows and matrix size from these tables.
+  Synthetic weights only: nothing here is fitted to the model that `--validate` checks.
 - SSD: a temporary file written to the offload folder, read back sequentially with O_DIRECT in 4 MiB chunks
   into page-aligned buffers (buffered, page cache dropped, when the filesystem refuses O_DIRECT), plus the
   median of random 4 KiB reads as the latency of one batch of loads; the file is deleted afterwards.
 - per-layer overhead: one-token forwards of the bundled reference model (float32, batch 1, KV cache of a
-  short context); overhead = (median forward - the step model's max(bytes / bw, flops / peak) terms for that
-  forward) / (layers + 1), since the step model charges one overhead per layer and one for the head.
+  short context); overhead = (median forward - the step model's rate-bound terms for that forward) /
+  (layers + 1), since the step model charges one overhead per layer and one for the head.
+- per-step overhead: moespec's own plain greedy decoding of the reference model at batch 1 (random-token
+  prompt, context centred on the same length); overhead = median TPOT - the median bare forward above: the
+  generation loop's sampling and bookkeeping per step.
+
+Rates come from synthetic weights; the two overheads from batch-1 runs of the reference model, so `moespec
+calibrate --validate` checks the resulting profile out of sample at the other batch sizes.
 """
 from __future__ import annotations
 
@@ -30,7 +43,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import MoespecError
 from ..perf.hardware import Hardware
@@ -50,10 +62,15 @@ class Knobs:
     latency_reads: int = 128
     forwards: int = 60
     context: int = 32
+    rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    rows_sizes_mib: tuple[float, ...] = (0.25, 1, 4, 16)   # fp32 matrix sizes besides the mem_mib weight
+    rows_pool_mib: int = 128     # weights multiplied in turn per size: more than the caches hold
+    step_tokens: int = 32        # tokens per generation run for the per-step overhead
+    step_runs: int = 5
 
 
 QUICK = Knobs(fp32_sizes=(256, 512), bf16_sizes=(256,), reps=3, mem_mib=64, ssd_mib=64, latency_reads=32,
-              forwards=20)
+              forwards=20, step_tokens=12, step_runs=2, rows_sizes_mib=(0.25, 4), rows_pool_mib=64)
 
 
 def default_output() -> Path:
@@ -82,21 +99,63 @@ def matmul_tflops(dtype: torch.dtype, sizes, reps: int) -> float:
     return best
 
 
-def memory_gbs(mib: int, reps: int) -> dict:
-    """GB/s of a sum (read), a copy (read + write, both counted) and fp32 GEMV weight streaming."""
+def memory_gbs(mib: int, reps: int, rows=(1, 2, 4, 8, 16, 32, 64)) -> dict:
+    """GB/s of a sum (read), a copy (read + write, both counted) and fp32 GEMV weight streaming; the same weight
+    (faster storage order) times M rows: TFLOPS by M in fp32 and bf16 (`rows_*_tflops`, the largest size of
+    the M-rows tables) and, for fp32, as weight GB/s (`rows_gbs`)."""
     n = int(math.sqrt(mib * MiB / 4))
     x, y, v = torch.rand(n, n), torch.empty(n, n), torch.rand(n)
     nbytes = x.numel() * 4
     out = {"sum_gbs": nbytes / _best(lambda: x.sum(), reps) / 1e9,
            "copy_gbs": 2 * nbytes / _best(lambda: y.copy_(x), reps) / 1e9}
-    rows = _best(lambda: torch.mv(x, v), reps)             # weight [out, in] row-major
+    rows_t = _best(lambda: torch.mv(x, v), reps)           # weight [out, in] row-major
     cols = _best(lambda: v @ x, reps)                      # the transposed storage order
-    out["gemv_gbs"] = nbytes / min(rows, cols) / 1e9
-    w = x if rows <= cols else x.t()                       # weight in the faster storage order
-    out["rows_gbs"] = {}
-    for m in (2, 4, 8, 16):
-        a = torch.rand(m, n)
-        out["rows_gbs"][m] = nbytes / _best(lambda a=a: F.linear(a, w), reps) / 1e9
+    out["gemv_gbs"] = nbytes / min(rows_t, cols) / 1e9
+    w = x if rows_t <= cols else x.t()                     # weight in the faster storage order
+    y = None                                               # free the copy target
+    out["weight_bytes"] = nbytes
+    out["rows_fp32_tflops"] = rows_rates([w], rows, reps)
+    out["rows_gbs"] = {m: tf * 1e12 / m / 2 * 4 / 1e9 for m, tf in out["rows_fp32_tflops"].items()}
+    out["rows_bf16_tflops"] = rows_rates(faster_order([w.to(torch.bfloat16)], reps), rows, reps)
+    return out
+
+
+def faster_order(ws: list, reps: int) -> list:
+    """The weights in the storage order (row- or column-major) whose one-row products run faster, as
+    `models/layout.py` stores the engine's weights (it can differ between fp32 and bf16)."""
+    from ..models.layout import as_layout
+    col = ws[0].stride(0) == 1 and ws[0].shape[1] > 1
+    other = [as_layout(w, not col) for w in ws]
+    return other if rows_rates(other, (1,), reps)[1] > rows_rates(ws, (1,), reps)[1] else ws
+
+
+def rows_rates(ws: list, rows, reps: int) -> dict:
+    """{M: TFLOPS} of products of M rows with each weight of `ws` in turn (through `models.layers.linear`, as the
+    engine computes them; a list larger than the caches makes every weight come from memory, as in decode)."""
+    from ..models.layers import linear
+    out = {}
+    for m in rows:
+        a = torch.rand(m, ws[0].shape[1]).to(ws[0].dtype)
+        t = _best(lambda a=a: [linear(a, w) for w in ws], reps)
+        out[m] = 2 * m * sum(w.numel() for w in ws) / t / 1e12
+    return out
+
+
+def rows_tables(sizes_mib, pool_mib: int, rows, reps: int) -> dict:
+    """The M-rows tables at smaller matrix sizes: for each fp32 size, a pool of `pool_mib` MiB of square matrices
+    (at least 2), multiplied in turn, in fp32 and cast to bf16, each in the storage order whose one-row product
+    is faster (as `models/layout.py` stores the engine's weights). Returns {"fp32" | "bf16": [(bytes, M,
+    TFLOPS)]}."""
+    out = {"fp32": [], "bf16": []}
+    for mib in sizes_mib:
+        n = max(8, int(math.sqrt(mib * MiB / 4)))
+        base = [torch.rand(n, n) for _ in range(max(2, int(pool_mib * MiB // (n * n * 4))))]
+        for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            ws = faster_order([w.to(dtype) for w in base], reps)
+            size = n * n * ws[0].element_size()
+            out[key] += [(size, m, tf) for m, tf in rows_rates(ws, rows, reps).items()]
+            del ws
+        del base
     return out
 
 
@@ -211,20 +270,32 @@ def time_forwards(model, batch: int, context: int, n: int, warmup: int = 3) -> t
     return statistics.median(times), statistics.mean(union)
 
 
-def layer_overhead(hw: Hardware, forwards: int, context: int) -> dict:
-    """Per-layer fixed cost from one-token forwards of the reference model (see the module docstring)."""
+def overheads(hw: Hardware, knobs: Knobs) -> dict:
+    """Per-layer and per-step fixed costs from batch-1 runs of the reference model (see the module docstring)."""
     from ..assets import REFERENCE_MODEL
-    from ..models import load_model
+    from ..bench.workloads import random_prompts
+    from ..engine import LLM
     from ..perf.model import ModelDesc
     from ..perf.step import forward_cost
+    from ..sampling import SamplingParams
     if not (REFERENCE_MODEL / "config.json").is_file():
         raise MoespecError(f"the bundled reference model ({REFERENCE_MODEL}) is not installed")
-    model = load_model(REFERENCE_MODEL, "float32")
+    llm = LLM(REFERENCE_MODEL, dtype="float32")
     desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
-    fwd, _ = time_forwards(model, 1, context, forwards)
-    bound = forward_cost(desc, replace(hw, layer_overhead_s=0.0), 1, 1, context).time
+    k = knobs
+    # generation: the mean context while decoding (prompt + tokens / 2) equals the forwards' context
+    prompt = random_prompts(1, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=1)
+    params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompt, params)                           # warm-up
+    tpots, fwds = [], []
+    for _ in range(k.step_runs):        # interleaved, so that a slow spell of the machine hits both alike
+        tpots.append(llm.generate(prompt, params)[0].stats["tpot_s"])
+        fwds.append(time_forwards(llm.model, 1, k.context, max(3, k.forwards // k.step_runs))[0])
+    fwd, tpot = statistics.median(fwds), statistics.median(tpots)
+    bound = forward_cost(desc, replace(hw, layer_overhead_s=0.0, step_overhead_s=0.0), 1, 1, k.context).time
     calls = desc.layers + 1
-    return {"forward_s": fwd, "rate_bound_s": bound, "calls": calls, "overhead_s": max(0.0, (fwd - bound) / calls)}
+    return {"forward_s": fwd, "rate_bound_s": bound, "calls": calls, "overhead_s": max(0.0, (fwd - bound) / calls),
+            "tpot_s": tpot, "step_overhead_s": max(0.0, statistics.median(t - f for t, f in zip(tpots, fwds)))}
 
 
 def _cpu_model() -> str:
@@ -260,33 +331,46 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
     fp32 = matmul_tflops(torch.float32, k.fp32_sizes, k.reps)
     bf16 = matmul_tflops(torch.bfloat16, k.bf16_sizes, k.reps)
     say("memory bandwidth")
-    mem = memory_gbs(k.mem_mib, k.reps)
+    mem = memory_gbs(k.mem_mib, k.reps, k.rows)
+    say("products of M rows with weights from memory")
+    small = rows_tables(k.rows_sizes_mib, k.rows_pool_mib, k.rows, k.reps)
+    big = {"fp32": [(mem["weight_bytes"], m, tf) for m, tf in mem["rows_fp32_tflops"].items()],
+           "bf16": [(mem["weight_bytes"] // 2, m, tf) for m, tf in mem["rows_bf16_tflops"].items()]}
+    tables = {key: tuple(small[key] + big[key]) for key in ("fp32", "bf16")}
     say(f"SSD reads ({k.ssd_mib} MiB in {folder})")
     disk = ssd(folder, k.ssd_mib, k.latency_reads)
     cpu = _cpu_model()
     hw = Hardware(
         name=f"calibrated: {socket.gethostname()} ({cpu})", mem_bw_gbs=mem["gemv_gbs"], peak_fp32_tflops=fp32,
         peak_bf16_tflops=bf16, slow_bw_gbs=disk["read_gbs"], slow_latency_s=disk["latency_s"],
-        layer_overhead_s=0.0, fast_mem_bytes=total_ram(), slow_kind="ssd")
-    say("per-layer overhead (reference model forwards)")
-    ov = layer_overhead(hw, k.forwards, k.context)
+        layer_overhead_s=0.0, fast_mem_bytes=total_ram(), slow_kind="ssd",
+        rows_fp32_tflops=tables["fp32"], rows_bf16_tflops=tables["bf16"])
+    say("per-layer and per-step overhead (reference model forwards and generation, batch 1)")
+    ov = overheads(hw, k)
     io = "O_DIRECT" if disk["direct"] else "buffered reads (O_DIRECT refused by the filesystem; page cache dropped)"
     sources = (
         f"moespec calibrate {when}, torch {torch.__version__}, {threads} threads",
         (f"matmul: square products via models.layers.linear, best of {k.reps}, fp32 sizes "
          f"{list(k.fp32_sizes)}, bf16 sizes {list(k.bf16_sizes)}"),
         (f"memory: fp32 GEMV over {k.mem_mib} MiB, faster storage order (sum {mem['sum_gbs']:.1f} GB/s, "
-         f"copy {mem['copy_gbs']:.1f} GB/s read+write; the same weight times 2/4/8/16 rows: "
-         + " / ".join(f"{v:.1f}" for v in mem["rows_gbs"].values()) + " GB/s, not modelled)"),
+         f"copy {mem['copy_gbs']:.1f} GB/s read+write)"),
+        (f"M-rows tables: products of M = {'/'.join(map(str, k.rows))} rows via models.layers.linear, best of "
+         f"{k.reps}, with the {k.mem_mib} MiB weight and with pools of {k.rows_pool_mib} MiB of "
+         f"{'/'.join(f'{v:g}' for v in k.rows_sizes_mib)} MiB matrices taken in turn (fp32; bf16 casts of them); "
+         f"the {k.mem_mib} MiB fp32 weight: " + " / ".join(f"{v:.1f}" for v in mem["rows_gbs"].values())
+         + " GB/s"),
         (f"SSD: {disk['file_bytes'] // MiB} MiB sequential read in 4 MiB chunks with {io} in {folder}; "
          f"latency = median of {k.latency_reads} random 4 KiB reads"),
-        (f"layer overhead: median of {k.forwards} one-token forwards of the reference model (float32, "
-         f"context {k.context}): {ov['forward_s'] * 1e3:.2f} ms, minus {ov['rate_bound_s'] * 1e3:.2f} ms of "
-         f"rate-bound time, over {ov['calls']} layer calls"),
+        (f"layer overhead: median of {k.step_runs} medians of {max(3, k.forwards // k.step_runs)} one-token "
+         f"forwards of the reference model (float32, batch 1, context {k.context}): {ov['forward_s'] * 1e3:.2f} "
+         f"ms, minus {ov['rate_bound_s'] * 1e3:.2f} ms of rate-bound time, over {ov['calls']} layer calls"),
+        (f"step overhead: median over {k.step_runs} greedy generations of {k.step_tokens} tokens at batch 1 "
+         f"(median TPOT {ov['tpot_s'] * 1e3:.2f} ms) of TPOT minus the forwards timed right after it"),
     )
-    hw = replace(hw, layer_overhead_s=ov["overhead_s"], sources=sources,
+    hw = replace(hw, layer_overhead_s=ov["overhead_s"], step_overhead_s=ov["step_overhead_s"], sources=sources,
                  notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
                        "1.0); valid for this thread count and a machine otherwise idle")
     return hw, {"time": when, "threads": threads, "fp32_tflops": fp32, "bf16_tflops": bf16, "memory": mem,
+                "rows_tables": {key: [list(r) for r in t] for key, t in tables.items()},
                 "ssd": disk, "overhead": ov, "offload_dir": str(folder)}
 

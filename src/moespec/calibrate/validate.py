@@ -8,9 +8,10 @@ is (predicted - measured) / measured; MAPE is the mean of their absolute values.
 
 To show where an error comes from, each point also carries `forward_s`: the median bare one-token forward at
 batch B over the same context (random tokens; `measure.time_forwards`), so `host_s` = measured TPOT - forward
-is the per-step cost of the generation loop (sampling, detokenising, bookkeeping) that the step model leaves
-out, and `forward_error` compares the prediction with the forward alone; and the distinct experts per MoE
-layer those forwards touched (`measured_experts_per_layer`) next to the uniform-routing prediction.
+is the per-step cost of the generation loop (sampling, detokenising, bookkeeping), which the step model
+prices as the profile's `step_overhead_s` (measured by calibration at batch 1), and `forward_error` compares
+the prediction without that overhead with the forward alone; and the distinct experts per MoE layer those
+forwards touched (`measured_experts_per_layer`) next to the uniform-routing prediction.
 """
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
         points.append({"batch": b, "predicted_s": predicted, "measured_s": measured,
                        "rel_error": (predicted - measured) / measured,
                        "measured_spread": (max(runs) - min(runs)) / measured,
-                       "forward_s": fwd, "host_s": measured - fwd, "forward_error": (predicted - fwd) / fwd,
+                       "forward_s": fwd, "host_s": measured - fwd,
+                       "forward_error": (predicted - profile.step_overhead_s - fwd) / fwd,
                        "measured_experts_per_layer": union,
                        "predicted_overhead_s": (desc.layers + 1) * profile.layer_overhead_s,
+                       "predicted_step_overhead_s": profile.step_overhead_s,
                        "predicted_experts_per_layer": cost.union})
     mape = sum(abs(p["rel_error"]) for p in points) / len(points)
     fwd_mape = sum(abs(p["forward_error"]) for p in points) / len(points)

@@ -4,10 +4,28 @@ Published figures are peaks (datasheet numbers). What a real engine reaches is a
 fields hold that fraction (our assumption until `moespec calibrate` measures the machine; measured profiles use
 1.0 because their numbers are already achieved rates). `fit.py` turns measured runs into a profile and
 `Hardware.to_json` / `from_json` store it.
+
+Two optional measured refinements (calibrated CPU profiles have them; the published GPU profiles do not, and
+then the step model is max(bytes / bw, flops / peak) per layer as before):
+
+- `rows_fp32_tflops` / `rows_bf16_tflops`: achieved TFLOPS of a product of M rows with a weight matrix of S
+  bytes read from memory (not from cache), as (S, M, TFLOPS) triples over a grid of S and M. Some BLAS builds
+  run a product of 2-16 rows at nearly the cost of M matrix-vector products, and a small matrix read cold
+  streams at a fraction of `mem_bw` (0.25-1 MiB weights reach ~7 GB/s against ~24 GB/s for a 256 MiB one on
+  the development CPU); one bandwidth and one peak express neither. A product of M rows with P parameters in
+  matrices of S bytes costs 2 P x c(S, M) seconds. For each measured S, c(M) = M / rate(M) is interpolated
+  linearly in M between measured rows (so time is piecewise linear in M), scales with M below the first
+  row, and above the last row each further row costs 1 / peak; between measured sizes c is interpolated
+  linearly in log S, and outside them the nearest size is used. Example: the table ((2**20, 1, 0.012),
+  (2**20, 2, 0.0105), (2**20, 4, 0.0104)) prices 3 rows of a 1 M-parameter fp32 weight at
+  2e6 x (2 / 10.5e9 + 4 / 10.4e9) / 2 = 0.575 ms, against 0.17 ms for one row.
+- `step_overhead_s`: fixed seconds per forward outside the model (sampling, bookkeeping of the generation
+  loop), so decode TPOT = forward + step overhead.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -32,6 +50,10 @@ class Hardware:
     slow_eff: float = 1.0
     notes: str = ""
     sources: tuple[str, ...] = field(default_factory=tuple)
+    # (matrix bytes, M rows, achieved TFLOPS) of products read from memory; None: no table
+    rows_fp32_tflops: tuple[tuple[float, float, float], ...] | None = None
+    rows_bf16_tflops: tuple[tuple[float, float, float], ...] | None = None
+    step_overhead_s: float = 0.0  # fixed cost per forward outside the model: sampling, loop bookkeeping
 
     @property
     def mem_bw(self) -> float:
@@ -47,8 +69,58 @@ class Hardware:
         tf = self.peak_fp32_tflops if dtype_bytes >= 4 else self.peak_bf16_tflops
         return tf * 1e12 * self.flops_eff
 
+    def rows_table(self, dtype_bytes: float) -> tuple[tuple[float, float, float], ...] | None:
+        """The measured (matrix bytes, M rows, TFLOPS) table for weights of this width (fp32 for 4-byte
+        weights), or None."""
+        return (self.rows_fp32_tflops if dtype_bytes >= 4 else self.rows_bf16_tflops) or None
+
+    def matmul_time(self, params: float, rows: float, dtype_bytes: float, matrix_bytes: float | None = None
+                    ) -> float:
+        """Seconds of a product of `rows` rows (may be fractional: a mean) with `params` parameters held in
+        matrices of `matrix_bytes` bytes each (default: one matrix of params x dtype_bytes), from the M-rows
+        table: 2 x params x c(matrix_bytes, rows) (see the module docstring). Within one matrix size a
+        measured row cheaper per weight pass than a smaller one (noise) is raised to it, so time never falls
+        as rows grow. Without a table: 2 x params x rows / peak."""
+        peak = self.peak_flops(dtype_bytes)
+        table = self.rows_table(dtype_bytes)
+        if rows <= 0 or params <= 0:
+            return 0.0
+        if table is None:
+            return 2.0 * params * rows / peak
+        size = params * dtype_bytes if matrix_bytes is None else matrix_bytes
+        by_size: dict[float, list] = {}
+        for s, m, tf in table:
+            by_size.setdefault(s, []).append((m, tf))
+        sizes = sorted(by_size)
+
+        def c_at(s):                                  # seconds per parameter pair at `rows` rows, size s
+            pts, c_prev = [], 0.0
+            for m, tf in sorted(by_size[s]):
+                c_prev = max(c_prev, m / (tf * 1e12 * self.flops_eff))
+                pts.append((m, c_prev))
+            m0, c0 = pts[0]
+            if rows <= m0:
+                return c0 * rows / m0
+            if rows >= pts[-1][0]:
+                return pts[-1][1] + (rows - pts[-1][0]) / peak
+            for (ma, ca), (mb, cb) in zip(pts, pts[1:]):
+                if rows <= mb:
+                    return cb if rows == mb else ca + (cb - ca) * (rows - ma) / (mb - ma)
+
+        if size <= sizes[0]:
+            c = c_at(sizes[0])
+        elif size >= sizes[-1]:
+            c = c_at(sizes[-1])
+        else:
+            for sa, sb in zip(sizes, sizes[1:]):
+                if size <= sb:
+                    f = math.log(size / sa) / math.log(sb / sa)
+                    c = c_at(sb) if size == sb else (1 - f) * c_at(sa) + f * c_at(sb)
+                    break
+        return 2.0 * params * c
+
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps({**asdict(self), "sources": list(self.sources)}, indent=1)
+        text = json.dumps({**asdict(self), "sources": list(self.sources)}, indent=1)   # tables: [[bytes, M, TFLOPS], ...]
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
@@ -73,10 +145,28 @@ class Hardware:
             raise PerfError(f"hardware profile lacks {', '.join(missing)}")
         d = {k: v for k, v in d.items() if k in known}
         d["sources"] = tuple(d.get("sources") or ())
+        for k in ("rows_fp32_tflops", "rows_bf16_tflops"):
+            if d.get(k) is not None:
+                d[k] = _rows(d[k], k)
         return Hardware(**d)
 
     def with_rates(self, **kw) -> "Hardware":
         return replace(self, **kw)
+
+
+def _rows(table, key: str) -> tuple[tuple[float, float, float], ...] | None:
+    """A JSON M-rows table ([[matrix bytes, M, TFLOPS], ...]) as a tuple of triples; an empty one means none."""
+    def num(v):
+        return v if type(v) is int else float(v)
+    try:
+        rows = tuple((num(s), num(m), float(tf)) for s, m, tf in table)
+        ok = all(0 < float(v) < math.inf for r in rows for v in r)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or len({r[:2] for r in rows}) != len(rows):
+        raise PerfError(f"hardware profile: {key} must be a list of [matrix bytes, rows, TFLOPS] triples with "
+                        "positive finite values and no repeated (bytes, rows)")
+    return rows or None
 
 
 _PCIE5 = "PCI-SIG PCI Express Base Specification 5.0: 32 GT/s per lane, x16 = 63 GB/s per direction"

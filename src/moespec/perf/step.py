@@ -6,6 +6,14 @@ cache of every row; the experts among them that are not cached cross the slow li
 Mixtral-8x7B bf16 on rtx4090-pcie4 (806 GB/s reachable) with all experts resident, batch 1, t = 1: an MoE
 layer reads 0.087 GB dense + 2 x 0.352 GB experts = 0.80 GB -> 0.99 ms, far above its 0.80 GFLOP / 116 TFLOP/s,
 so decoding is memory-bound; at t = 4 it reads 5.47 experts (2.0 GB, 2.5x the time for 4x the tokens).
+
+With a measured M-rows table in the profile (`Hardware.rows_fp32_tflops`, from `moespec calibrate`) the weight
+matmuls are priced by their rows and matrix sizes instead of by one peak: per layer max(weight bytes / bw,
+sum of `Hardware.matmul_time`) + max(KV bytes / bw, attention flops / peak), where the dense weights see N rows
+(attention as 4 matrices q, k, v, o; the router as one; shared experts and dense MLPs as 2, as the engine
+stores gate+up fused), each of the U touched experts the mean N x K / U rows (2 matrices), and the head
+batch x logit positions rows. Every forward also pays `Hardware.step_overhead_s` once (the generation loop's
+sampling and bookkeeping). Profiles without a table use the formula above unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ class Offload:
 
 @dataclass(frozen=True)
 class ForwardCost:
-    time: float          # seconds for the whole forward
+    time: float          # seconds for the whole forward, with the profile's per-step overhead
     compute_time: float  # the fast-tier part: sum over layers of max(bytes / bw, flops / peak)
     slow_time: float     # slow-link time (hidden or not, depending on `Offload.overlap`)
     bytes: float         # fast-tier bytes read
@@ -86,9 +94,24 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
     rows = t if logits_per_row is None else logits_per_row
     head_bytes, head_flops = model.head_bytes, 2 * batch * rows * model.head_params
 
-    moe_compute = max(moe_bytes / bw, moe_flops / peak)
-    dense_compute = max(dense_bytes / bw, dense_flops / peak)
-    head_compute = max(head_bytes / bw, head_flops / peak)
+    if hw.rows_table(model.dtype_bytes) is None:
+        moe_compute = max(moe_bytes / bw, moe_flops / peak)
+        dense_compute = max(dense_bytes / bw, dense_flops / peak)
+        head_compute = max(head_bytes / bw, head_flops / peak)
+    else:               # measured M-rows rates (module docstring); the time is linear in params, so sum them
+        db = model.dtype_bytes
+        ew = model.expert_bits / 8 if model.expert_bits is not None else db
+
+        def mm(params, n, width, matrices):      # `params` in `matrices` equal matrices, n rows each
+            return hw.matmul_time(params, n, width, params * width / matrices) if params > 0 else 0.0
+        router = model.experts * model.hidden if model.moe_layers else 0
+        attn = max(kv_read / bw, attn_flops / peak)
+        attn_mm = mm(model.attn_params, N, db, 4)                           # q, k, v, o
+        moe_mm = (attn_mm + mm(router, N, db, 1) + mm(model.moe_dense_params - router, N, db, 2)   # shared expert
+                  + (union * mm(model.expert_params, N * K / union, ew, 2) if union > 0 else 0.0))  # w13, w2
+        moe_compute = max((model.moe_layer_dense_bytes + union * model.expert_bytes) / bw, moe_mm) + attn
+        dense_compute = max(model.dense_layer_bytes / bw, attn_mm + mm(model.mlp_params, N, db, 2)) + attn
+        head_compute = max(head_bytes / bw, mm(model.head_params, batch * rows, db, 1))
 
     def slow(m):        # one batch of loads per layer: latency once if anything misses
         return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) if m > 0 else 0.0
@@ -102,6 +125,7 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
         slow_total += s
         total += (max(moe_compute, s) if ov.overlap else moe_compute + s) + hw.layer_overhead_s
     total += model.dense_layers * (dense_compute + hw.layer_overhead_s) + head_compute + hw.layer_overhead_s
+    total += hw.step_overhead_s
     return ForwardCost(
         time=total,
         compute_time=model.moe_layers * moe_compute + model.dense_layers * dense_compute + head_compute,
