@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import hf_models
 
 
@@ -36,3 +38,13 @@ def test_bench_rejects_bad_values(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--repetitions", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "error: --repetitions must be at least 1" in r.stderr
+
+
+def test_prose_prompt_set_is_offline_english_text():
+    from moespec import MoespecError
+    from moespec.bench.workloads import load_prompts, prose_prompts
+    ps = prose_prompts(3)
+    assert len(ps) == 3 and all(len(p) >= 200 and "```" not in p for p in ps)
+    assert ps == prose_prompts(3)                       # deterministic order
+    with pytest.raises(MoespecError, match="choose random, humaneval or prose"):
+        load_prompts("poetry", 1, 0, 100, None)

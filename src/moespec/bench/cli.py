@@ -19,7 +19,7 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b.add_argument("--synthetic", choices=["small", "large"], default=None,
                    help="benchmark a random Mixtral of this preset (written once under --synthetic-dir)")
     b.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "moespec" / "synthetic"))
-    b.add_argument("--prompts", default="random", help="prompt set: random (token ids) or humaneval")
+    b.add_argument("--prompts", default="random", help="prompt set: random (token ids), humaneval (code) or prose (installed packages' descriptions)")
     b.add_argument("--num-prompts", type=int, default=16)
     b.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (real prompts are cut to it)")
     b.add_argument("--max-new-tokens", type=int, default=128)
