@@ -18,3 +18,12 @@ def family_dirs(tmp_path_factory):
         d = tmp_path_factory.mktemp(fam)
         out[fam] = (d, hf_models.build(fam, d))
     return out
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory):
+    """A tiny Qwen3-MoE with a real tokenizer (4 layers, MoE at 1 and 3, 8 experts, top-3, norm_topk_prob),
+    shared read-only by the engine, speculation and budget tests."""
+    d = tmp_path_factory.mktemp("text")
+    hf_models.build_text_model(d)
+    return d

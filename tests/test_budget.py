@@ -173,13 +173,6 @@ PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wr
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("budget")
-    hf_models.build_text_model(d)                 # qwen3_moe: E = 8, K = 3, norm_topk_prob, 2 MoE layers
-    return d
-
-
 def watch(llm):
     """Record, per verification forward, the distinct experts each MoE layer computed (the ids handed to
     the expert provider) and what the router chose."""

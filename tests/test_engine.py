@@ -9,13 +9,6 @@ from moespec import LLM, MoespecError, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    hf_models.build_text_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def llm(text_model):
     return LLM(text_model)
 

@@ -72,13 +72,6 @@ def test_emitted_tokens_follow_the_target_distribution(with_q):
     assert chi_square(first, p[0]) < 18.47
 
 
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spec")
-    hf_models.build_text_model(d)
-    return d
-
-
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(",
            "import re\nimport os\nimport re\nimport", "class A:\n    pass\nclass A:\n"]
 

@@ -6,19 +6,11 @@ import sys
 
 import pytest
 
-import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import SpecConfig
 from moespec.generate import generate
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(", "import re\nimport os\nimport"]
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("controller")
-    hf_models.build_text_model(d)
-    return d
 
 
 class Scripted:

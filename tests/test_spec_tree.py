@@ -158,13 +158,6 @@ def test_ngram_tree_branches_at_the_root_from_distinct_matches():
 # -- verification forward and KV commit ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spec_tree")
-    hf_models.build_text_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def window_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("mixtral_window")
     hf_models.build("mixtral", d, sliding_window=4)

@@ -5,18 +5,10 @@ import sys
 
 import pytest
 
-import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(", "import re\nimport os\nimport"]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("variants")
-    hf_models.build_text_model(d)          # qwen3_moe: 4 layers (MoE at 1 and 3), 8 experts, top-3
-    return d
 
 
 @pytest.fixture(scope="module")
