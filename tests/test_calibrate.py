@@ -93,3 +93,33 @@ def test_validation_points(capsys, one_thread):
     assert math.isfinite(v["mape"]) and v["mape"] == sum(abs(p["rel_error"]) for p in v["points"]) / 2
     assert main(["calibrate", "--validate", "--hardware", "this-machine", "--batch-size", "0"]) == 2
     assert "--batch-size and --repetitions must be at least 1" in capsys.readouterr().err
+
+
+def test_validation_grid_speculative_and_offloaded(tmp_path, one_thread):
+    """Draft lengths and an SSD-tier cache: the run's own step counts and hit rate feed the prediction."""
+    v = validate(PROFILES["this-machine"], batches=(1, 2), new_tokens=10, repetitions=1, warmup=0, forwards=4,
+                 draft_lens=(0, 3), caches=(None, "25%"), offload_dir=str(tmp_path), prompt_set="prose")
+    assert [(p["cache"], p["k"], p["batch"]) for p in v["points"]] == [
+        (c, k, b) for c in (None, "25%") for k in (0, 3) for b in (1, 2)]
+    for p in v["points"]:
+        assert p["rel_error"] == (p["predicted_s"] - p["measured_s"]) / p["measured_s"] and p["predicted_s"] > 0
+        assert (p["hit_rate"] is None) == (p["cache"] is None)
+        assert ("forward_s" in p) == (p["cache"] is None and p["k"] == 0)
+        if p["k"]:
+            assert p["steps"] >= 1 and 1 <= p["mean_width"] <= 4 and 1 <= p["mean_rows"] <= p["batch"]
+            assert p["tokens_per_step"] == 9 / p["steps"] and 0 <= p["acceptance"] <= 1
+    plain = {(p["cache"], p["batch"]): p for p in v["points"] if p["k"] == 0}
+    for b in (1, 2):        # misses cost slow-tier time on top of the same compute
+        assert 0 <= plain[("25%", b)]["hit_rate"] < 1
+        assert plain[("25%", b)]["predicted_s"] > plain[(None, b)]["predicted_s"]
+    assert set(v["mape_by"]) == {"resident plain", "resident spec", "25% plain", "25% spec"}
+    assert v["mape"] == sum(abs(p["rel_error"]) for p in v["points"]) / 8
+
+
+def test_verify_tokens_counts_each_verification_width(one_thread):
+    from moespec import LLM, SamplingParams
+    llm = LLM(speculative={"method": "ngram", "num_speculative_tokens": 4})
+    prompt = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
+    s = llm.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0].stats
+    # batch 1, chains: each verification runs the pending token and its draft
+    assert s["verify_tokens"] == s["draft_steps"] + s["draft_tokens"] and s["row_steps"] == s["draft_steps"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--export", type=Path, default=None, help="write the HF folders under this directory")
     ap.add_argument("--allow-unfinished", action="store_true", help="export checkpoints that have not finished training")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="reuse this tokenizer.json instead of training one (keeps an earlier release's ids)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="cap held-out tokens scored per set at export")
     a = ap.parse_args()
     if a.stage == "export" and a.export is None:
@@ -94,8 +97,11 @@ def main() -> None:
     if a.tiny and files:  # a handful of stdlib files keeps the smoke run under a minute
         files = [f for f in files if f.rel.startswith("stdlib/json/") or f.rel.startswith("stdlib/email/")
                  or f.split == "val"][:80]
-    if not (dd / "tokenizer.json").exists():
+    if files and not (run / "manifest.tsv").exists():
         (run / "manifest.tsv").write_text("".join(f"{f.rel}\t{f.split}\n" for f in files))
+    if a.tokenizer is not None and not (dd / "tokenizer.json").exists():
+        shutil.copyfile(a.tokenizer, dd / "tokenizer.json")
+    if not (dd / "tokenizer.json").exists():
         t = time.time()
         data.train_tokenizer(files, 512 if a.tiny else 8192, dd, max_bytes=2_000_000 if a.tiny else 40_000_000)
         print(f"tokenizer trained in {time.time() - t:.1f}s", flush=True)

@@ -224,6 +224,7 @@ class LLM:
         if spec is not None:                         # per generate call (the whole batch)
             stats.update({"draft_steps": spec["steps"], "draft_tokens": spec["drafted"],
                           "draft_s": spec["draft_s"], "verify_s": spec["verify_s"],
+                          "verify_tokens": spec["verify_tokens"], "row_steps": spec["row_steps"],
                           "accepted_tokens": spec["accepted"],
                           "acceptance_rate": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
                           "mean_accepted_len": (spec["accepted"] + spec["row_steps"]) / spec["row_steps"]

@@ -82,7 +82,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
                                                "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0,
-                                               "plain_steps": 0, "draft_nodes": 0}
+                                               "plain_steps": 0, "draft_nodes": 0, "verify_tokens": 0}
     steps = 0
     while True:
         now = time.perf_counter()

@@ -33,6 +33,13 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4], help="with --validate (default: 1 4)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="with --validate: tokens per run (default 32)")
     p.add_argument("--repetitions", type=int, default=3, help="with --validate: runs per batch size (median)")
+    p.add_argument("--draft-len", type=int, nargs="+", default=[0], help="with --validate: draft lengths to "
+                   "check, 0 = plain decoding, k > 0 = prompt-lookup speculation on HumanEval prompts (default: 0)")
+    p.add_argument("--prompts", choices=["random", "humaneval", "prose"], default=None,
+                   help="with --validate: prompt set (default: humaneval when a draft length is > 0, else random)")
+    p.add_argument("--validate-cache", nargs="+", default=["none"], metavar="CACHE",
+                   help="with --validate: expert caches to check, 'none' (every expert resident) or a size "
+                        "such as 25%% over the SSD tier in --offload-dir (default: none)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
@@ -55,8 +62,10 @@ def run_calibrate(a) -> dict:
     say = (lambda msg: None) if a.json else (lambda msg: print(f"measuring {msg} ...", file=sys.stderr))
     if a.hardware is not None and not a.validate:
         raise MoespecError("--hardware only applies with --validate (it checks an existing profile)")
-    if a.validate and (min(a.batch_size) < 1 or a.max_new_tokens < 2 or a.repetitions < 1):
-        raise MoespecError("--batch-size and --repetitions must be at least 1 and --max-new-tokens at least 2")
+    if a.validate and (min(a.batch_size) < 1 or a.max_new_tokens < 2 or a.repetitions < 1 or min(a.draft_len) < 0):
+        raise MoespecError("--batch-size and --repetitions must be at least 1, --max-new-tokens at least 2 and "
+                           "--draft-len at least 0")
+    caches = tuple(None if c.lower() == "none" else c for c in a.validate_cache)
     out: dict = {}
     if a.hardware is not None:
         hw = get_profile(a.hardware)
@@ -78,7 +87,9 @@ def run_calibrate(a) -> dict:
     if a.validate:
         from .validate import validate
         out["validation"] = validate(hw, a.model, tuple(a.batch_size), a.max_new_tokens,
-                                     repetitions=a.repetitions, log=say)
+                                     repetitions=a.repetitions, log=say, draft_lens=tuple(a.draft_len),
+                                     caches=caches, offload_dir=a.offload_dir,
+                                     prompt_set=a.prompts)
     if a.json:
         print(json.dumps(out))
     else:
@@ -120,15 +131,18 @@ def print_summary(r: dict, file=None) -> None:
     if v:
         t = Table(title=f"decode TPOT, predicted vs measured ({Path(v['model']).name}, float32, "
                         f"{v['new_tokens']} tokens, context ~{v['context']})")
-        for c in ("batch", "predicted", "measured", "error", "bare forward", "error vs forward", "loop",
-                  "experts/layer (measured / predicted)"):
+        for c in ("experts", "batch", "k", "predicted", "measured", "error", "tokens/step", "hit rate",
+                  "bare forward", "error vs forward"):
             t.add_column(c, justify="right")
         for pt in v["points"]:
-            t.add_row(str(pt["batch"]), f"{pt['predicted_s'] * 1e3:.2f} ms", f"{pt['measured_s'] * 1e3:.2f} ms",
-                      f"{pt['rel_error']:+.1%}", f"{pt['forward_s'] * 1e3:.2f} ms", f"{pt['forward_error']:+.1%}",
-                      f"{pt['host_s'] * 1e3:.2f} ms",
-                      f"{pt['measured_experts_per_layer']:.2f} / {pt['predicted_experts_per_layer']:.2f}")
+            fwd = "forward_s" in pt
+            t.add_row(pt["cache"] or "resident", str(pt["batch"]), str(pt["k"]), f"{pt['predicted_s'] * 1e3:.2f} ms",
+                      f"{pt['measured_s'] * 1e3:.2f} ms", f"{pt['rel_error']:+.1%}",
+                      f"{pt.get('tokens_per_step', 1.0):.2f}",
+                      "" if pt["hit_rate"] is None else f"{pt['hit_rate']:.3f}",
+                      f"{pt['forward_s'] * 1e3:.2f} ms" if fwd else "", f"{pt['forward_error']:+.1%}" if fwd else "")
         con.print(t)
-        con.print(f"mean absolute percentage error of TPOT: {v['mape']:.1%} (of the bare forward: "
-                  f"{v['forward_mape']:.1%}); loop = measured TPOT - bare forward (the model's per-step "
-                  f"overhead: {p.get('step_overhead_s', 0.0) * 1e3:.2f} ms)")
+        by = ", ".join(f"{g} {m:.1%}" for g, m in v["mape_by"].items() if m is not None)
+        con.print(f"mean absolute percentage error of TPOT: {v['mape']:.1%} ({by})"
+                  + (f"; of the bare forward: {v['forward_mape']:.1%}" if v.get("forward_mape") is not None else "")
+                  + f". The model's per-step overhead: {p.get('step_overhead_s', 0.0) * 1e3:.2f} ms")

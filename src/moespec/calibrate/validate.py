@@ -1,17 +1,27 @@
-"""Predicted vs measured decode TPOT: the performance model against moespec's own plain decoding.
+"""Predicted vs measured decode TPOT: the performance model against moespec's own decoding.
 
-For each batch size B: moespec generates `new_tokens` tokens per row (float32, every expert resident, greedy,
-EOS ignored) from B random-token prompts of `prompt_len` tokens; measured TPOT = median over repetitions of
-the rows' mean `tpot_s`. Predicted TPOT = `perf.step.decode_tpot` of the checkpoint's config at float32, batch
-B, context prompt_len + new_tokens / 2 (the mean context while decoding), uniform routing. The error of a point
-is (predicted - measured) / measured; MAPE is the mean of their absolute values.
+A grid of points: every batch size B x draft length k (0 = plain decoding, k > 0 = prompt-lookup speculation
+with k draft tokens) x expert cache (None = every expert resident, or a cache size such as "25%" over the
+SSD tier). For each point moespec generates `new_tokens` tokens per row (float32, greedy, EOS ignored) from
+B prompts (`prompt_set`: by default random tokens, or the HumanEval prompts cut to `prompt_len` tokens when
+speculating, so prompt lookup finds matches); measured TPOT = median over repetitions of the rows' mean `tpot_s`. The error of a
+point is (predicted - measured) / measured; MAPE is the mean of their absolute values.
 
-To show where an error comes from, each point also carries `forward_s`: the median bare one-token forward at
-batch B over the same context (random tokens; `measure.time_forwards`), so `host_s` = measured TPOT - forward
-is the per-step cost of the generation loop (sampling, detokenising, bookkeeping), which the step model
-prices as the profile's `step_overhead_s` (measured by calibration at batch 1), and `forward_error` compares
-the prediction without that overhead with the forward alone; and the distinct experts per MoE layer those
-forwards touched (`measured_experts_per_layer`) next to the uniform-routing prediction.
+Predicted TPOT comes from `perf.step.forward_cost` of the checkpoint's config at float32, context
+prompt_len + new_tokens / 2 (the mean context while decoding), uniform routing:
+- plain: one one-token forward of B rows per token (`decode_tpot`);
+- speculative: the run's own counts are inputs, as in MoESD's validation (acceptance is measured, the model
+  prices steps): S verification forwards of mean width W = verify_tokens / (S x rows) tokens, over the mean
+  live rows R = row_steps / S, each after its drafts (`Drafter.draft_time`); TPOT = S x (T(R, W) + drafted
+  per step x t_draft) / (new_tokens - 1), with T interpolated linearly between whole widths;
+- offloaded: the measured cache hit rate of the run (`Offload(hit_rate=...)`), misses priced at the
+  profile's SSD bandwidth and latency, not overlapped.
+
+Plain resident points also carry `forward_s`: the median bare one-token forward at batch B over the same
+context (random tokens; `measure.time_forwards`), so `host_s` = measured TPOT - forward is the per-step cost
+of the generation loop, which the step model prices as the profile's `step_overhead_s`; `forward_error`
+compares the prediction without that overhead with the forward alone; and the distinct experts per MoE layer
+those forwards touched (`measured_experts_per_layer`) next to the uniform-routing prediction.
 """
 from __future__ import annotations
 
@@ -24,45 +34,100 @@ from ..perf.hardware import Hardware
 
 def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1, 4), new_tokens: int = 32,
              prompt_len: int = 16, repetitions: int = 3, warmup: int = 1, forwards: int = 20,
-             log=None) -> dict:
-    """Points {batch, predicted_s, measured_s, rel_error, ...} and their mean absolute percentage error."""
-    from ..bench.workloads import random_prompts
+             log=None, draft_lens=(0,), caches=(None,), offload_dir: str | None = None,
+             prompt_set: str | None = None) -> dict:
+    """Points {batch, k, cache, predicted_s, measured_s, rel_error, ...} and their mean absolute percentage
+    error (overall, and per cache / plain / speculative in `mape_by`)."""
+    from ..bench.workloads import load_prompts
+    from ..config import OffloadConfig
     from ..engine import LLM
     from ..errors import MoespecError
     from ..perf.model import ModelDesc
-    from ..perf.step import decode_tpot, forward_cost
+    if not batches or min(batches) < 1 or new_tokens < 2 or prompt_len < 1 or repetitions < 1 \
+            or min(draft_lens) < 0:
+        raise MoespecError("validation needs batch sizes >= 1, at least 2 new tokens, a prompt, 1 repetition "
+                           "and draft lengths >= 0")
+    say = log or (lambda msg: None)
+    context = prompt_len + new_tokens // 2
+    points, model = [], None
+    for cache in caches:
+        for k in draft_lens:
+            offload = None if cache is None else OffloadConfig(expert_cache=cache, offload="disk",
+                                                               offload_dir=offload_dir)
+            spec = {"method": "ngram", "num_speculative_tokens": k} if k else None
+            llm = LLM(model_path, dtype="float32", offload=offload, speculative=spec)
+            try:
+                desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0)
+                kind = prompt_set or ("humaneval" if max(draft_lens) > 0 else "random")
+                prompts = load_prompts(kind, max(batches), prompt_len, llm.config.vocab_size, llm.tokenizer)
+                for b in batches:
+                    say(f"batch {b}, draft length {k}, {'all experts resident' if cache is None else cache + ' cache'}")
+                    points.append(_point(llm, desc, profile, prompts[:b], k, cache, new_tokens, context,
+                                         repetitions, warmup, forwards))
+                model = str(llm.path)
+            finally:
+                llm.close()
+    mape = _mape(points)
+    groups = {f"{c or 'resident'} {'plain' if k == 0 else 'spec'}": _mape([p for p in points if p["cache"] == c
+                                                                        and (p["k"] > 0) == (k > 0)])
+              for c in caches for k in {min(k, 1) for k in draft_lens}}
+    fwd = [p for p in points if "forward_error" in p]
+    return {"model": model, "dtype": "float32", "new_tokens": new_tokens, "prompt_len": prompt_len,
+            "prompts": prompt_set or ("humaneval" if max(draft_lens) > 0 else "random"),
+            "context": context, "repetitions": repetitions, "hardware": profile.name, "points": points,
+            "mape": mape, "mape_by": groups,
+            "forward_mape": sum(abs(p["forward_error"]) for p in fwd) / len(fwd) if fwd else None}
+
+
+def _mape(points) -> float | None:
+    m = sum(abs(p["rel_error"]) for p in points) / len(points) if points else float("nan")
+    return m if math.isfinite(m) else None
+
+
+def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitions, warmup, forwards) -> dict:
+    """Generate, measure, and predict one point of the grid (see the module docstring)."""
+    from ..perf.spec import Drafter
+    from ..perf.step import Offload, decode_tpot, forward_cost
     from ..sampling import SamplingParams
     from .measure import time_forwards
-    if not batches or min(batches) < 1 or new_tokens < 2 or prompt_len < 1 or repetitions < 1:
-        raise MoespecError("validation needs batch sizes >= 1, at least 2 new tokens, a prompt and 1 repetition")
-    say = log or (lambda msg: None)
-    llm = LLM(model_path, dtype="float32")
-    desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0)
-    prompts = random_prompts(max(batches), prompt_len, llm.config.vocab_size, seed=0)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    b = len(prompts)
     for _ in range(warmup):
-        llm.generate(prompts[:1], params)
-    context = prompt_len + new_tokens // 2
-    points = []
-    for b in batches:
-        say(f"batch {b}")
-        runs = [statistics.mean(o.stats["tpot_s"] for o in llm.generate(prompts[:b], params))
-                for _ in range(repetitions)]
-        measured = statistics.median(runs)
-        fwd, union = time_forwards(llm.model, b, context, forwards)
-        cost = forward_cost(desc, profile, b, 1, context)
-        predicted = decode_tpot(desc, profile, b, context)
-        points.append({"batch": b, "predicted_s": predicted, "measured_s": measured,
-                       "rel_error": (predicted - measured) / measured,
-                       "measured_spread": (max(runs) - min(runs)) / measured,
-                       "forward_s": fwd, "host_s": measured - fwd,
-                       "forward_error": (predicted - profile.step_overhead_s - fwd) / fwd,
-                       "measured_experts_per_layer": union,
-                       "predicted_overhead_s": (desc.layers + 1) * profile.layer_overhead_s,
-                       "predicted_step_overhead_s": profile.step_overhead_s,
-                       "predicted_experts_per_layer": cost.union})
-    mape = sum(abs(p["rel_error"]) for p in points) / len(points)
-    fwd_mape = sum(abs(p["forward_error"]) for p in points) / len(points)
-    return {"model": str(llm.path), "dtype": "float32", "new_tokens": new_tokens, "prompt_len": prompt_len,
-            "context": context, "repetitions": repetitions, "hardware": profile.name, "points": points,
-            "mape": mape if math.isfinite(mape) else None, "forward_mape": fwd_mape}
+        llm.generate(prompts, params)
+    runs, stats = [], []
+    for _ in range(repetitions):
+        outs = llm.generate(prompts, params)
+        runs.append(statistics.mean(o.stats["tpot_s"] for o in outs))
+        stats.append(outs[0].stats)                   # spec and expert counters are per generate call
+    measured = statistics.median(runs)
+    offload, hit = None, None
+    if cache is not None:
+        hits = sum(s.get("expert_hits", 0) for s in stats)
+        total = hits + sum(s.get("expert_misses", 0) for s in stats)
+        hit = hits / total if total else 1.0
+        offload = Offload(cached_experts=float(stats[0]["cache_capacity"]), hit_rate=hit)
+    pt = {"batch": b, "k": k, "cache": cache, "hit_rate": hit, "measured_s": measured,
+          "measured_spread": (max(runs) - min(runs)) / measured}
+    if k == 0:
+        pt["predicted_s"] = predicted = decode_tpot(desc, profile, b, context, offload=offload)
+        pt["predicted_experts_per_layer"] = forward_cost(desc, profile, b, 1, context).union
+        pt["predicted_step_overhead_s"] = profile.step_overhead_s
+        if cache is None:
+            fwd, union = time_forwards(llm.model, b, context, forwards)
+            pt.update(forward_s=fwd, host_s=measured - fwd, measured_experts_per_layer=union,
+                      forward_error=(predicted - profile.step_overhead_s - fwd) / fwd)
+    else:
+        steps = statistics.mean(s["draft_steps"] for s in stats)
+        rows = statistics.mean(s["row_steps"] for s in stats) / steps
+        width = statistics.mean(s["verify_tokens"] for s in stats) / (steps * rows)
+        drafted = statistics.mean(s["draft_tokens"] for s in stats) / steps       # per step, over the rows
+        lo = max(1, math.floor(width))
+        t_lo, t_hi = (forward_cost(desc, profile, rows, t, context, offload=offload).time for t in (lo, lo + 1))
+        t_verify = t_lo + (width - lo) * (t_hi - t_lo)
+        t_draft = Drafter("ngram", 0.0).draft_time(desc, profile, 1, context)   # per drafted token
+        pt["predicted_s"] = steps * (t_verify + drafted * t_draft) / (new_tokens - 1)
+        pt.update(steps=steps, mean_rows=rows, mean_width=width,
+                  tokens_per_step=(new_tokens - 1) / steps,
+                  acceptance=statistics.mean(s["acceptance_rate"] for s in stats))
+    pt["rel_error"] = (pt["predicted_s"] - measured) / measured
+    return pt

@@ -56,6 +56,7 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     logits = out.logits                                            # [R, width, V]
     stats["draft_s"] += t1 - t0
     stats["verify_s"] += time.perf_counter() - t1
+    stats["verify_tokens"] = stats.get("verify_tokens", 0) + tokens.numel()   # rows x width, padding included
     # One verification forward reads each distinct expert once per layer (coalesced): count them.
     # (With a budget, out.kept counts what was computed; out.routing is what the router chose.)
     stats["verify_experts"] += sum(out.kept) if out.kept else sum(int(torch.unique(ids).numel()) for ids in out.routing)
