@@ -105,7 +105,7 @@ def test_identical_tokens_for_every_tier_and_prefetch(family, tier, prefetch, re
     ref = refs[family]
     cache = 1 if family == "mixtral" else 3           # below top-k (chunked) and between K and E
     m, _ = offloaded(ref, tmp_path, expert_cache=cache, offload=tier.split("-")[0], prefetch=prefetch,
-                     direct_io=tier != "disk-buffered")
+                     direct_io=tier != "disk-buffered", prefetch_min_prob=0.0)   # random routers: every guess
     try:
         assert greedy(m, PROMPTS[:1]) == ref["b1"]
         assert greedy(m, PROMPTS) == ref["b3"]
@@ -197,3 +197,16 @@ def test_concurrent_prefetching_never_disturbs_a_forward(refs, tmp_path):
         stop.set()
         t.join()
         m.experts.close()
+
+
+def test_next_layer_prefetch_loads_only_confident_guesses():
+    from moespec.experts.prefetch import NextLayer
+    # Layer 3's router over 4 experts: x = e0 gives probs softmax([2, 1, 0, -9]) = 0.665, 0.245, 0.090, 0.000
+    router = torch.tensor([[2.0], [1.0], [0.0], [-9.0]])
+    x = torch.tensor([[1.0]])
+    assert NextLayer({1: router, 3: router}, top_k=3).predict(1, x) == (3, [0, 1, 2])
+    assert NextLayer({1: router, 3: router}, top_k=3, min_prob=0.2).predict(1, x) == (3, [0, 1])
+    assert NextLayer({1: router, 3: router}, top_k=3, min_prob=0.9).predict(1, x) == (3, [])
+    assert NextLayer({1: router, 3: router}, top_k=3).predict(3, x) is None           # no next MoE layer
+    with pytest.raises(MoespecError, match=r"prefetch_min_prob=1.5 must be a probability"):
+        OffloadConfig(expert_cache=2, prefetch="next-layer", prefetch_min_prob=1.5).validate()

@@ -35,6 +35,9 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
                         "router picks, for verification; needs --spec self), auto (draft when --spec self)")
     g.add_argument("--prefetch-cutoff", default=_env("prefetch_cutoff", "auto"),
                    help="draft prefetch covers the first L MoE layers: L or auto (from measured load and draft time)")
+    g.add_argument("--prefetch-min-prob", type=float, default=_env("prefetch_min_prob", 0.2, float),
+                   help="next-layer prefetch: load only experts the next router gives at least this probability "
+                        "(default 0.2; 0 = every top-k guess)")
     g.add_argument("--no-direct-io", action="store_true", help="read the disk tier through the page cache")
 
 
@@ -47,6 +50,7 @@ def offload_config(a):
     from .config import OffloadConfig
     return OffloadConfig(expert_cache=a.expert_cache, offload=a.offload or "ram", offload_dir=a.offload_dir,
                          policy=a.expert_policy, prefetch=a.prefetch, prefetch_cutoff=a.prefetch_cutoff,
+                         prefetch_min_prob=a.prefetch_min_prob,
                          direct_io=not a.no_direct_io,
                          hot_profile=a.hot_profile)
 

@@ -36,7 +36,8 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
         slots = parse_capacity(offload.expert_cache, cfg.num_experts, len(layers), slot_bytes)
         hot = load_profile(offload.hot_profile, layers, cfg.num_experts) if offload.policy == "static" else None
         return ExpertCache(store, layers, slots, cfg.top_k, device, offload.policy, offload.prefetch, routers, hot,
-                           offload.io_threads, offload.io_timeout_s)
+                           offload.io_threads, offload.io_timeout_s,
+                           offload.prefetch_min_prob)
     except BaseException:
         store.close()
         raise

@@ -34,7 +34,8 @@ class ExpertCache:
 
     def __init__(self, store, moe_layers: list[int], slots: int, top_k: int, device="cpu", policy: str = "lru",
                  prefetch: str = "none", routers: dict[int, torch.Tensor] | None = None,
-                 hot_profile: dict[int, list[float]] | None = None, io_threads: int = 1, io_timeout_s: float = 60.0):
+                 hot_profile: dict[int, list[float]] | None = None, io_threads: int = 1, io_timeout_s: float = 60.0,
+                 prefetch_min_prob: float = 0.0):
         lay = store.layout
         self.store, self.S, self.E, self.top_k = store, slots, store.num_experts, top_k
         self.policy_name, self.prefetch_name = policy, prefetch
@@ -52,7 +53,7 @@ class ExpertCache:
         # The loader threads hold the store and pools, not the cache: when a cache is dropped without
         # close(), this stops them so its memory (and the store's) is freed too.
         self._finalizer = weakref.finalize(self, _shutdown, self.loader, store)
-        self.predictor = NextLayer(routers, top_k) if prefetch == "next-layer" and routers else None
+        self.predictor = NextLayer(routers, top_k, prefetch_min_prob) if prefetch == "next-layer" and routers else None
         self.debug_hook = None      # callable(event, layer, info): "ensure" after a chunk is ready, "evict"
         if policy == "static":
             for i in moe_layers:

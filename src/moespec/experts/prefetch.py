@@ -129,12 +129,15 @@ class Loader:
 class NextLayer:
     """Prefetch policy "next-layer" (mixtral-offloading, AdapMoE): the hidden state entering MoE
     layer i goes through the router of the next MoE layer; its top-k experts are loaded while
-    layer i computes. Residual streams change slowly, so this guess is usually right."""
+    layer i computes. Residual streams change slowly, so this guess is often right, but a wrong one
+    costs a read and evicts an expert the cache would have kept: only guesses the next router gives at
+    least `min_prob` are loaded (on the reference model at 25% cache, all top-2 guesses were 48% right
+    and read 23% more than LRU alone; those >= 0.2 were 79% right and read less than LRU alone)."""
 
-    def __init__(self, routers: dict[int, torch.Tensor], top_k: int):
+    def __init__(self, routers: dict[int, torch.Tensor], top_k: int, min_prob: float = 0.0):
         layers = sorted(routers)
         self.next = dict(zip(layers, layers[1:]))
-        self.routers, self.top_k = routers, top_k
+        self.routers, self.top_k, self.min_prob = routers, top_k, min_prob
 
     def predict(self, layer: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
         """x [N, D] -> (next MoE layer, its predicted experts, most router mass first), or None."""
@@ -143,6 +146,7 @@ class NextLayer:
             return None
         probs = F.softmax(F.linear(x, self.routers[nxt]), dim=-1, dtype=torch.float32)   # [N, E]
         w, ids = torch.topk(probs, self.top_k, dim=-1)                                    # [N, K]
+        w = torch.where(w >= self.min_prob, w, torch.zeros_like(w))                      # confident guesses only
         mass = torch.zeros(probs.shape[-1], device=probs.device).index_add_(0, ids.reshape(-1), w.reshape(-1))
         picked = (mass > 0).nonzero().squeeze(1)
         return nxt, picked[torch.argsort(mass[picked], descending=True)].tolist()
