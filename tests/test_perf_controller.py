@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from moespec.perf.controller import SpecController, SpecStep, acceptance_bounds, estimate_acceptance
+from moespec.perf.controller import (SpecController, SpecStep, acceptance_bounds, depth_acceptance,
+                                     estimate_acceptance, expected_accepted_depth)
 from moespec.perf.spec import expected_accepted
 from moespec.perf.union import expected_union
 
@@ -13,8 +14,21 @@ def verify_s(t):                                       # Mixtral-like: fixed par
     return 2e-3 + 4e-3 * expected_union(8, 2, t)
 
 
-def simulate(policy, a, tokens=1500, seed=0, noise=0.05):
-    """Tokens/s of a decode run; `policy` is a SpecController or a fixed k. Returns (rate, ks chosen)."""
+def iid(a):
+    """A drafter whose every draft token is accepted with probability a, independently."""
+    return lambda rng, k: int((rng.random(k) < a).cumprod().sum())
+
+
+def bursty(p, stay):
+    """Prompt lookup's shape: with probability p the draft copies a repeated span, whose tokens are accepted
+    while the span lasts (each next one with probability `stay`); otherwise the first token is wrong."""
+    return lambda rng, k: int((rng.random(k) < stay).cumprod().sum()) if rng.random() < p else 0
+
+
+def simulate(policy, a, tokens=1500, seed=0, noise=0.05, lens=True):
+    """Tokens/s of a decode run; `policy` is a SpecController or a fixed k; `a` an acceptance (i.i.d. drafts)
+    or a drafter (rng, k) -> accepted. Returns (rate, ks chosen)."""
+    draw = a if callable(a) else iid(a)
     rng = np.random.default_rng(seed)
     clock, made, ks = 0.0, 0, []
     while made < tokens:
@@ -27,11 +41,11 @@ def simulate(policy, a, tokens=1500, seed=0, noise=0.05):
             if isinstance(policy, SpecController):
                 policy.record_plain(dt)
             continue
-        acc = int((rng.random(k) < a).cumprod().sum())
+        acc = draw(rng, k)
         d, v = k * TD * jitter(), verify_s(k + 1) * jitter()
         clock, made = clock + d + v, made + acc + 1
         if isinstance(policy, SpecController):
-            policy.record_spec(k, d, v, acc)
+            policy.record_spec(k, d, v, acc, lens=[acc] if lens else ())
     return made / clock, ks
 
 
@@ -73,3 +87,28 @@ def test_pinned_k_is_obeyed_and_estimates():
     assert estimate_acceptance(steps) == pytest.approx(0.7, abs=0.03)
     a, lo, hi = acceptance_bounds([SpecStep(1, 0.0, 1.0, 0)] * 30)
     assert (a, lo) == (0.0, 0.0) and hi == pytest.approx(0.118, abs=1e-3)
+
+
+def test_depth_acceptance_reads_bursty_drafts():
+    steps = [SpecStep(4, 0.0, 1.0, n, 1, (n,)) for n in [0, 4] * 50]
+    c = depth_acceptance(steps, a=estimate_acceptance(steps), prior=0.0)
+    assert c == [0.5, 1.0, 1.0, 1.0]
+    assert expected_accepted_depth(c, 4) == 3.0 and expected_accepted_depth(c, 8) == 5.0   # deeper: last c
+    assert depth_acceptance([SpecStep(4, 0.0, 1.0, 2)], a=0.5) is None                     # no lengths
+    # Two rows of one step, lengths 1 and 3 at k = 3: depth 1 both, depth 2 one of one, depth 3 one of one.
+    assert depth_acceptance([SpecStep(3, 0.0, 1.0, 4, 2, (1, 3))], a=0.5, prior=0.0) == [1.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bursty_drafter_gets_near_the_best_fixed_draft_length(seed):
+    """With prompt-lookup-like drafts the i.i.d. model undervalues long drafts; per-depth acceptance does not."""
+    draw = bursty(0.6, 0.97)
+    fixed = {k: simulate(k, draw, tokens=20000, seed=10 + k, noise=0.0)[0] for k in range(0, 9)}
+    k_best = max(fixed, key=fixed.get)
+    assert k_best == 8
+    rate, ks = simulate(SpecController(), draw, tokens=4000, seed=seed)
+    assert rate >= 0.95 * fixed[k_best]
+    late = ks[len(ks) // 2:]
+    assert max(set(late), key=late.count) >= 7
+    old, _ = simulate(SpecController(), draw, tokens=4000, seed=seed, lens=False)   # i.i.d. model only
+    assert rate > old

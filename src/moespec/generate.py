@@ -111,7 +111,8 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                                         k, spec, budget=budget)
             if controller is not None:
                 controller.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],
-                                       spec["accepted"] - before[2], rows=len(live))
+                                       spec["accepted"] - before[2], rows=len(live),
+                                       lens=[len(x) - 1 for x in new])
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)

@@ -9,10 +9,18 @@ estimates
     steps; unseen t interpolated between measured ones, extrapolated along the last measured slope, or taken
     from `verify_shape(t)` of the perf model scaled to the measurements);
   - T(1): plain step seconds (measured on plain steps: two at the start and all while speculation is off).
-It picks k maximising sigma(a, k) T(1) / (k T_draft + T(k+1)), now and then trying k + 1 to measure it.
-Off, only on clear evidence (z = 2 standard errors; noise must not flap it): when even the upper confidence
-bound of the window's measured speedup (tokens/s of its speculative steps over plain tokens/s) is below
-1 - margin, or when the model with the upper confidence bound of a predicts no k reaching 1 - margin. On again
+It picks k maximising sigma(k) T(1) / (k T_draft + T(k+1)), now and then trying k + 1 to measure it, where
+sigma(k) - 1, the expected accepted drafts, is read from the window's per-row accepted lengths when the engine
+reports them: sum over depths j <= k of P(a row accepts >= j drafts), each depth's conditional acceptance
+counted over the steps that drafted that deep (smoothed toward a with 2 pseudo-steps; depths never drafted
+take the deepest measured one). Acceptance is rarely i.i.d.: prompt lookup either finds a long repeated
+span or nothing, so its later drafts are accepted more often than its first, and the i.i.d. sigma(a, k)
+undervalues long drafts (simulated prompt lookup, tests/test_perf_controller.py: the i.i.d. model alone reached
+73-77% of the best fixed draft length's tokens/s, per depth 101-105%).
+Off, only on clear evidence (z = 2 standard errors; noise must not flap it): when the upper confidence bound
+of the window's measured speedup (tokens/s of its speculative steps over plain tokens/s) is below 1 - margin
+and the optimistic model (each depth's upper bound) sees no k reaching 1, or when the optimistic models (i.i.d.
+with the upper bound of a, and per depth) predict no k reaching 1 - margin. On again
 after a probe (`probe_steps` steps every `probe_every` plain steps, the interval doubling after each failed
 probe, up to `probe_max`) only if the model then predicts at least 1 + margin: hysteresis.
 A user can pin k (`pinned_k`): the controller then only measures.
@@ -37,6 +45,7 @@ class SpecStep:
     verify_s: float
     accepted: int      # accepted draft tokens, summed over rows (the bonus / recovered token not included)
     rows: int = 1
+    lens: tuple[int, ...] = ()   # accepted drafts of each row, when known (their sum is `accepted`)
 
     @property
     def emitted(self) -> int:
@@ -70,6 +79,38 @@ def estimate_acceptance(steps) -> float | None:
         return 0.0
     f = sum(r * _accepted_on_grid(k) for k, r in rows_by_k.items())
     return float(_GRID[min(int(np.searchsorted(f, target)), len(_GRID) - 1)])
+
+
+def depth_acceptance(steps, a: float, prior: float = 2.0, z: float = 0.0) -> list[float] | None:
+    """Conditional acceptance per draft depth, c[j-1] = P(row accepts >= j | it accepted >= j - 1), from the
+    steps that report per-row lengths and drafted at least j (smoothed toward a with `prior` pseudo-rows;
+    with z > 0 each is the upper end of its Wilson interval); None without such steps.
+    Example: lengths 0 and 4 at k = 4 give c = [0.5, 1, 1, 1] before smoothing."""
+    steps = [s for s in steps if s.k > 0 and s.lens]
+    if not steps:
+        return None
+    k_top = max(s.k for s in steps)
+    reached, accepted = np.zeros(k_top + 1), np.zeros(k_top + 1)     # index j: rows that could accept depth j
+    for s in steps:
+        n = np.minimum(np.asarray(s.lens), s.k)
+        depth = np.arange(1, s.k + 1)
+        reached[1:s.k + 1] += (n[:, None] >= depth[None, :] - 1).sum(0)
+        accepted[1:s.k + 1] += (n[:, None] >= depth[None, :]).sum(0)
+    n = reached[1:] + prior
+    p = (accepted[1:] + prior * a) / n
+    if z > 0:                                  # Wilson upper bounds, as in acceptance_bounds
+        z2 = z * z
+        p = ((p + z2 / (2 * n)) + z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
+    return [float(min(1.0, x)) for x in p]
+
+
+def expected_accepted_depth(c: list[float], k: int) -> float:
+    """sigma(k): 1 + sum over j <= k of prod_{i <= j} c_i; depths past the measured ones repeat the last c."""
+    sigma, reach = 1.0, 1.0
+    for j in range(k):
+        reach *= c[min(j, len(c) - 1)]
+        sigma += reach
+    return sigma
 
 
 def acceptance_bounds(steps, z: float = 2.0, a: float | None = None) -> tuple[float, float, float] | None:
@@ -157,21 +198,31 @@ class SpecController:
     def acceptance(self) -> float | None:
         return self._cached("a", lambda: estimate_acceptance(self.spec))
 
-    def predicted(self, k: int, a: float | None = None) -> float | None:
-        """Model speedup of draft length k from the current estimates."""
+    def depths(self, z: float = 0.0) -> list[float] | None:
+        """Conditional acceptance per draft depth over the window (`depth_acceptance`; z > 0: upper bounds),
+        None without per-row lengths."""
+        a = self.acceptance()
+        return None if a is None else self._cached(("c", z), lambda: depth_acceptance(self.spec, a, z=z))
+
+    def predicted(self, k: int, a: float | None = None, upper: bool = False) -> float | None:
+        """Model speedup of draft length k from the current estimates: sigma from the per-depth acceptance when
+        rows' lengths are known (their upper bounds when `upper`), else (or when an acceptance `a` is given)
+        i.i.d. sigma(a, k)."""
+        c = self.depths(self.z if upper else 0.0) if a is None else None
         a = self.acceptance() if a is None else a
         td, t1, tk = self.t_draft(), self.t_plain(), self.t_verify(k + 1)
         if None in (a, td, t1, tk):
             return None
-        return expected_accepted(a, k) * t1 / (k * td + tk)
+        sigma = expected_accepted_depth(c, k) if c else expected_accepted(a, k)
+        return sigma * t1 / (k * td + tk)
 
-    def best_k(self, a: float | None = None) -> tuple[int, float]:
-        """(k, predicted speedup) maximising the model over 1..k_max at acceptance a (default: the estimate);
-        the speedup may be below 1; (0, 1.0) before there is anything to predict from."""
-        a = self.acceptance() if a is None else a
+    def best_k(self, a: float | None = None, upper: bool = False) -> tuple[int, float]:
+        """(k, predicted speedup) maximising the model over 1..k_max at i.i.d. acceptance a (default: the
+        window's estimates, per depth when known); the speedup may be below 1; (0, 1.0) before there is
+        anything to predict from."""
         best = (0, 1.0)
         for k in range(1, self.k_max + 1):
-            s = self.predicted(k, a)
+            s = self.predicted(k, a, upper)
             if s is not None and (best[0] == 0 or s > best[1]):
                 best = (k, s)
         return best
@@ -204,9 +255,9 @@ class SpecController:
             return 0
         if len(self.spec) < self.min_steps:
             return self.k_init
-        k, _ = self.best_k()
+        k, s = self.best_k()
         bounds = self._cached("bounds", lambda: acceptance_bounds(self.spec, self.z, self.acceptance()))
-        _, s_hi = self.best_k(bounds[2]) if bounds else (k, 1.0)
+        s_hi = max(self.best_k(upper=True)[1], self.best_k(bounds[2])[1] if bounds else 1.0)
         if k == 0 or s_hi < 1 - self.margin:           # even an optimistic acceptance loses: off, probe later
             self._switch_off()
             return 0
@@ -227,15 +278,19 @@ class SpecController:
             self.plain_since_off += 1
             if self.plain_since_off >= self.probe_every:    # probe at the k an optimistic acceptance favours
                 bounds = acceptance_bounds(self.spec, self.z)
-                k, _ = self.best_k(bounds[2] if bounds else None)
+                k, s = self.best_k(bounds[2] if bounds else None)
+                if self.depths() and self.best_k(upper=True)[1] > s:      # per depth, optimistic
+                    k = self.best_k(upper=True)[0]
                 self.probing, self.probe_k, self.plain_since_off = self.probe_steps, max(1, k), 0
 
-    def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1) -> None:
-        """Report a speculative step: k drafted per row, timings, accepted drafts summed over rows."""
+    def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1,
+                    lens: list[int] | tuple[int, ...] = ()) -> None:
+        """Report a speculative step: k drafted per row, timings, accepted drafts summed over rows, and (better)
+        each row's accepted drafts in `lens`."""
         if k <= 0:
             return self.record_plain(draft_s + verify_s, rows)
         self._memo = {}
-        self.spec.append(SpecStep(k, draft_s, verify_s, accepted, rows))
+        self.spec.append(SpecStep(k, draft_s, verify_s, accepted, rows, tuple(lens)))
         self.verify.setdefault(k + 1, deque(maxlen=self.spec.maxlen)).append(verify_s)
         if self.pinned_k is not None:
             return
@@ -251,7 +306,9 @@ class SpecController:
             return
         if self.enabled and len(self.spec) >= self.min_steps:
             s_hi = self.measured_speedup(z=self.z)
-            if s_hi is not None and s_hi < 1 - self.margin:     # the window measured a clear loss
+            # The window measured a clear loss, and the model sees no other draft length that would win (a
+            # window at a short k can lose where a longer one wins: prompt lookup's long repeated spans).
+            if s_hi is not None and s_hi < 1 - self.margin and self.best_k(upper=True)[1] < 1:
                 self._switch_off()
 
     def _switch_off(self) -> None:
@@ -261,6 +318,7 @@ class SpecController:
     def stats(self) -> dict:
         k, s = self.best_k()
         return {"enabled": self.enabled, "pinned_k": self.pinned_k, "acceptance": self.acceptance(),
+                "depth_acceptance": self.depths(),
                 "t_plain_s": self.t_plain(), "t_draft_s": self.t_draft(), "best_k": k, "predicted_speedup": s,
                 "measured_speedup": self.measured_speedup(), "switches": self.switches,
                 "probe_every": self.probe_every}
