@@ -43,6 +43,8 @@ def add_plan_parser(sub, model_args) -> None:
     p.add_argument("--overlap", action="store_true", help="assume expert loads overlap compute")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--plot", metavar="DIR", default=None, help="write speedup_vs_batch.png and speedup_vs_k.png")
+    p.add_argument("--published", action="store_true", help="instead of planning, compare predictions with "
+                   "published figures (llama.cpp, MoE-Infinity, mixtral-offloading); ignores MODEL and settings")
 
 
 def load_model_desc(spec: str | None, dtype: str | None = None, expert_bits: float | None = None) -> ModelDesc:
@@ -59,6 +61,8 @@ def load_model_desc(spec: str | None, dtype: str | None = None, expert_bits: flo
 
 
 def run_plan(args) -> dict:
+    if getattr(args, "published", False):
+        return run_published(args.json)
     if args.batch < 1 or args.context < 0 or args.prompt_len < 1:
         raise PerfError("--batch and --prompt-len must be at least 1 and --context at least 0")
     if args.acceptance is not None and not 0 <= args.acceptance <= 1:
@@ -81,6 +85,18 @@ def run_plan(args) -> dict:
         print(json.dumps(result, default=_jsonable))
     else:
         print_plan(result)
+    return result
+
+
+def run_published(as_json: bool = False) -> dict:
+    """`moespec plan --published`: predicted vs reported for the published setups (perf/published.py)."""
+    from .published import compare, mean_abs_error, print_published
+    rows = compare()
+    result = {"setups": rows, "mean_abs_error": mean_abs_error(rows)}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_published(rows)
     return result
 
 
