@@ -28,7 +28,7 @@ def test_bench_json_with_transformers_peer_and_curve(tmp_path):
     # Greedy float32: both engines produce the same tokens, and the report says so.
     assert runs[("moespec", "tg6", 2)]["vs_transformers"]["identical_sequences"] == "4/4"
     curve = report["forward_curve"]
-    assert [row["n"] for row in curve] == [1, 2, 4, 8, 16, 32, 64]
+    assert [row["n"] for row in curve] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 32, 64]
     assert curve[0]["distinct_experts_per_layer"] == 2.0          # one token, top-2
     assert all(row["distinct_experts_per_layer"] <= 6 for row in curve)  # 6 experts in the model
 

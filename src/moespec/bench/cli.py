@@ -28,7 +28,7 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill test (0 = skip)")
     b.add_argument("--peer", choices=["none", "transformers"], default="none")
-    b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..64 tokens")
+    b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..9, 16, 32, 64 tokens (verification of k = n - 1 drafts)")
     b.add_argument("--output", default=None, help="write the JSON report here")
 
 

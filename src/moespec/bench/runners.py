@@ -92,7 +92,8 @@ class TransformersRunner:
                 "_tokens": tokens}
 
 
-def forward_curve(model, ctx: int = 256, ns=(1, 2, 4, 8, 16, 32, 64), reps: int = 5, seed: int = 0) -> list[dict]:
+def forward_curve(model, ctx: int = 256, ns=(1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 32, 64), reps: int = 5,
+                  seed: int = 0) -> list[dict]:
     """Cost of one forward over n new tokens after a ctx-token context, with the experts they touch.
 
     Random tokens stand in for draft tokens; each rep re-forwards the same n slots (nothing is
