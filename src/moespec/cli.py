@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub, _model_args)
     from .calibrate.cli import add_calibrate_parser
     add_calibrate_parser(sub)
+    from .experts.profile_cli import add_profile_parser
+    add_profile_parser(sub, _model_args)
     return ap
 
 
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan,
-         "calibrate": _calibrate}.get(a.command, _bench)(a)
+         "calibrate": _calibrate, "profile": _profile}.get(a.command, _bench)(a)
     except MoespecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -264,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
 def _calibrate(a) -> None:
     from .calibrate.cli import run_calibrate
     run_calibrate(a)
+
+
+def _profile(a) -> None:
+    from .experts.profile_cli import run_profile
+    run_profile(a)
 
 
 def _plan(a) -> None:
