@@ -102,8 +102,8 @@ def test_card_and_eval_json(tiny):
             assert v["tokens"] > 0 and 0 < v["nats_per_token"] < 10 and 0 < v["bits_per_byte"] < 10
         assert set(r["unseen_code"]) == {"rich", "tokenizers", "safetensors"}
         assert all(u["files"] > 0 for u in r["unseen_code"].values())
-        assert [s["prompt"] for s in r["samples"]] == ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n",
-                                                       "import os\n\n\ndef "]
+        assert [s["prompt"] for s in r["samples"]] == ["def fibonacci(n):", "class Stack:",
+                                                       "import os\n\n\ndef list_files(path):"]
         assert ev["export"][model]["verify"]["max_abs_logit_diff"]["transformers"] <= 1e-4
     rt = ev["moe"]["routing"]
     assert rt["reuse_uniform_random"] == pytest.approx(1 - 1 / 6, abs=1e-3)  # 4 experts, top-2: C(2,2)/C(4,2)

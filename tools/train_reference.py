@@ -43,7 +43,7 @@ DRAFT = dict(model_type="qwen3", hidden_size=128, num_hidden_layers=2, num_atten
 TINY_MOE = dict(MOE, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32, num_experts=4)
 TINY_DRAFT = dict(DRAFT, hidden_size=32, head_dim=8, intermediate_size=64, num_hidden_layers=1)
 
-SAMPLE_PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\n\ndef "]
+SAMPLE_PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n\n\ndef list_files(path):"]
 
 
 def build_model(spec: dict, vocab: int):

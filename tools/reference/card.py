@@ -181,7 +181,7 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
              "code it saw. Use it for testing and benchmarking inference engines; do not use it for anything that "
              f"needs correct code or facts. Its companion is `{other}` (same tokenizer).\n")
     s.append("```python\nfrom moespec import LLM, SamplingParams\nllm = LLM()   # the bundled reference model\n"
-             "print(llm.generate(\"def fibonacci(n):\\n\", SamplingParams(max_new_tokens=64, temperature=0))[0].text)\n"
+             "print(llm.generate(\"def fibonacci(n):\", SamplingParams(max_new_tokens=64, temperature=0))[0].text)\n"
              "```\n\nIt is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it "
              "and gives the same logits as moespec in float32.\n")
     s.append(f"## Architecture\n\n{arch}\n")
@@ -196,9 +196,10 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
              f"separated by `<|endoftext|>`. The tokenizer is a byte-level BPE ({vocab:,} tokens, GPT-2 split rules, "
              "specials `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) trained on training files only.\n\n"
              f"{_data(stats, ev.get('corpus', {}))}\n")
-    s.append(f"## Training\n\n{_recipe(cfg, step, log)}\n\nWhy float32: this CPU has no AVX512-BF16, so bf16 "
-             "matmuls take a slow path (about 8× slower than float32 here); the weights were rounded to bfloat16 only "
-             "for export. The held-out numbers below are measured on those rounded weights.\n\n"
+    s.append(f"## Training\n\n{_recipe(cfg, step, log)}\n\nWhy float32: on CPUs without AVX512-BF16 bf16 "
+             "matmuls take a slow path (about 8× slower than float32 on the Zen 3 machine the recipe was first run "
+             "on), and even with it (Zen 5, this run) bf16 autocast trained about 15% slower than float32 at this "
+             "size; the weights were rounded to bfloat16 only for export. The held-out numbers below are measured on those rounded weights.\n\n"
              "![loss curve](loss_curve.png)\n\nValidation during training used a fixed subset of held-out windows:\n\n"
              f"{curve_table(log)}\n")
     s.append("## Evaluation\n\nMeasured with moespec on the exported bf16 weights upcast to float32, over **every** "
@@ -221,7 +222,12 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
                  f"window; for uniformly random routing it would share at least one expert {rt['reuse_uniform_random']:.1%} "
                  "of the time, and the shuffled baseline pairs tokens at random under the measured shares. Full "
                  f"per-expert shares are in `eval.json`.\n\n{_routing(rt)}\n")
-    s.append("## Samples\n\nGreedy, up to 96 new tokens, generated with `moespec.LLM` in float32:\n")
+    s.append("## Samples\n\nGreedy, up to 96 new tokens, generated with `moespec.LLM` in float32. End prompts "
+             "where a line ends, not after its newline: the tokenizer merges a newline with the next line's "
+             "indentation, so a prompt ending in a bare newline tells the model that the next line starts at "
+             "column 0 (after `def f(n):\\n` it writes a new top-level statement instead of the body). Greedy "
+             "decoding of a model this small also falls into repetition after a few lines; sampling "
+             "(`temperature` 0.7-0.8, `top_p` 0.95) reads better.\n")
     for x in r["samples"]:
         text = x["prompt"] + x["completion"]
         fence = "`" * max(3, 1 + max((len(m) for m in re.findall("`+", text)), default=0))  # the model writes ``` too

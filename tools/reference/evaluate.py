@@ -26,7 +26,7 @@ CTX = 512
 BATCH = 8
 HELD_OUT = ("stdlib_val", "site_val", "chat_val")
 UNSEEN_PACKAGES = ("rich", "tokenizers", "safetensors")
-SAMPLE_PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\n\ndef "]
+SAMPLE_PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n\n\ndef list_files(path):"]
 SAMPLE_TOKENS = 96
 DEAD_SHARE = 0.01
 
