@@ -31,8 +31,9 @@ for step in $STEPS; do
         --prefill-len 0 --curve --output $OUT/forward-curve-$TAG.json ;;
     batch)         # issue 5: speculation at batch 1, 4, 16
       for spec in none ngram; do
+        extra=(); [ $spec = none ] || extra=(--spec $spec --draft-len 4)
         moespec bench --prompts humaneval --num-prompts 16 --prompt-len 0 --max-new-tokens 128 --batch-size 1 4 16 \
-          --repetitions 2 --prefill-len 0 --spec $spec --draft-len 4 --output $OUT/spec-batch-$TAG-$spec.json
+          --repetitions 2 --prefill-len 0 "${extra[@]}" --output $OUT/spec-batch-$TAG-$spec.json
       done ;;
     prose)         # issue 5: the non-code prompt set
       python tools/bench_offload_spec.py --expert-cache none --prompts prose --num-prompts 8 --max-new-tokens 128 \
