@@ -89,13 +89,13 @@ def depth_acceptance(steps, a: float, prior: float = 2.0, z: float = 0.0) -> lis
     steps = [s for s in steps if s.k > 0 and s.lens]
     if not steps:
         return None
-    k_top = max(s.k for s in steps)
-    reached, accepted = np.zeros(k_top + 1), np.zeros(k_top + 1)     # index j: rows that could accept depth j
-    for s in steps:
-        n = np.minimum(np.asarray(s.lens), s.k)
-        depth = np.arange(1, s.k + 1)
-        reached[1:s.k + 1] += (n[:, None] >= depth[None, :] - 1).sum(0)
-        accepted[1:s.k + 1] += (n[:, None] >= depth[None, :]).sum(0)
+    # One row per (step, row): its k and accepted length n, vectorised (this runs before every step).
+    ks = np.array([s.k for s in steps for _ in s.lens])
+    ns = np.minimum(np.array([n for s in steps for n in s.lens]), ks)
+    depth = np.arange(1, int(ks.max()) + 1)[None, :]                  # [1, k_top]
+    drafted = depth <= ks[:, None]                                     # [rows, k_top]
+    reached = np.concatenate(([0.0], (drafted & (ns[:, None] >= depth - 1)).sum(0)))
+    accepted = np.concatenate(([0.0], (drafted & (ns[:, None] >= depth)).sum(0)))
     n = reached[1:] + prior
     p = (accepted[1:] + prior * a) / n
     if z > 0:                                  # Wilson upper bounds, as in acceptance_bounds
@@ -219,13 +219,15 @@ class SpecController:
     def best_k(self, a: float | None = None, upper: bool = False) -> tuple[int, float]:
         """(k, predicted speedup) maximising the model over 1..k_max at i.i.d. acceptance a (default: the
         window's estimates, per depth when known); the speedup may be below 1; (0, 1.0) before there is
-        anything to predict from."""
-        best = (0, 1.0)
-        for k in range(1, self.k_max + 1):
-            s = self.predicted(k, a, upper)
-            if s is not None and (best[0] == 0 or s > best[1]):
-                best = (k, s)
-        return best
+        anything to predict from. Memoised until the next record (it runs before every step)."""
+        def search():
+            best = (0, 1.0)
+            for k in range(1, self.k_max + 1):
+                s = self.predicted(k, a, upper)
+                if s is not None and (best[0] == 0 or s > best[1]):
+                    best = (k, s)
+            return best
+        return self._cached(("best", a, upper), search)
 
     def measured_speedup(self, steps=None, z: float = 0.0) -> float | None:
         """Tokens/s of the given speculative steps (default: the window) over plain tokens/s; with z > 0, that
@@ -256,8 +258,10 @@ class SpecController:
         if len(self.spec) < self.min_steps:
             return self.k_init
         k, s = self.best_k()
-        bounds = self._cached("bounds", lambda: acceptance_bounds(self.spec, self.z, self.acceptance()))
-        s_hi = max(self.best_k(upper=True)[1], self.best_k(bounds[2])[1] if bounds else 1.0)
+        s_hi = s
+        if s < 1 - self.margin:           # the optimistic models only matter when the estimate loses
+            bounds = self._cached("bounds", lambda: acceptance_bounds(self.spec, self.z, self.acceptance()))
+            s_hi = max(self.best_k(upper=True)[1], self.best_k(bounds[2])[1] if bounds else 1.0)
         if k == 0 or s_hi < 1 - self.margin:           # even an optimistic acceptance loses: off, probe later
             self._switch_off()
             return 0
