@@ -49,6 +49,7 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
                            "and draft lengths >= 0")
     say = log or (lambda msg: None)
     context = prompt_len + new_tokens // 2
+    kind = prompt_set or ("humaneval" if max(draft_lens) > 0 else "random")
     points, model = [], None
     for cache in caches:
         for k in draft_lens:
@@ -58,7 +59,6 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
             llm = LLM(model_path, dtype="float32", offload=offload, speculative=spec)
             try:
                 desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0)
-                kind = prompt_set or ("humaneval" if max(draft_lens) > 0 else "random")
                 prompts = load_prompts(kind, max(batches), prompt_len, llm.config.vocab_size, llm.tokenizer)
                 for b in batches:
                     say(f"batch {b}, draft length {k}, {'all experts resident' if cache is None else cache + ' cache'}")
@@ -73,7 +73,7 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
               for c in caches for k in {min(k, 1) for k in draft_lens}}
     fwd = [p for p in points if "forward_error" in p]
     return {"model": model, "dtype": "float32", "new_tokens": new_tokens, "prompt_len": prompt_len,
-            "prompts": prompt_set or ("humaneval" if max(draft_lens) > 0 else "random"),
+            "prompts": kind,
             "context": context, "repetitions": repetitions, "hardware": profile.name, "points": points,
             "mape": mape, "mape_by": groups,
             "forward_mape": sum(abs(p["forward_error"]) for p in fwd) / len(fwd) if fwd else None}

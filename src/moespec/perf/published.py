@@ -169,9 +169,9 @@ def predict_tpot(s: Setup) -> float:
     return t + (decode_tpot(_experts_only(m, n), s.cpu, s.batch, s.context) if n else 0.0)
 
 
-def predict(s: Setup) -> float:
-    """The predicted value of the reported metric."""
-    t = predict_tpot(s)
+def predict(s: Setup, tpot: float | None = None) -> float:
+    """The predicted value of the reported metric (from `tpot`, the predicted step seconds, when given)."""
+    t = predict_tpot(s) if tpot is None else tpot
     return s.batch / t if s.metric == "tok_s" else t
 
 
@@ -179,11 +179,12 @@ def compare(setups=SETUPS) -> list[dict]:
     """One row per setup: predicted, reported, unit, relative error (predicted - reported) / reported, source."""
     rows = []
     for s in setups:
-        p = predict(s)
+        t = predict_tpot(s)
+        p = predict(s, t)
         rows.append({"setup": s.name, "model": s.model, "hardware": s.hardware.name + (f" + {s.cpu.name}" if s.cpu
                      else ""), "metric": s.metric, "unit": "tok/s" if s.metric == "tok_s" else "s/token",
                      "batch": s.batch, "context": s.context, "reported": s.reported, "predicted": p,
-                     "error": (p - s.reported) / s.reported, "predicted_tpot_s": predict_tpot(s),
+                     "error": (p - s.reported) / s.reported, "predicted_tpot_s": t,
                      "source": s.source, "notes": s.notes,
                      "hardware_sources": list(s.hardware.sources) + (list(s.cpu.sources) if s.cpu else [])})
     return rows
