@@ -53,7 +53,12 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
     for v in (hw.mem_bw_gbs, hw.peak_fp32_tflops, hw.peak_bf16_tflops, hw.slow_bw_gbs, hw.slow_latency_s,
               hw.fast_mem_bytes):
         assert math.isfinite(v) and v > 0
-    assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and len(hw.sources) >= 7
+    assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and hw.spec_step_overhead_s >= 0
+    assert len(hw.sources) >= 8 and "speculative step overhead" in hw.sources[-1]
+    assert report["measurements"]["spec_overhead"]["mean_width"] > 1    # the repeated phrase was drafted
+    # random single reads of 256 KiB, 1 MiB and 4 MiB: an expert miss is priced from them
+    assert [b for b, _ in hw.slow_read_gbs] == [256 * 1024, 1024 * 1024, 4 * 1024 * 1024]
+    assert all(math.isfinite(g) and g > 0 for _, g in hw.slow_read_gbs)
     for table in (hw.rows_fp32_tflops, hw.rows_bf16_tflops):           # M-rows tables: every size x M measured
         assert {m for _, m, _ in table} == {1, 2, 4, 8, 16, 32, 64} and len({s for s, _, _ in table}) == 3
         assert all(s > 0 and math.isfinite(tf) and tf > 0 for s, _, tf in table)

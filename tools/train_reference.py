@@ -78,6 +78,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="reuse this tokenizer.json instead of training one (keeps an earlier release's ids)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start the MoE from this earlier run's ckpt.pt (weights only: fresh optimizer and LR "
+                         "schedule), i.e. continue pre-training a released model with --tokens more tokens")
+    ap.add_argument("--lr", type=float, default=None, help="MoE peak learning rate (default 1.5e-3)")
+    ap.add_argument("--warmup", type=int, default=None, help="MoE warm-up steps (default 200)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast (about 1.2x faster on CPUs with AVX512-BF16; far slower without)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="cap held-out tokens scored per set at export")
     a = ap.parse_args()
     if a.stage == "export" and a.export is None:
@@ -132,8 +139,16 @@ def main() -> None:
         cfg = TrainConfig(total_tokens=int(20_000 if a.tiny else tokens), ctx=64 if a.tiny else 512,
                           batch=4 if a.tiny else 8, warmup_steps=5 if a.tiny else 200,
                           eval_every=40 if a.tiny else 500, save_every=40 if a.tiny else 100,
-                          sample_every=10**9 if a.tiny else 1000, lr=1.5e-3 if name == "moe" else 2e-3)
+                          sample_every=10**9 if a.tiny else 1000, lr=1.5e-3 if name == "moe" else 2e-3,
+                          bf16_autocast=a.bf16)
         model = build_model(spec, vocab)
+        if name == "moe":
+            cfg.lr = a.lr or cfg.lr
+            cfg.warmup_steps = a.warmup if a.warmup is not None else cfg.warmup_steps
+            if a.init_from is not None and not (run / name / "ckpt.pt").exists():
+                # Continued pre-training: the released weights, a new optimizer and a new cosine cycle.
+                model.load_state_dict(torch.load(a.init_from, weights_only=False)["model"])
+                print(f"moe: initialised from {a.init_from}", flush=True)
         data_w = Windows([streams[n] for n in train_names], [weights[n] for n in train_names], cfg.ctx)
         res = train(model, cfg, data_w, evals(cfg.ctx), run / name, make_sampler(tok, run / name), a.time_limit)
         print(name, res, flush=True)

@@ -231,6 +231,28 @@ def read_latency(path, size: int, reads: int, direct: bool = True) -> float:
     return statistics.median(times)
 
 
+def random_reads(path, size: int, block: int, reads: int, direct: bool = True) -> float:
+    """GB/s of `reads` single reads of `block` bytes at random block-aligned offsets: how expert misses
+    reach the SSD (one blob, or one run of adjacent blobs, per read), unlike a long sequential read."""
+    buf = mmap.mmap(-1, block)
+    fd, _ = _open(path, direct)
+    rng = random.Random(1)
+    spent = 0.0
+    try:
+        for _ in range(reads):
+            off = rng.randrange(size // block) * block
+            t = time.perf_counter()
+            os.preadv(fd, [buf], off)
+            spent += time.perf_counter() - t
+    finally:
+        os.close(fd)
+        buf.close()
+    return reads * block / spent / 1e9
+
+
+READ_BLOCKS = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)   # random-read sizes: one expert blob is 0.1-20 MB
+
+
 def ssd(folder: Path, mib: int, latency_reads: int) -> dict:
     """Write a `mib` MiB temporary file in `folder`, time reading it back, delete it."""
     path = folder / f".moespec-calibrate-{os.getpid()}.bin"
@@ -243,11 +265,14 @@ def ssd(folder: Path, mib: int, latency_reads: int) -> dict:
         size = path.stat().st_size
         r = read_direct(path)
         lat = read_latency(path, size, latency_reads)
+        blocks = {b: random_reads(path, size, b, max(8, min(256, 64 * MiB // b)), r.direct) for b in READ_BLOCKS
+                  if b <= size}
     except OSError as e:
         raise MoespecError(f"cannot measure the SSD in {folder}: {e.strerror or e}") from None
     finally:
         path.unlink(missing_ok=True)
-    return {"read_gbs": r.gbs, "direct": r.direct, "latency_s": lat, "file_bytes": size}
+    return {"read_gbs": r.gbs, "direct": r.direct, "latency_s": lat, "file_bytes": size,
+            "random_read_gbs": {str(b): g for b, g in blocks.items()}}
 
 
 def time_forwards(model, batch: int, context: int, n: int, warmup: int = 3) -> tuple[float, float]:
@@ -298,6 +323,47 @@ def overheads(hw: Hardware, knobs: Knobs) -> dict:
             "tpot_s": tpot, "step_overhead_s": max(0.0, statistics.median(t - f for t, f in zip(tpots, fwds)))}
 
 
+def verify_time(desc, hw: Hardware, rows: float, width: float, context: int, offload=None) -> float:
+    """Predicted seconds of one verification forward of `rows` rows of mean `width` tokens (linear between
+    whole widths: a run's mean width is fractional)."""
+    from ..perf.step import forward_cost
+    lo = max(1, math.floor(width))
+    t_lo, t_hi = (forward_cost(desc, hw, rows, t, context, offload=offload).time for t in (lo, lo + 1))
+    return t_lo + (width - lo) * (t_hi - t_lo)
+
+
+def spec_overhead(hw: Hardware, knobs: Knobs) -> dict:
+    """Host cost of a speculative step beyond its forwards: prompt-lookup speculation (k = 4, batch 1) on a
+    prompt that repeats a random phrase (so drafts exist and are accepted), per step: decode time / steps
+    minus the predicted verification forward of the run's mean width and the drafting (`hw` must already
+    hold the layer and step overheads)."""
+    from ..assets import REFERENCE_MODEL
+    from ..bench.workloads import random_prompts
+    from ..engine import LLM
+    from ..perf.model import ModelDesc
+    from ..perf.spec import Drafter
+    from ..sampling import SamplingParams
+    k = knobs
+    llm = LLM(REFERENCE_MODEL, dtype="float32", speculative={"method": "ngram", "num_speculative_tokens": 4})
+    desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
+    phrase = random_prompts(1, 8, llm.config.vocab_size, seed=2)[0]
+    prompt = [phrase * max(1, (k.context - k.step_tokens // 2) // 8)]
+    context = len(prompt[0]) + k.step_tokens // 2
+    params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompt, params)                           # warm-up
+    per_step, widths = [], []
+    for _ in range(k.step_runs):
+        st = llm.generate(prompt, params)[0].stats
+        steps = st["draft_steps"]
+        width = st["verify_tokens"] / st["row_steps"]
+        t_draft = st["draft_tokens"] / steps * Drafter("ngram", 0.0).draft_time(desc, hw, 1, context)
+        per_step.append(st["decode_s"] / steps - verify_time(desc, hw, 1, width, context) - t_draft)
+        widths.append(width)
+    llm.close()
+    return {"spec_step_overhead_s": max(0.0, statistics.median(per_step)), "mean_width": statistics.mean(widths),
+            "runs": len(per_step)}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -344,6 +410,7 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
         name=f"calibrated: {socket.gethostname()} ({cpu})", mem_bw_gbs=mem["gemv_gbs"], peak_fp32_tflops=fp32,
         peak_bf16_tflops=bf16, slow_bw_gbs=disk["read_gbs"], slow_latency_s=disk["latency_s"],
         layer_overhead_s=0.0, fast_mem_bytes=total_ram(), slow_kind="ssd",
+        slow_read_gbs=tuple((int(b), g) for b, g in disk["random_read_gbs"].items()) or None,
         rows_fp32_tflops=tables["fp32"], rows_bf16_tflops=tables["bf16"])
     say("per-layer and per-step overhead (reference model forwards and generation, batch 1)")
     ov = overheads(hw, k)
@@ -360,17 +427,24 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
          f"the {k.mem_mib} MiB fp32 weight: " + " / ".join(f"{v:.1f}" for v in mem["rows_gbs"].values())
          + " GB/s"),
         (f"SSD: {disk['file_bytes'] // MiB} MiB sequential read in 4 MiB chunks with {io} in {folder}; "
-         f"latency = median of {k.latency_reads} random 4 KiB reads"),
+         f"latency = median of {k.latency_reads} random 4 KiB reads; single reads at random aligned offsets: "
+         + ", ".join(f"{int(b) // 1024} KiB {g:.2f} GB/s" for b, g in disk["random_read_gbs"].items())),
         (f"layer overhead: median of {k.step_runs} medians of {max(3, k.forwards // k.step_runs)} one-token "
          f"forwards of the reference model (float32, batch 1, context {k.context}): {ov['forward_s'] * 1e3:.2f} "
          f"ms, minus {ov['rate_bound_s'] * 1e3:.2f} ms of rate-bound time, over {ov['calls']} layer calls"),
         (f"step overhead: median over {k.step_runs} greedy generations of {k.step_tokens} tokens at batch 1 "
          f"(median TPOT {ov['tpot_s'] * 1e3:.2f} ms) of TPOT minus the forwards timed right after it"),
     )
-    hw = replace(hw, layer_overhead_s=ov["overhead_s"], step_overhead_s=ov["step_overhead_s"], sources=sources,
+    hw = replace(hw, layer_overhead_s=ov["overhead_s"], step_overhead_s=ov["step_overhead_s"])
+    say("speculative step overhead (prompt lookup, k = 4, batch 1)")
+    sov = spec_overhead(hw, k)
+    sources += ((f"speculative step overhead: median over {sov['runs']} prompt-lookup generations (k = 4, batch 1, "
+                 f"mean verify width {sov['mean_width']:.2f}) of decode time per step minus the predicted "
+                 f"verification forward and drafting: {sov['spec_step_overhead_s'] * 1e6:.0f} us"),)
+    hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], sources=sources,
                  notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
                        "1.0); valid for this thread count and a machine otherwise idle")
     return hw, {"time": when, "threads": threads, "fp32_tflops": fp32, "bf16_tflops": bf16, "memory": mem,
                 "rows_tables": {key: [list(r) for r in t] for key, t in tables.items()},
-                "ssd": disk, "overhead": ov, "offload_dir": str(folder)}
+                "ssd": disk, "overhead": ov, "spec_overhead": sov, "offload_dir": str(folder)}
 

@@ -4,8 +4,10 @@ A grid of points: every batch size B x draft length k (0 = plain decoding, k > 0
 with k draft tokens) x expert cache (None = every expert resident, or a cache size such as "25%" over the
 SSD tier). For each point moespec generates `new_tokens` tokens per row (float32, greedy, EOS ignored) from
 B prompts (`prompt_set`: by default random tokens, or the HumanEval prompts cut to `prompt_len` tokens when
-speculating, so prompt lookup finds matches); measured TPOT = median over repetitions of the rows' mean `tpot_s`. The error of a
-point is (predicted - measured) / measured; MAPE is the mean of their absolute values.
+speculating, so prompt lookup finds matches); measured TPOT = median over repetitions of the batch's decode
+time per token (the slowest row's `decode_s` / (new_tokens - 1): B / TPOT is the batch's tokens/s; with
+speculation rows finish at different steps, so the rows' own mean `tpot_s`, kept as `row_tpot_s`, is lower).
+The error of a point is (predicted - measured) / measured; MAPE is the mean of their absolute values.
 
 Predicted TPOT comes from `perf.step.forward_cost` of the checkpoint's config at float32, context
 prompt_len + new_tokens / 2 (the mean context while decoding), uniform routing:
@@ -13,7 +15,8 @@ prompt_len + new_tokens / 2 (the mean context while decoding), uniform routing:
 - speculative: the run's own counts are inputs, as in MoESD's validation (acceptance is measured, the model
   prices steps): S verification forwards of mean width W = verify_tokens / (S x rows) tokens, over the mean
   live rows R = row_steps / S, each after its drafts (`Drafter.draft_time`); TPOT = S x (T(R, W) + drafted
-  per step x t_draft) / (new_tokens - 1), with T interpolated linearly between whole widths;
+  per step x t_draft + the profile's spec_step_overhead_s) / (new_tokens - 1), with T interpolated linearly
+  between whole widths;
 - offloaded: the measured cache hit rate of the run (`Offload(hit_rate=...)`), misses priced at the
   profile's SSD bandwidth and latency, not overlapped.
 
@@ -89,15 +92,16 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
     from ..perf.spec import Drafter
     from ..perf.step import Offload, decode_tpot, forward_cost
     from ..sampling import SamplingParams
-    from .measure import time_forwards
+    from .measure import time_forwards, verify_time
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     b = len(prompts)
     for _ in range(warmup):
         llm.generate(prompts, params)
-    runs, stats = [], []
+    runs, rows_tpot, stats = [], [], []
     for _ in range(repetitions):
         outs = llm.generate(prompts, params)
-        runs.append(statistics.mean(o.stats["tpot_s"] for o in outs))
+        runs.append(max(o.stats["decode_s"] for o in outs) / (new_tokens - 1))
+        rows_tpot.append(statistics.mean(o.stats["tpot_s"] for o in outs))
         stats.append(outs[0].stats)                   # spec and expert counters are per generate call
     measured = statistics.median(runs)
     offload, hit = None, None
@@ -107,6 +111,7 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
         hit = hits / total if total else 1.0
         offload = Offload(cached_experts=float(stats[0]["cache_capacity"]), hit_rate=hit)
     pt = {"batch": b, "k": k, "cache": cache, "hit_rate": hit, "measured_s": measured,
+          "row_tpot_s": statistics.median(rows_tpot),
           "measured_spread": (max(runs) - min(runs)) / measured}
     if k == 0:
         pt["predicted_s"] = predicted = decode_tpot(desc, profile, b, context, offload=offload)
@@ -121,11 +126,9 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
         rows = statistics.mean(s["row_steps"] for s in stats) / steps
         width = statistics.mean(s["verify_tokens"] for s in stats) / (steps * rows)
         drafted = statistics.mean(s["draft_tokens"] for s in stats) / steps       # per step, over the rows
-        lo = max(1, math.floor(width))
-        t_lo, t_hi = (forward_cost(desc, profile, rows, t, context, offload=offload).time for t in (lo, lo + 1))
-        t_verify = t_lo + (width - lo) * (t_hi - t_lo)
+        t_verify = verify_time(desc, profile, rows, width, context, offload)
         t_draft = Drafter("ngram", 0.0).draft_time(desc, profile, 1, context)   # per drafted token
-        pt["predicted_s"] = steps * (t_verify + drafted * t_draft) / (new_tokens - 1)
+        pt["predicted_s"] = steps * (t_verify + drafted * t_draft + profile.spec_step_overhead_s) / (new_tokens - 1)
         pt.update(steps=steps, mean_rows=rows, mean_width=width,
                   tokens_per_step=(new_tokens - 1) / steps,
                   acceptance=statistics.mean(s["acceptance_rate"] for s in stats))

@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..errors import MoespecError
 from ..experts.pool import ExpertPool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
-from ..models.layout import LayoutChooser
+from ..models.layout import LayoutChooser, as_layout
 from ..models.moe import MLPWeights, MoEWeights
 from .checkpoint import Checkpoint
 
@@ -30,7 +30,7 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
         return ck.get(name, shape).to(dtype=dtype, device=device)
 
     D = c.hidden_size
-    embed = get("model.embed_tokens.weight", (c.vocab_size, D))
+    embed = as_layout(get("model.embed_tokens.weight", (c.vocab_size, D)), False)   # aligned: also the tied head
     if ck.has("lm_head.weight"):
         lm_head = lay.apply(get("lm_head.weight", (c.vocab_size, D)))
     elif c.tie_word_embeddings:

@@ -2,9 +2,11 @@
 
 Decode is memory-bound: each token streams every active weight once through a matrix-vector
 product, and the speed of that product depends on whether the [out, in] matrix is stored row-major
-or column-major, in a way that varies with the shape and the BLAS (measured on a 2-core AVX2 EPYC:
-[2048, 512] runs 1.6x faster column-major, [512, 1024] 1.4x faster row-major). So each distinct
-shape is timed once at load, on matrices too many to stay in cache, and the faster layout is kept.
+or column-major, in a way that varies with the shape and the BLAS (measured on a 2-core AVX2 EPYC
+with F.linear: [2048, 512] runs 1.6x faster column-major, [512, 1024] 1.4x faster row-major; on a
+Zen 5 EPYC row-major through layers.linear's W @ X^T path wins every shape, up to 1.8x at one row
+and 3x at four). So each distinct shape is timed once at load (one row and four rows: decode and
+verification), on matrices too many to stay in cache, and the faster layout is kept.
 Both layouts give the same logical [out, in] tensor, so compute code is unchanged.
 """
 from __future__ import annotations
@@ -16,27 +18,37 @@ import torch
 
 def as_layout(w: torch.Tensor, colmajor: bool) -> torch.Tensor:
     """The same [out, in] matrix, stored column-major (its transpose contiguous) if asked."""
-    return w.t().contiguous().t() if colmajor else w.contiguous()
+    if colmajor:
+        return w.t().contiguous().t()
+    # A fresh copy when the tensor is a view at an odd offset (e.g. into a checkpoint file): BLAS rounding
+    # depends on operand alignment, and the same weights must give the same logits however they were stored.
+    return w.contiguous() if w.is_contiguous() and w.data_ptr() % 64 == 0 else w.clone(memory_format=torch.contiguous_format)
 
 
-def faster_colmajor(shape: tuple[int, int], dtype: torch.dtype, device, budget_bytes: int = 64 << 20) -> bool:
-    """True if y = x W^T (x one row) is faster with W stored column-major."""
+def faster_colmajor(shape: tuple[int, int], dtype: torch.dtype, device, budget_bytes: int = 64 << 20,
+                    rows: tuple[int, ...] = (1, 4)) -> bool:
+    """True if the products decode and verification make (1 and 4 rows, times summed) are faster with W stored
+    column-major than row-major, each through `layers.linear` (which takes the W @ X^T path for row-major
+    fp32 weights)."""
+    from .layers import linear
     if torch.device(device).type != "cpu":
         return False
     out_f, in_f = shape
     n = max(2, min(16, budget_bytes // max(1, out_f * in_f * torch.finfo(dtype).bits // 8)))
-    rows = [torch.randn(out_f, in_f).to(dtype) for _ in range(n)]
-    x = torch.randn(1, in_f).to(dtype)
+    mats = [torch.randn(out_f, in_f).to(dtype) for _ in range(n)]
+    xs = [torch.randn(m, in_f).to(dtype) for m in rows]
     best = {}
     for col in (False, True):
-        ws = [as_layout(w, col) for w in rows]
-        for w in ws[:2]:
-            torch.nn.functional.linear(x, w)
+        ws = [as_layout(w, col) for w in mats]
+        for x in xs:
+            for w in ws[:2]:
+                linear(x, w)
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            for w in ws:
-                torch.nn.functional.linear(x, w)
+            for x in xs:
+                for w in ws:
+                    linear(x, w)
             times.append(time.perf_counter() - t)
         best[col] = min(times)
     return best[True] < 0.9 * best[False]    # keep the usual layout unless the other clearly wins

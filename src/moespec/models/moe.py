@@ -65,8 +65,8 @@ def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool:
     if n == 1:
         out = None
         for j, s in enumerate(slots[0].tolist()):
-            g, u = F.linear(x, pool.w13[s]).chunk(2, dim=-1)
-            y = F.linear(F.silu(g) * u, pool.w2[s]) * w[0, j]
+            g, u = linear(x, pool.w13[s]).chunk(2, dim=-1)
+            y = linear(F.silu(g) * u, pool.w2[s]) * w[0, j]
             out = y if out is None else out + y
         return out
     return sum_k(expert_outputs(x, slots, w, pool))

@@ -54,6 +54,12 @@ class Hardware:
     rows_fp32_tflops: tuple[tuple[float, float, float], ...] | None = None
     rows_bf16_tflops: tuple[tuple[float, float, float], ...] | None = None
     step_overhead_s: float = 0.0  # fixed cost per forward outside the model: sampling, loop bookkeeping
+    # (read bytes, GB/s) of single reads at random offsets of the slow tier (calibrated SSDs): an expert
+    # miss is one such read, far slower than the sequential rate when blobs are small; None: use
+    # slow_bw_gbs and slow_latency_s
+    slow_read_gbs: tuple[tuple[float, float], ...] | None = None
+    spec_step_overhead_s: float = 0.0  # extra fixed cost of a speculative step (drafting bookkeeping,
+                                       # acceptance, KV rollback) over a plain one
 
     @property
     def mem_bw(self) -> float:
@@ -63,6 +69,24 @@ class Hardware:
     @property
     def slow_bw(self) -> float:
         return self.slow_bw_gbs * 1e9 * self.slow_eff
+
+    def slow_read_s(self, nbytes: float) -> float:
+        """Seconds to read one blob of `nbytes` from the slow tier at a random offset (latency included):
+        the random-read table interpolated in log size, else slow_latency_s + nbytes / slow_bw."""
+        t = self.slow_read_gbs
+        if not t:
+            return self.slow_latency_s + nbytes / self.slow_bw
+        pts = sorted(t)
+        if nbytes <= pts[0][0] or len(pts) == 1:
+            g = pts[0][1]
+        elif nbytes >= pts[-1][0]:
+            g = pts[-1][1]
+        else:
+            i = next(i for i in range(1, len(pts)) if pts[i][0] >= nbytes)
+            (b0, g0), (b1, g1) = pts[i - 1], pts[i]
+            f = math.log(nbytes / b0) / math.log(b1 / b0)
+            g = g0 + f * (g1 - g0)
+        return nbytes / (g * 1e9 * self.slow_eff)
 
     def peak_flops(self, dtype_bytes: float) -> float:
         """Reachable flop/s for weights of this width: fp32 for 4-byte weights, bf16/fp16 below."""
@@ -148,10 +172,25 @@ class Hardware:
         for k in ("rows_fp32_tflops", "rows_bf16_tflops"):
             if d.get(k) is not None:
                 d[k] = _rows(d[k], k)
+        if d.get("slow_read_gbs") is not None:
+            d["slow_read_gbs"] = _reads(d["slow_read_gbs"])
         return Hardware(**d)
 
     def with_rates(self, **kw) -> "Hardware":
         return replace(self, **kw)
+
+
+def _reads(table) -> tuple[tuple[float, float], ...] | None:
+    """A JSON random-read table ([[read bytes, GB/s], ...]) as a tuple of pairs; an empty one means none."""
+    try:
+        rows = tuple((float(b), float(g)) for b, g in table)
+        ok = all(0 < v < math.inf for r in rows for v in r) and len({r[0] for r in rows}) == len(rows)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PerfError("hardware profile: slow_read_gbs must be a list of [read bytes, GB/s] pairs with positive "
+                        "finite values and no repeated size")
+    return rows or None
 
 
 def _rows(table, key: str) -> tuple[tuple[float, float, float], ...] | None:

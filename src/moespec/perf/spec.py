@@ -93,7 +93,7 @@ def spec_decode(target: ModelDesc, hw: Hardware, drafter: Drafter, batch: int, c
     verify = forward_cost(target, hw, batch, k + 1, context, offload=offload, profile=profile, budget=budget)
     td = drafter.draft_time(target, hw, batch, context)
     sigma = expected_accepted(a, k)
-    step = k * td + verify.time
+    step = k * td + verify.time + hw.spec_step_overhead_s     # host cost of a speculative step (calibrated)
     return {"k": k, "acceptance": a, "tokens_per_step": sigma, "step_s": step, "tpot_s": step / sigma,
             "tokens_per_s": batch * sigma / step, "speedup": sigma * t1 / step,
             "target_efficiency": t1 / verify.time, "draft_s": td, "verify_s": verify.time,
@@ -106,7 +106,9 @@ def best_spec(target: ModelDesc, hw: Hardware, drafter: Drafter, batch: int, con
     td = drafter.draft_time(target, hw, batch, context)
 
     def t_of(t):
-        kw = {"budget": budget} if t > 1 else {}
-        return forward_cost(target, hw, batch, t, context, offload=offload, profile=profile, **kw).time
+        if t == 1:
+            return forward_cost(target, hw, batch, 1, context, offload=offload, profile=profile).time
+        return forward_cost(target, hw, batch, t, context, offload=offload, profile=profile,
+                            budget=budget).time + hw.spec_step_overhead_s
     k, _ = best_k(drafter.acceptance, t_of, td, k_max)
     return spec_decode(target, hw, drafter, batch, context, k, offload=offload, profile=profile, budget=budget)

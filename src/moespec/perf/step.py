@@ -113,8 +113,12 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
         dense_compute = max(model.dense_layer_bytes / bw, attn_mm + mm(model.mlp_params, N, db, 2)) + attn
         head_compute = max(head_bytes / bw, mm(model.head_params, batch * rows, db, 1))
 
-    def slow(m):        # one batch of loads per layer: latency once if anything misses
-        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) if m > 0 else 0.0
+    def slow(m):        # m expert reads per layer
+        if m <= 0:
+            return 0.0
+        if hw.slow_read_gbs:                     # calibrated: one random read per missed expert blob
+            return m * hw.slow_read_s(model.expert_bytes)
+        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m)   # latency once per batch
 
     ov = offload or Offload(model.experts)
     pre = min(ov.prefetched_layers, model.moe_layers)
