@@ -54,7 +54,10 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
               hw.fast_mem_bytes):
         assert math.isfinite(v) and v > 0
     assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and hw.spec_step_overhead_s >= 0
-    assert len(hw.sources) >= 8 and "speculative step overhead" in hw.sources[-1]
+    assert len(hw.sources) >= 9 and "speculative step overhead" in hw.sources[-2]
+    assert hw.miss_overhead_s >= 0 and "miss overhead" in hw.sources[-1]
+    miss = report["measurements"]["miss_overhead"]
+    assert 0 < miss["hit_rate"] < 1 and miss["misses_per_layer"] > 0     # the 25% cache really missed
     assert report["measurements"]["spec_overhead"]["mean_width"] > 1    # the repeated phrase was drafted
     # random single reads of 256 KiB, 1 MiB and 4 MiB: an expert miss is priced from them
     assert [b for b, _ in hw.slow_read_gbs] == [256 * 1024, 1024 * 1024, 4 * 1024 * 1024]

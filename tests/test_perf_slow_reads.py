@@ -45,6 +45,15 @@ def test_misses_priced_one_read_per_expert():
         REF.moe_layers * (REF.expert_bytes / CPU.slow_bw + CPU.slow_latency_s), rel=1e-9)
 
 
+def test_miss_overhead_once_per_waiting_layer():
+    hw = replace(HW, miss_overhead_s=1e-4)
+    for hit, m in ((0.5, 1.0), (0.75, 0.5)):                 # misses per layer: union 2 x (1 - hit)
+        off = Offload(cached_experts=4, hit_rate=hit)
+        extra = forward_cost(REF, hw, 1, 1, 32, offload=off).time - forward_cost(REF, HW, 1, 1, 32, offload=off).time
+        assert extra == pytest.approx(REF.moe_layers * 1e-4 * min(1.0, m), rel=1e-9)
+    assert forward_cost(REF, hw, 1, 1, 32).time == forward_cost(REF, HW, 1, 1, 32).time   # no misses, no wait
+
+
 def test_spec_step_overhead_is_paid_once_per_speculative_step():
     d = Drafter("ngram", 0.7)
     base = spec_decode(REF, CPU, d, 1, 64, 4)

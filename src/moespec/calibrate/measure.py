@@ -36,6 +36,7 @@ import math
 import mmap
 import os
 import random
+import shutil
 import socket
 import statistics
 import time
@@ -364,6 +365,42 @@ def spec_overhead(hw: Hardware, knobs: Knobs) -> dict:
             "runs": len(per_step)}
 
 
+def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path) -> dict:
+    """Fixed cost per layer that waits for expert loads: batch-1 greedy decoding of the reference model with a
+    25% expert cache over the SSD tier in `folder`; (measured TPOT - the model's TPOT at the run's measured
+    hit rate, reads priced by `hw`) / (MoE layers x min(1, misses per layer per token))."""
+    from ..assets import REFERENCE_MODEL
+    from ..bench.workloads import random_prompts
+    from ..config import OffloadConfig
+    from ..engine import LLM
+    from ..perf.model import ModelDesc
+    from ..perf.step import Offload, decode_tpot
+    from ..sampling import SamplingParams
+    k = knobs
+    tmp = folder / f".moespec-calibrate-{os.getpid()}"       # its packed expert file goes away afterwards
+    llm = None
+    try:
+        llm = LLM(REFERENCE_MODEL, dtype="float32",
+                  offload=OffloadConfig(expert_cache="25%", offload="disk", offload_dir=str(tmp)))
+        desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
+        prompt = random_prompts(1, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=3)
+        params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
+        llm.generate(prompt, params)                       # warm-up (and packs the expert file once)
+        runs = [llm.generate(prompt, params)[0].stats for _ in range(k.step_runs)]
+    finally:
+        if llm is not None:
+            llm.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    hits, misses = sum(r["expert_hits"] for r in runs), sum(r["expert_misses"] for r in runs)
+    hit = hits / max(1, hits + misses)
+    per_layer = misses / (sum(r["new_tokens"] for r in runs) * desc.moe_layers)
+    tpot = statistics.median(r["tpot_s"] for r in runs)
+    pred = decode_tpot(desc, hw, 1, k.context, offload=Offload(float(runs[0]["cache_capacity"]), hit_rate=hit))
+    waits = desc.moe_layers * min(1.0, per_layer)
+    return {"miss_overhead_s": max(0.0, (tpot - pred) / waits) if waits > 0 else 0.0, "tpot_s": tpot,
+            "predicted_s": pred, "hit_rate": hit, "misses_per_layer": per_layer, "runs": len(runs)}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -441,10 +478,17 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
     sources += ((f"speculative step overhead: median over {sov['runs']} prompt-lookup generations (k = 4, batch 1, "
                  f"mean verify width {sov['mean_width']:.2f}) of decode time per step minus the predicted "
                  f"verification forward and drafting: {sov['spec_step_overhead_s'] * 1e6:.0f} us"),)
-    hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], sources=sources,
+    say("expert miss overhead (25% expert cache over the SSD tier, batch 1)")
+    mov = miss_overhead(replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"]), k, folder)
+    sources += ((f"miss overhead: batch-1 decoding with a 25% expert cache in {folder} (hit rate "
+                 f"{mov['hit_rate']:.2f}, {mov['misses_per_layer']:.2f} misses per layer per token): median TPOT "
+                 f"{mov['tpot_s'] * 1e3:.2f} ms minus the model's {mov['predicted_s'] * 1e3:.2f} ms, per layer that "
+                 f"waits: {mov['miss_overhead_s'] * 1e6:.0f} us"),)
+    hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], miss_overhead_s=mov["miss_overhead_s"],
+                 sources=sources,
                  notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
                        "1.0); valid for this thread count and a machine otherwise idle")
     return hw, {"time": when, "threads": threads, "fp32_tflops": fp32, "bf16_tflops": bf16, "memory": mem,
                 "rows_tables": {key: [list(r) for r in t] for key, t in tables.items()},
-                "ssd": disk, "overhead": ov, "spec_overhead": sov, "offload_dir": str(folder)}
+                "ssd": disk, "overhead": ov, "spec_overhead": sov, "miss_overhead": mov, "offload_dir": str(folder)}
 

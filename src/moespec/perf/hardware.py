@@ -60,6 +60,8 @@ class Hardware:
     slow_read_gbs: tuple[tuple[float, float], ...] | None = None
     spec_step_overhead_s: float = 0.0  # extra fixed cost of a speculative step (drafting bookkeeping,
                                        # acceptance, KV rollback) over a plain one
+    miss_overhead_s: float = 0.0  # fixed cost of each layer that waits for loads (queueing, loader thread
+                                  # wake-up, slot bookkeeping), beyond the reads themselves
 
     @property
     def mem_bw(self) -> float:

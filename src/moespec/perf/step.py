@@ -116,9 +116,10 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
     def slow(m):        # m expert reads per layer
         if m <= 0:
             return 0.0
+        wait = hw.miss_overhead_s * min(1.0, m)            # the layer waits for its loads once
         if hw.slow_read_gbs:                     # calibrated: one random read per missed expert blob
-            return m * hw.slow_read_s(model.expert_bytes)
-        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m)   # latency once per batch
+            return m * hw.slow_read_s(model.expert_bytes) + wait
+        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) + wait   # latency once per batch
 
     ov = offload or Offload(model.experts)
     pre = min(ov.prefetched_layers, model.moe_layers)
