@@ -147,7 +147,14 @@ def main() -> None:
             cfg.warmup_steps = a.warmup if a.warmup is not None else cfg.warmup_steps
             if a.init_from is not None and not (run / name / "ckpt.pt").exists():
                 # Continued pre-training: the released weights, a new optimizer and a new cosine cycle.
-                model.load_state_dict(torch.load(a.init_from, weights_only=False)["model"])
+                prior = torch.load(a.init_from, weights_only=False)
+                model.load_state_dict(prior["model"])
+                (run / name).mkdir(parents=True, exist_ok=True)
+                prior_log = a.init_from.parent / "log.jsonl"
+                (run / name / "prior.json").write_text(json.dumps({    # the model card tells both stages
+                    "init_from": str(a.init_from), "cfg": prior["cfg"], "step": prior["step"],
+                    "log": [json.loads(x) for x in prior_log.read_text().splitlines() if x.strip()]
+                    if prior_log.exists() else []}))
                 print(f"moe: initialised from {a.init_from}", flush=True)
         data_w = Windows([streams[n] for n in train_names], [weights[n] for n in train_names], cfg.ctx)
         res = train(model, cfg, data_w, evals(cfg.ctx), run / name, make_sampler(tok, run / name), a.time_limit)

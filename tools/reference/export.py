@@ -159,7 +159,12 @@ def export_all(run: Path, out: Path, specs: dict, build_model, vocab: int, ids: 
         ev["export"] = {n: {"step": info[n]["step"], "verify": info[n]["verify"]} for n in info}
         for name in specs:
             folder = stage / FOLDERS[name]
-            shutil.copyfile(run / name / "log.jsonl", folder / "training_log.jsonl")
+            log = info[name]["log"]
+            if log["prior"] is None:
+                shutil.copyfile(run / name / "log.jsonl", folder / "training_log.jsonl")
+            else:                                           # a continued run: earlier stage first (card.read_log)
+                recs = sorted(log["train"] + log["val"], key=lambda r: (r["step"], "ce" not in r))
+                (folder / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             card.write_card(folder, name, specs, info, ev, stats, vocab)
         (stage / FOLDERS["moe"] / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
         for name in specs:
