@@ -191,3 +191,30 @@ def test_auto_cutoff_rule():
     assert auto_cutoff(6, 0.5, 0.001, 1.0) == 6               # capped at the number of MoE layers
     assert auto_cutoff(6, 2.0, 0.01, 0.001) == 0
     assert auto_cutoff(6, None, 0.001, 0.01) == 6             # nothing measured yet: prefetch everything
+
+
+class _StubCache:
+    """Slot table and prefetch calls only: what DraftPrefetch asks the cache to keep."""
+
+    def __init__(self, experts=8):
+        self.slot_of = {0: torch.full((experts,), -1)}
+        self.calls = []
+
+    def prefetch(self, layer, experts, protect):
+        self.calls.append((list(experts), set(protect)))
+        for e in experts:
+            self.slot_of[layer][e] = e                   # queued: looks cached from now on
+        return len(experts)
+
+
+def test_later_draft_tokens_do_not_evict_this_steps_earlier_predictions():
+    cache = _StubCache()
+    pf = DraftPrefetch(cache, [0], cutoff=1)
+    pf.begin_step()
+    pf.observe(0, [1, 2], keep=torch.tensor([5]))        # draft token 1: drafter computes with expert 5
+    pf.observe(0, [2, 3], keep=torch.tensor([6]))        # draft token 2
+    assert cache.calls[0] == ([1, 2], {5})
+    assert cache.calls[1] == ([3], {5, 6, 1, 2})         # 1 and 2 were predicted (and queued) this step
+    pf.begin_step()                                      # a new step protects only its own predictions
+    pf.observe(0, [4], keep=torch.tensor([5]))
+    assert cache.calls[2] == ([4], {5})

@@ -53,11 +53,14 @@ class DraftPrefetch:
         new = [e for e in picks if e not in self.predicted[layer]]
         if not new:
             return
-        self.predicted[layer].extend(new)
         table = self.cache.slot_of[layer]
+        # This step's earlier predictions that are cached (or loading) stay: with a small cache a later draft
+        # token's picks would otherwise evict them before verification uses them.
+        earlier = {e for e in self.predicted[layer] if int(table[e]) >= 0}
+        self.predicted[layer].extend(new)
         self.uncached += sum(1 for e in new if int(table[e]) < 0)
         if self.rank[layer] < self.cutoff:
-            self.queued += self.cache.prefetch(layer, new, self.protect[layer])
+            self.queued += self.cache.prefetch(layer, new, self.protect[layer] | earlier)
 
     def end_step(self, verify_routing: list[torch.Tensor], draft_s: float) -> None:
         """verify_routing: per MoE layer (in order) the ids [N, K] verification routed."""
