@@ -92,7 +92,8 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
     from ..perf.spec import Drafter
     from ..perf.step import Offload, decode_tpot, forward_cost
     from ..sampling import SamplingParams
-    from .measure import time_forwards, verify_time
+    from .costs import verify_time
+    from .measure import time_forwards
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     b = len(prompts)
     for _ in range(warmup):
