@@ -1,15 +1,18 @@
 """Engine costs beyond the forwards, measured on the bundled reference model: the predicted verification
-forward of a run's mean width, the host cost of a speculative step, and the wait per layer that misses."""
+forward of a run's mean width, the per-layer and per-step overheads of plain decoding, the host cost of a
+speculative step, and the wait per layer that misses."""
 from __future__ import annotations
 
 import math
 import os
 import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
+from ..errors import MoespecError
 from ..perf.hardware import Hardware
-from .measure import Knobs
+from .measure import Knobs, time_forwards
 
 
 def verify_time(desc, hw: Hardware, rows: float, width: float, context: int, offload=None) -> float:
@@ -87,3 +90,31 @@ def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path) -> dict:
     waits = desc.moe_layers * min(1.0, per_layer)
     return {"miss_overhead_s": max(0.0, (tpot - pred) / waits) if waits > 0 else 0.0, "tpot_s": tpot,
             "predicted_s": pred, "hit_rate": hit, "misses_per_layer": per_layer, "runs": len(runs)}
+
+
+def overheads(hw: Hardware, knobs: Knobs) -> dict:
+    """Per-layer and per-step fixed costs from batch-1 runs of the reference model (see the module docstring)."""
+    from ..assets import REFERENCE_MODEL
+    from ..bench.workloads import random_prompts
+    from ..engine import LLM
+    from ..perf.model import ModelDesc
+    from ..perf.step import forward_cost
+    from ..sampling import SamplingParams
+    if not (REFERENCE_MODEL / "config.json").is_file():
+        raise MoespecError(f"the bundled reference model ({REFERENCE_MODEL}) is not installed")
+    llm = LLM(REFERENCE_MODEL, dtype="float32")
+    desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
+    k = knobs
+    # generation: the mean context while decoding (prompt + tokens / 2) equals the forwards' context
+    prompt = random_prompts(1, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=1)
+    params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompt, params)                           # warm-up
+    tpots, fwds = [], []
+    for _ in range(k.step_runs):        # interleaved, so that a slow spell of the machine hits both alike
+        tpots.append(llm.generate(prompt, params)[0].stats["tpot_s"])
+        fwds.append(time_forwards(llm.model, 1, k.context, max(3, k.forwards // k.step_runs))[0])
+    fwd, tpot = statistics.median(fwds), statistics.median(tpots)
+    bound = forward_cost(desc, replace(hw, layer_overhead_s=0.0, step_overhead_s=0.0), 1, 1, k.context).time
+    calls = desc.layers + 1
+    return {"forward_s": fwd, "rate_bound_s": bound, "calls": calls, "overhead_s": max(0.0, (fwd - bound) / calls),
+            "tpot_s": tpot, "step_overhead_s": max(0.0, statistics.median(t - f for t, f in zip(tpots, fwds)))}

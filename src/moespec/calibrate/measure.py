@@ -295,34 +295,6 @@ def time_forwards(model, batch: int, context: int, n: int, warmup: int = 3) -> t
     return statistics.median(times), statistics.mean(union)
 
 
-def overheads(hw: Hardware, knobs: Knobs) -> dict:
-    """Per-layer and per-step fixed costs from batch-1 runs of the reference model (see the module docstring)."""
-    from ..assets import REFERENCE_MODEL
-    from ..bench.workloads import random_prompts
-    from ..engine import LLM
-    from ..perf.model import ModelDesc
-    from ..perf.step import forward_cost
-    from ..sampling import SamplingParams
-    if not (REFERENCE_MODEL / "config.json").is_file():
-        raise MoespecError(f"the bundled reference model ({REFERENCE_MODEL}) is not installed")
-    llm = LLM(REFERENCE_MODEL, dtype="float32")
-    desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
-    k = knobs
-    # generation: the mean context while decoding (prompt + tokens / 2) equals the forwards' context
-    prompt = random_prompts(1, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=1)
-    params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompt, params)                           # warm-up
-    tpots, fwds = [], []
-    for _ in range(k.step_runs):        # interleaved, so that a slow spell of the machine hits both alike
-        tpots.append(llm.generate(prompt, params)[0].stats["tpot_s"])
-        fwds.append(time_forwards(llm.model, 1, k.context, max(3, k.forwards // k.step_runs))[0])
-    fwd, tpot = statistics.median(fwds), statistics.median(tpots)
-    bound = forward_cost(desc, replace(hw, layer_overhead_s=0.0, step_overhead_s=0.0), 1, 1, k.context).time
-    calls = desc.layers + 1
-    return {"forward_s": fwd, "rate_bound_s": bound, "calls": calls, "overhead_s": max(0.0, (fwd - bound) / calls),
-            "tpot_s": tpot, "step_overhead_s": max(0.0, statistics.median(t - f for t, f in zip(tpots, fwds)))}
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -372,6 +344,7 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
         slow_read_gbs=tuple((int(b), g) for b, g in disk["random_read_gbs"].items()) or None,
         rows_fp32_tflops=tables["fp32"], rows_bf16_tflops=tables["bf16"])
     say("per-layer and per-step overhead (reference model forwards and generation, batch 1)")
+    from .costs import overheads
     ov = overheads(hw, k)
     io = "O_DIRECT" if disk["direct"] else "buffered reads (O_DIRECT refused by the filesystem; page cache dropped)"
     sources = (
