@@ -72,3 +72,27 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
     ref = a.forward(toks, a.new_cache(1, 8)).logits
     got = c.forward(toks, c.new_cache(1, 8)).logits.float()
     assert (got - ref).abs().max() < 0.1  # bf16 weights and compute: close, not equal
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])      # qwen3_moe: tied head, dense layers
+def test_prepacked_bf16_weights_give_bit_identical_logits(family, tmp_path):
+    from moespec.models.packed import PackedExperts, packing_supported
+    hf_models.build(family, tmp_path / "m", seed=5, dtype=torch.bfloat16)
+    dense = load_model(tmp_path / "m", dtype="bfloat16", auto_layout=False, pack=False)
+    packed = load_model(tmp_path / "m", dtype="bfloat16", auto_layout=False, pack=True)
+    layer = next(iter(packed.experts.pools))
+    if packing_supported():      # native bf16 here: every weight matrix and expert is prepacked
+        assert packed.w.layers[0].attn.wqkv.layout == torch._mkldnn and packed.w.lm_head.layout == torch._mkldnn
+        assert isinstance(packed.experts.pool(layer), PackedExperts)
+        assert packed.w.embed.layout == torch.strided      # the embedding lookup stays dense
+    else:                        # no native bf16: packing is refused, weights stay dense
+        assert packed.w.layers[0].attn.wqkv.layout == torch.strided
+    assert torch.equal(packed.experts.pool(layer).flat(), dense.experts.pool(layer).flat())
+    toks = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    out = {}
+    for name, m in (("dense", dense), ("packed", packed)):
+        kv = m.new_cache(2, 16)
+        prefill = m.forward(toks, kv).logits
+        kv.advance(6)
+        out[name] = (prefill, m.forward(torch.tensor([[13], [14]]), kv).logits)     # then one decode step
+    assert torch.equal(out["dense"][0], out["packed"][0]) and torch.equal(out["dense"][1], out["packed"][1])

@@ -59,6 +59,10 @@ class ExpertPool:
     def blob_bytes(self) -> int:
         return self.blob.shape[1] * self.blob.element_size()
 
+    def flat(self) -> torch.Tensor:
+        """[S, 3 I D] every slot's weights flattened in logical order (gate+up then down)."""
+        return torch.cat([self.w13.reshape(self.slots, -1), self.w2.reshape(self.slots, -1)], dim=1)
+
     def raw(self, slot: int) -> memoryview | None:
         """The slot's whole padded stride as writable bytes (aligned pools only), for direct reads."""
         if self._mm is None:

@@ -21,10 +21,11 @@ QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,
-                 experts: bool = True) -> tuple[Weights, dict[int, ExpertPool]]:
-    """experts=False skips the routed experts (an offloading provider reads them itself): pools is {}."""
+                 experts: bool = True, pack: bool | None = None) -> tuple[Weights, dict[int, ExpertPool]]:
+    """experts=False skips the routed experts (an offloading provider reads them itself): pools is {}.
+    pack: prepack bf16 weights for oneDNN (models/packed.py; None = where it is faster here)."""
     c = cfg
-    lay = LayoutChooser(dtype, device, auto_layout)
+    lay = LayoutChooser(dtype, device, auto_layout, pack)
 
     def get(name, shape=None):
         return ck.get(name, shape).to(dtype=dtype, device=device)
@@ -34,7 +35,8 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
     if ck.has("lm_head.weight"):
         lm_head = lay.apply(get("lm_head.weight", (c.vocab_size, D)))
     elif c.tie_word_embeddings:
-        lm_head = embed
+        # A prepacked head is its own copy (V x D more memory); the lookup keeps the dense embedding.
+        lm_head = lay.apply(embed) if lay.packs(tuple(embed.shape)) else embed
     else:
         raise MoespecError(f"checkpoint {ck.folder} is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
     layers, pools = [], {}
@@ -90,6 +92,9 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
         return mw, None
     pool = ExpertPool(E, D, I, dtype, device, t13=lay.colmajor((2 * I, D)), t2=lay.colmajor((D, I)))
     _fill_experts(get, ck, c, block, pool)
+    if lay.packs((2 * I, D)) and lay.packs((D, I)):
+        from ..models.packed import PackedExperts
+        return mw, PackedExperts(pool)
     return mw, pool
 
 

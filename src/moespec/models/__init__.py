@@ -23,19 +23,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               auto_layout: bool = True, offload: OffloadConfig | None = None) -> DecoderLM:
+               auto_layout: bool = True, offload: OffloadConfig | None = None, pack: bool | None = None) -> DecoderLM:
     """Load a Hugging Face checkpoint folder with every expert resident in memory.
 
     auto_layout: store each weight shape in whichever layout decodes faster here (models/layout.py).
     offload: keep only a cache of experts in fast memory over a RAM or disk tier (experts/); the
     routed experts are then never all materialised. None: every expert resident, as before.
+    pack: prepack bf16 weights for oneDNN (packed.py): None where it is faster here, True / False force it.
     """
     path = Path(path)
     if not path.is_dir():
         raise MoespecError(f"model folder {path} does not exist")
     cfg = ModelConfig.from_folder(path)
     dt = parse_dtype(dtype)
-    weights, pools = load_weights(Checkpoint(path), cfg, dt, device, auto_layout, experts=offload is None)
+    weights, pools = load_weights(Checkpoint(path), cfg, dt, device, auto_layout, experts=offload is None, pack=pack)
     if offload is None:
         return DecoderLM(cfg, weights, ResidentExperts(pools, cfg.num_experts), dt, device)
     from ..experts.build import build_expert_provider

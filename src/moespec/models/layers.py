@@ -35,6 +35,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     bf16 in memory and the result is rounded back to bf16 (more accurate than a bf16 GEMM, not bit-equal to it).
     """
     if x.device.type == "cpu":
+        if w.layout == torch._mkldnn:   # a bf16 weight prepacked at load (packed.py); bit-identical to F.linear
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         d = x.shape[-1]
         m = x.numel() // d if d else 0
         if (0 < m <= MMT_MAX_ROWS and x.dtype is torch.float32 and w.dtype is torch.float32

@@ -55,11 +55,18 @@ def faster_colmajor(shape: tuple[int, int], dtype: torch.dtype, device, budget_b
 
 
 class LayoutChooser:
-    """Caches one decision per (shape, dtype) for a load; `auto=False` keeps HF's row-major layout."""
+    """Caches one decision per (shape, dtype) for a load; `auto=False` keeps HF's row-major layout.
 
-    def __init__(self, dtype: torch.dtype, device, auto: bool = True):
+    bf16 weights on CPUs with native bf16 may also be prepacked for oneDNN (packed.py) where that is faster:
+    `pack` None times it per shape, True / False force it (True only where packing is supported)."""
+
+    def __init__(self, dtype: torch.dtype, device, auto: bool = True, pack: bool | None = None):
+        from .packed import packing_supported
         self.dtype, self.device, self.auto = dtype, device, auto
         self.choice: dict[tuple[int, int], bool] = {}
+        self._pack: dict[tuple[int, int], bool] = {}
+        able = (dtype is torch.bfloat16 and torch.device(device).type == "cpu" and packing_supported())
+        self.pack = False if not able or (pack is None and not auto) else pack
 
     def colmajor(self, shape: tuple[int, int]) -> bool:
         if not self.auto:
@@ -68,5 +75,17 @@ class LayoutChooser:
             self.choice[shape] = faster_colmajor(shape, self.dtype, self.device)
         return self.choice[shape]
 
+    def packs(self, shape: tuple[int, int]) -> bool:
+        """Store this shape prepacked (packed.py)?"""
+        if self.pack is not None:
+            return self.pack
+        if shape not in self._pack:
+            from .packed import faster_packed
+            self._pack[shape] = faster_packed(shape, self.colmajor(shape))
+        return self._pack[shape]
+
     def apply(self, w: torch.Tensor) -> torch.Tensor:
+        if self.packs(tuple(w.shape)):
+            from .packed import pack
+            return pack(w)
         return as_layout(w, self.colmajor(tuple(w.shape)))

@@ -89,7 +89,7 @@ def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: 
     else:
         sel = mask.reshape(-1).nonzero().squeeze(1)
         order = sel.index_select(0, torch.argsort(flat.index_select(0, sel), stable=True))
-    counts = torch.bincount(flat.index_select(0, order), minlength=pool.w13.shape[0]).tolist()
+    counts = torch.bincount(flat.index_select(0, order), minlength=pool.slots).tolist()
     xs = x.index_select(0, order // k)
     ws = w.reshape(-1).index_select(0, order)[:, None]
     ys = torch.empty_like(xs)

@@ -292,8 +292,8 @@ def expert_distances(model, layer: int) -> torch.Tensor:
     rows when the experts are not all in memory (offloaded): the affinity used for substitution."""
     pool = model.experts.pool(layer)
     E = model.cfg.num_experts
-    if pool.blob.shape[0] == E and len(model.experts.resident(layer)) == E:
-        flat = torch.cat([pool.w13.reshape(E, -1), pool.w2.reshape(E, -1)], dim=1).float()
+    if pool.slots == E and len(model.experts.resident(layer)) == E:
+        flat = pool.flat().float()
     else:
         flat = model.w.layers[layer].moe.router.float()
     return torch.cdist(flat[None], flat[None])[0]

@@ -1,0 +1,100 @@
+"""bf16 weights prepacked for oneDNN on CPUs with native bf16 (AVX512-BF16, AMX).
+
+A bf16 `F.linear` on CPU reorders the weight into oneDNN's blocked layout on every call, so a decode step
+streams each weight twice (read, write the reordered copy, read it again): on a 2-core Zen 5 EPYC a one-row
+bf16 product reached 20-28 GB/s, the same product on a weight reordered once at load 30-44 GB/s, for 1 to 8
+rows. The result is bit-identical to F.linear (the same oneDNN kernel runs on the same blocked layout), so
+packing changes speed only. A packed weight is an opaque tensor (`layout == torch._mkldnn`) with the logical
+shape [out, in]; `layers.linear` sends it to the prepacked kernel. `to_dense()` gives the matrix back.
+
+Experts of a resident bf16 model are packed one matrix per expert (`PackedExperts`, the ExpertPool shape the
+MoE block reads: `w13[slot]`, `w2[slot]`); offloaded experts stay in their slot blobs, which I/O fills.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..experts.pool import ExpertPool
+
+_SUPPORTED: bool | None = None
+
+
+def packing_supported() -> bool:
+    """oneDNN can prepack bf16 weights here and multiplies them natively (CPUs without native bf16 run
+    multi-row bf16 products through fp32 instead, layers.SLOW_BF16_GEMM, which needs dense weights)."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        from .layers import SLOW_BF16_GEMM
+        ok = not SLOW_BF16_GEMM and torch.backends.mkldnn.is_available()
+        if ok:
+            try:
+                w = torch.ones(16, 16, dtype=torch.bfloat16)
+                x = torch.ones(1, 16, dtype=torch.bfloat16)
+                ok = bool(torch.equal(matmul(x, pack(w)), torch.nn.functional.linear(x, w)))
+            except (RuntimeError, AttributeError):
+                ok = False
+        _SUPPORTED = ok
+    return _SUPPORTED
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] bf16 (any storage order) -> the same matrix prepacked for oneDNN."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+
+
+def is_packed(w: torch.Tensor) -> bool:
+    return w.layout == torch._mkldnn
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b) for a packed w: x [..., in] -> [..., out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def faster_packed(shape: tuple[int, int], colmajor: bool, budget_bytes: int = 64 << 20,
+                  rows: tuple[int, ...] = (1, 4)) -> bool:
+    """True if bf16 products of 1 and 4 rows (decode, verification) are clearly faster on the prepacked
+    weight than through layers.linear on the layout the chooser picked, timed on matrices too many to stay
+    in cache."""
+    from .layers import linear
+    from .layout import as_layout
+    if not packing_supported():
+        return False
+    out_f, in_f = shape
+    n = max(2, min(16, budget_bytes // max(1, out_f * in_f * 2)))
+    dense = [as_layout(torch.randn(out_f, in_f).to(torch.bfloat16), colmajor) for _ in range(n)]
+    packed = [pack(w) for w in dense]
+    xs = [torch.randn(m, in_f).to(torch.bfloat16) for m in rows]
+    best = {}
+    for name, ws in (("dense", dense), ("packed", packed)):
+        for x in xs:
+            for w in ws[:2]:
+                linear(x, w)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for x in xs:
+                for w in ws:
+                    linear(x, w)
+            times.append(time.perf_counter() - t)
+        best[name] = min(times)
+    return best["packed"] < 0.9 * best["dense"]
+
+
+class PackedExperts:
+    """Every expert of one MoE layer with its two matrices prepacked: w13[e] [2I, D], w2[e] [D, I].
+
+    Replaces the layer's ExpertPool (whose blob is freed), so packing costs no extra memory."""
+
+    def __init__(self, pool: ExpertPool):
+        self.hidden, self.inter, self.dtype, self.slots = pool.hidden, pool.inter, pool.dtype, pool.slots
+        self.blob_bytes = pool.blob_bytes
+        self.w13 = [pack(pool.w13[e]) for e in range(pool.slots)]
+        self.w2 = [pack(pool.w2[e]) for e in range(pool.slots)]
+
+    def flat(self) -> torch.Tensor:
+        """[E, 3 I D] every expert's weights flattened (gate+up then down), as dense rows."""
+        return torch.stack([torch.cat([a.to_dense().reshape(-1), b.to_dense().reshape(-1)])
+                            for a, b in zip(self.w13, self.w2)])
