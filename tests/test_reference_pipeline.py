@@ -128,32 +128,38 @@ def test_stage_export_reexports_a_trained_run(tiny):
 
 def test_continued_pre_training_and_its_card(tiny, tmp_path):
     import shutil
-    run2 = tmp_path / "run2"
-    run2.mkdir()
-    for part in ("data", "draft"):                  # same data and draft; the MoE continues from the first run
-        shutil.copytree(tiny / "run" / part, run2 / part)
-    shutil.copyfile(tiny / "run" / "manifest.tsv", run2 / "manifest.tsv")
+
+    def continue_run(src, dst, lr):               # same data and draft; the MoE continues from run `src`
+        dst.mkdir()
+        for part in ("data", "draft"):
+            shutil.copytree(tiny / "run" / part, dst / part)
+        shutil.copyfile(tiny / "run" / "manifest.tsv", dst / "manifest.tsv")
+        r = run_script("--run", dst, "--stage", "moe", "--init-from", src / "moe" / "ckpt.pt", "--lr", lr,
+                       "--warmup", "2")
+        assert "moe: initialised from" in r.stdout
+        return torch.load(dst / "moe" / "ckpt.pt", weights_only=False)
     first = torch.load(tiny / "run" / "moe" / "ckpt.pt", weights_only=False)
-    r = run_script("--run", run2, "--stage", "moe", "--init-from", tiny / "run" / "moe" / "ckpt.pt",
-                   "--lr", "5e-4", "--warmup", "2")
-    assert "moe: initialised from" in r.stdout
-    prior = json.loads((run2 / "moe" / "prior.json").read_text())
-    assert prior["step"] == first["step"] and prior["cfg"] == first["cfg"] and prior["log"]
-    second = torch.load(run2 / "moe" / "ckpt.pt", weights_only=False)
-    assert second["cfg"]["lr"] == 5e-4 and second["cfg"]["warmup_steps"] == 2
-    run_script("--run", run2, "--stage", "export", "--export", tmp_path / "out")
+    second = continue_run(tiny / "run", tmp_path / "run2", "5e-4")
+    third = continue_run(tmp_path / "run2", tmp_path / "run3", "3e-4")       # a run that continued a continued one
+    stages = json.loads((tmp_path / "run3" / "moe" / "prior.json").read_text())["stages"]
+    assert [(s["step"], s["cfg"]) for s in stages] == [(first["step"], first["cfg"]), (second["step"], second["cfg"])]
+    assert all(s["log"] for s in stages)
+    assert second["cfg"]["lr"] == 5e-4 and third["cfg"]["lr"] == 3e-4 and third["cfg"]["warmup_steps"] == 2
+    run_script("--run", tmp_path / "run3", "--stage", "export", "--export", tmp_path / "out")
     f = tmp_path / "out" / "reference-moe"
     card = (f / "README.md").read_text()
-    assert "| stage 1 | from scratch" in card and "| stage 2 | continued pre-training" in card
-    n1, n2 = first["step"] * 64 * 4, second["step"] * 64 * 4           # tiny runs: ctx 64, batch 4
+    assert "| stage 1 | from scratch" in card and "| stage 2 | continued from the stage-1 weights" in card
+    assert "| stage 3 | continued pre-training from the stage-2 weights" in card
+    n1, n2, n3 = (c["step"] * 64 * 4 for c in (first, second, third))   # tiny runs: ctx 64, batch 4
     sys.path.insert(0, str(ROOT / "tools" / "reference"))
     from card import _n
-    assert f"| tokens seen | {_n(n1 + n2)} in all |" in card
+    assert f"| tokens seen | {_n(n1 + n2 + n3)} in all |" in card
     recs = [json.loads(x) for x in (f / "training_log.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in recs if "ce" in x]
-    assert steps == sorted(steps) and first["step"] < steps[-1] <= first["step"] + second["step"]
-    assert recs[-1]["step"] == first["step"] + second["step"] and "val_stdlib" in recs[-1]    # the final eval
-    assert max(x["tokens"] for x in recs) == n1 + n2                  # counted from the start of stage 1
+    total = first["step"] + second["step"] + third["step"]
+    assert steps == sorted(steps) and first["step"] + second["step"] < steps[-1] <= total
+    assert recs[-1]["step"] == total and "val_stdlib" in recs[-1]      # the final eval
+    assert max(x["tokens"] for x in recs) == n1 + n2 + n3               # counted from the start of stage 1
 
 
 def test_stage_export_refuses_a_run_without_checkpoints(tmp_path):

@@ -65,6 +65,19 @@ def make_sampler(tok, run: Path):
     return sample
 
 
+
+def prior_stages(init_from: Path, ckpt: dict) -> dict:
+    """prior.json of a continued run: every earlier stage (config, steps, log), earliest first, so the model
+    card tells the whole recipe; the run continued from may itself have continued another (its prior.json)."""
+    folder = init_from.parent
+    earlier = json.loads((folder / "prior.json").read_text()) if (folder / "prior.json").exists() else {}
+    stages = earlier.get("stages") or ([{"ckpt": earlier["init_from"], "cfg": earlier["cfg"], "step": earlier["step"],
+                                         "log": earlier["log"]}] if "cfg" in earlier else [])  # one-stage format
+    log = folder / "log.jsonl"
+    stages.append({"ckpt": str(init_from), "cfg": ckpt["cfg"], "step": ckpt["step"],
+                   "log": [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []})
+    return {"stages": stages}
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
@@ -150,11 +163,7 @@ def main() -> None:
                 prior = torch.load(a.init_from, weights_only=False)
                 model.load_state_dict(prior["model"])
                 (run / name).mkdir(parents=True, exist_ok=True)
-                prior_log = a.init_from.parent / "log.jsonl"
-                (run / name / "prior.json").write_text(json.dumps({    # the model card tells both stages
-                    "init_from": str(a.init_from), "cfg": prior["cfg"], "step": prior["step"],
-                    "log": [json.loads(x) for x in prior_log.read_text().splitlines() if x.strip()]
-                    if prior_log.exists() else []}))
+                (run / name / "prior.json").write_text(json.dumps(prior_stages(a.init_from, prior)))
                 print(f"moe: initialised from {a.init_from}", flush=True)
         data_w = Windows([streams[n] for n in train_names], [weights[n] for n in train_names], cfg.ctx)
         res = train(model, cfg, data_w, evals(cfg.ctx), run / name, make_sampler(tok, run / name), a.time_limit)

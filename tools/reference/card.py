@@ -13,9 +13,9 @@ SETS = {"stdlib_val": "stdlib (held out)", "site_val": "site-packages (held out)
 def read_log(path: Path) -> dict:
     """Train and eval records of log.jsonl; a resumed run re-logs steps, so the last record of a step wins.
 
-    A run that continued an earlier one (`train_reference.py --init-from`, recorded in prior.json beside the
-    log) gets the earlier run's records first and its own offset by the earlier steps and tokens, so curves
-    and tables count from the start; `prior` keeps the earlier stage's config and length."""
+    A run that continued earlier ones (`train_reference.py --init-from`, recorded in prior.json beside the
+    log) gets the earlier stages' records first and its own offset by their steps and tokens, so curves and
+    tables count from the start; `prior` keeps each earlier stage's config and length, and their sums."""
     def records(lines, step0=0, tok0=0):
         train, val = {}, {}
         for r in lines:
@@ -28,11 +28,16 @@ def read_log(path: Path) -> dict:
         train, val = records(own)
         return {"train": train, "val": val, "prior": None}
     prior = json.loads(prior_file.read_text())
-    tok0 = prior["step"] * prior["cfg"]["ctx"] * prior["cfg"]["batch"]
-    t0, v0 = records(prior["log"])
-    t1, v1 = records(own, prior["step"], tok0)
-    return {"train": t0 + t1, "val": v0 + v1,
-            "prior": {"cfg": prior["cfg"], "step": prior["step"], "tokens": tok0, "train": t0}}
+    stages = prior.get("stages") or [prior]          # runs before multi-stage prior.json recorded one stage
+    train, val, done, step0, tok0 = [], [], [], 0, 0
+    for st in stages:
+        t, v = records(st["log"], step0, tok0)
+        train, val = train + t, val + v
+        tokens = st["step"] * st["cfg"]["ctx"] * st["cfg"]["batch"]
+        done.append({"cfg": st["cfg"], "step": st["step"], "tokens": tokens})
+        step0, tok0 = step0 + st["step"], tok0 + tokens
+    t, v = records(own, step0, tok0)
+    return {"train": train + t, "val": val + v, "prior": {"stages": done, "step": step0, "tokens": tok0}}
 
 
 def seen_tokens(cfg: dict, step: int, log: dict) -> int:
@@ -144,12 +149,14 @@ def _recipe(cfg: dict, step: int, log: dict) -> str:
     rows = [("optimizer", f"AdamW, β = (0.9, 0.95), weight decay {cfg['weight_decay']} on matrices (not norms), "
                           f"gradient clipping {cfg['grad_clip']}")]
     if prior:
-        pc = prior["cfg"]
-        rows += [("stage 1", f"from scratch: {prior['step']:,} steps, {_n(prior['tokens'])} tokens; "
-                             f"learning rate {lr(pc, max(1, pc['total_tokens'] // (pc['ctx'] * pc['batch'])))}; "
-                             f"{precision(pc)}"),
-                 ("stage 2", f"continued pre-training from the stage-1 weights with a new optimizer: {step:,} of "
-                             f"{steps:,} steps, {_n(seen)} tokens; learning rate {lr(cfg, steps)}; {precision(cfg)}"),
+        for n, st in enumerate(prior["stages"], 1):
+            pc = st["cfg"]
+            how = "from scratch" if n == 1 else f"continued from the stage-{n - 1} weights with a new optimizer"
+            rows.append((f"stage {n}", f"{how}: {st['step']:,} steps, {_n(st['tokens'])} tokens; learning rate "
+                                       f"{lr(pc, max(1, pc['total_tokens'] // (pc['ctx'] * pc['batch'])))}; {precision(pc)}"))
+        n = len(prior["stages"]) + 1
+        rows += [(f"stage {n}", f"continued pre-training from the stage-{n - 1} weights with a new optimizer: {step:,} "
+                                f"of {steps:,} steps, {_n(seen)} tokens; learning rate {lr(cfg, steps)}; {precision(cfg)}"),
                  ("tokens seen", f"{_n(prior['tokens'] + seen)} in all")]
     else:
         rows += [("learning rate", lr(cfg, steps)),
