@@ -55,9 +55,13 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
         assert math.isfinite(v) and v > 0
     assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and hw.spec_step_overhead_s >= 0
     assert len(hw.sources) >= 9 and "speculative step overhead" in hw.sources[-2]
-    assert hw.miss_overhead_s >= 0 and "miss overhead" in hw.sources[-1]
+    assert hw.miss_overhead_s >= 0 and "miss costs" in hw.sources[-1]
     miss = report["measurements"]["miss_overhead"]
-    assert 0 < miss["hit_rate"] < 1 and miss["misses_per_layer"] > 0     # the 25% cache really missed
+    assert [b["batch"] for b in miss["batches"]] == [1, 8]
+    for b in miss["batches"]:                                          # the 25% cache really missed, in decoding
+        assert 0 < b["hit_rate"] < 1 and b["misses_per_layer"] > 0
+    assert miss["batches"][1]["misses_per_layer"] > miss["batches"][0]["misses_per_layer"]
+    assert hw.miss_read_gbs == miss["miss_read_gbs"] and (hw.miss_read_gbs is None or hw.miss_read_gbs > 0)
     assert report["measurements"]["spec_overhead"]["mean_width"] > 1    # the repeated phrase was drafted
     # random single reads of 256 KiB, 1 MiB and 4 MiB: an expert miss is priced from them
     assert [b for b, _ in hw.slow_read_gbs] == [256 * 1024, 1024 * 1024, 4 * 1024 * 1024]
@@ -111,7 +115,9 @@ def test_validation_grid_speculative_and_offloaded(tmp_path, one_thread):
         (c, k, b) for c in (None, "25%") for k in (0, 3) for b in (1, 2)]
     for p in v["points"]:
         assert p["rel_error"] == (p["predicted_s"] - p["measured_s"]) / p["measured_s"] and p["predicted_s"] > 0
-        assert (p["hit_rate"] is None) == (p["cache"] is None)
+        assert (p["hit_rate"] is None) == (p["cache"] is None) == (p["measured_union"] is None)
+        if p["cache"] is not None:     # decode forwards touch 2 (top-2) to 16 experts per layer
+            assert 2 <= p["measured_union"] <= 16
         assert ("forward_s" in p) == (p["cache"] is None and p["k"] == 0)
         if p["k"]:
             assert p["steps"] >= 1 and 1 <= p["mean_width"] <= 4 and 1 <= p["mean_rows"] <= p["batch"]

@@ -54,6 +54,22 @@ def test_miss_overhead_once_per_waiting_layer():
     assert forward_cost(REF, hw, 1, 1, 32).time == forward_cost(REF, HW, 1, 1, 32).time   # no misses, no wait
 
 
+def test_engine_miss_rate_prices_misses_and_is_fitted_from_two_batches():
+    from moespec.calibrate.costs import fit_miss_costs
+    hw = replace(HW, miss_overhead_s=2e-4, miss_read_gbs=3.0)
+    off = Offload(cached_experts=4, hit_rate=0.5)                   # one miss per layer at batch 1
+    extra = forward_cost(REF, hw, 1, 1, 32, offload=off).time - forward_cost(REF, hw, 1, 1, 32).time
+    assert extra == pytest.approx(REF.moe_layers * (2e-4 + REF.expert_bytes / 3e9), rel=1e-9)
+    assert hw.miss_read_s(REF.expert_bytes) < HW.miss_read_s(REF.expert_bytes) == HW.slow_read_s(REF.expert_bytes)
+    # the fit recovers a known wait and rate from (misses per layer, extra seconds per layer) at two batches
+    pts = [(m, 3e-4 * min(1.0, m) + m * REF.expert_bytes / 2.5e9) for m in (0.9, 7.0)]
+    wait, gbs = fit_miss_costs(pts, REF.expert_bytes)
+    assert wait == pytest.approx(3e-4, rel=1e-6) and gbs == pytest.approx(2.5, rel=1e-6)
+    wait, gbs = fit_miss_costs(pts[:1], REF.expert_bytes)              # one batch: the wait alone
+    assert gbs is None and wait == pytest.approx(pts[0][1] / 0.9)
+    assert fit_miss_costs([(1.0, 1e-3), (4.0, 1e-3)], 1e6)[1] is None  # no growth with misses: no rate
+
+
 def test_spec_step_overhead_is_paid_once_per_speculative_step():
     d = Drafter("ngram", 0.7)
     base = spec_decode(REF, CPU, d, 1, 64, 4)
@@ -75,3 +91,11 @@ def test_json_round_trip_and_clear_errors():
     for bad in ('[[1, 0]]', '[[0, 1]]', '[[1, 1], [1, 2]]', '[1, 2]', '[["x", 1]]', '[[1, 1e400]]'):
         with pytest.raises(PerfError, match="slow_read_gbs must be a list of \\[read bytes, GB/s\\] pairs"):
             Hardware.from_json(CPU.to_json().replace('"slow_read_gbs": null', f'"slow_read_gbs": {bad}'))
+
+
+def test_a_measured_union_replaces_the_routing_model():
+    off = Offload(cached_experts=4, hit_rate=0.5, union=3.0)
+    fc = forward_cost(REF, HW, 8, 1, 32, offload=off)
+    assert fc.union == 3.0 and fc.misses == pytest.approx(1.5)
+    assert forward_cost(REF, HW, 8, 1, 32, offload=Offload(cached_experts=4, hit_rate=0.5)).union > 3.0
+    assert fc.time < forward_cost(REF, HW, 8, 1, 32, offload=Offload(cached_experts=4, hit_rate=0.5)).time

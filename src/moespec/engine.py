@@ -167,8 +167,12 @@ class LLM:
             timing["spec"]["controller"] = controller.stats()
         if before is not None:
             after = self.expert_stats()
+            mid = timing.pop("prefill_experts")
             timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
                                  "expert_misses": after["misses"] - before["misses"],
+                                 # decoding alone (a prefill touches most experts of every layer at once)
+                                 "decode_expert_hits": after["hits"] - mid["hits"],
+                                 "decode_expert_misses": after["misses"] - mid["misses"],
                                  "expert_bytes_read": after["bytes_read"] - before["bytes_read"],
                                  "stall_s": after["stall_s"] - before["stall_s"],
                                  "cache_capacity": after["capacity"],

@@ -76,6 +76,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)
     logits = model.forward(tokens, kv, logits_at=torch.tensor(lens)[:, None] - 1).logits[:, 0]
     kv.advance(lens)
+    prefill_experts = model.experts.stats()    # expert counters at the end of prefill: decode-only counts
     live = list(range(B))                      # row r of the cache belongs to seqs[live[r]]
     nxt = sample(logits, [s.params for s in seqs], gens)          # pending: emitted, not yet in the KV
     new = [[t] for t in nxt.tolist()]
@@ -123,7 +124,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                 spec["plain_steps"] += 1
         steps += 1
     return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0,
-            "spec": spec if drafter is not None else None}
+            "spec": spec if drafter is not None else None, "prefill_experts": prefill_experts}
 
 
 def new_sequence(prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], tokenizer: Tokenizer | None

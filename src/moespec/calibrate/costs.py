@@ -56,40 +56,83 @@ def spec_overhead(hw: Hardware, knobs: Knobs) -> dict:
             "runs": len(per_step)}
 
 
-def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path) -> dict:
-    """Fixed cost per layer that waits for expert loads: batch-1 greedy decoding of the reference model with a
-    25% expert cache over the SSD tier in `folder`; (measured TPOT - the model's TPOT at the run's measured
-    hit rate, reads priced by `hw`) / (MoE layers x min(1, misses per layer per token))."""
+def fit_miss_costs(points: list[tuple[float, float]], expert_bytes: float) -> tuple[float, float | None]:
+    """(misses per layer m, extra seconds per layer e) at two or more batch sizes -> (wait per layer that
+    misses, engine read GB/s per missed expert) with e = wait x min(1, m) + m x expert_bytes / rate, least
+    squares. A single point (or no growth with m) gives the wait alone: (e / min(1, m), None).
+
+    >>> w, g = fit_miss_costs([(1.0, 0.0007), (5.0, 0.0023)], 1e6)
+    >>> round(w * 1e6), round(g, 3)
+    (300, 2.5)
+    """
+    pts = [(m, e) for m, e in points if m > 0]
+    if not pts:
+        return 0.0, None
+    if len(pts) >= 2:
+        # e = w * a + s * m with a = min(1, m): two unknowns, normal equations
+        saa = sum(min(1.0, m) ** 2 for m, _ in pts)
+        sam = sum(min(1.0, m) * m for m, _ in pts)
+        smm = sum(m * m for m, _ in pts)
+        sae = sum(min(1.0, m) * e for m, e in pts)
+        sme = sum(m * e for m, e in pts)
+        det = saa * smm - sam * sam
+        if det > 1e-12 * saa * smm:
+            w = (sae * smm - sam * sme) / det
+            per = (saa * sme - sam * sae) / det
+            if per > 0:
+                return max(0.0, w), expert_bytes / per / 1e9
+    m, e = max(pts)
+    return max(0.0, e / min(1.0, m)), None
+
+
+def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path, batches: tuple[int, ...] = (1, 8)) -> dict:
+    """What expert misses cost the engine: greedy decoding of the reference model with a 25% expert cache over
+    the SSD tier in `folder`, at batch 1 and 8; per batch, (measured time per decode step - the model's resident
+    step) / MoE layers against the misses per layer per step, fitted as a wait per layer that misses plus a
+    read rate per missed expert (`fit_miss_costs`). The fitted rate is the engine's, not a single random
+    read's: several misses of a layer coalesce into larger reads, and a layer whose experts outnumber the
+    cache's slots computes in chunks that wait in turn. Batches alternate run by run, so a drift of the SSD's
+    speed (seen at 30% within minutes on a shared machine) moves both points alike."""
     from ..assets import REFERENCE_MODEL
     from ..bench.workloads import random_prompts
     from ..config import OffloadConfig
     from ..engine import LLM
     from ..perf.model import ModelDesc
-    from ..perf.step import Offload, decode_tpot
+    from ..perf.step import decode_tpot
     from ..sampling import SamplingParams
     k = knobs
     tmp = folder / f".moespec-calibrate-{os.getpid()}"       # its packed expert file goes away afterwards
     llm = None
+    desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
+    params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
+    per_batch = []
     try:
         llm = LLM(REFERENCE_MODEL, dtype="float32",
                   offload=OffloadConfig(expert_cache="25%", offload="disk", offload_dir=str(tmp)))
-        desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
-        prompt = random_prompts(1, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=3)
-        params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
-        llm.generate(prompt, params)                       # warm-up (and packs the expert file once)
-        runs = [llm.generate(prompt, params)[0].stats for _ in range(k.step_runs)]
+        prompts = {b: random_prompts(b, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=3)
+                   for b in batches}
+        runs = {b: [] for b in batches}
+        for b in batches:
+            llm.generate(prompts[b], params)                # warm-up (and packs the expert file once)
+        for _ in range(k.step_runs):                        # batches alternate: SSD speed drifts on shared machines
+            for b in batches:
+                outs = llm.generate(prompts[b], params)
+                st = outs[0].stats                          # per generate call; decoding only (no prefill)
+                runs[b].append((max(o.stats["decode_s"] for o in outs) / (k.step_tokens - 1),
+                                st["decode_expert_hits"], st["decode_expert_misses"]))
+        for b in batches:
+            step = statistics.median(r[0] for r in runs[b])
+            hits, misses = sum(r[1] for r in runs[b]), sum(r[2] for r in runs[b])
+            m = misses / (k.step_runs * (k.step_tokens - 1) * desc.moe_layers)  # per layer per decode forward
+            extra = (step - decode_tpot(desc, hw, b, k.context)) / desc.moe_layers
+            per_batch.append({"batch": b, "step_s": step, "hit_rate": hits / max(1, hits + misses),
+                              "misses_per_layer": m, "extra_per_layer_s": extra})
     finally:
         if llm is not None:
             llm.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    hits, misses = sum(r["expert_hits"] for r in runs), sum(r["expert_misses"] for r in runs)
-    hit = hits / max(1, hits + misses)
-    per_layer = misses / (sum(r["new_tokens"] for r in runs) * desc.moe_layers)
-    tpot = statistics.median(r["tpot_s"] for r in runs)
-    pred = decode_tpot(desc, hw, 1, k.context, offload=Offload(float(runs[0]["cache_capacity"]), hit_rate=hit))
-    waits = desc.moe_layers * min(1.0, per_layer)
-    return {"miss_overhead_s": max(0.0, (tpot - pred) / waits) if waits > 0 else 0.0, "tpot_s": tpot,
-            "predicted_s": pred, "hit_rate": hit, "misses_per_layer": per_layer, "runs": len(runs)}
+    wait, gbs = fit_miss_costs([(p["misses_per_layer"], p["extra_per_layer_s"]) for p in per_batch], desc.expert_bytes)
+    return {"miss_overhead_s": wait, "miss_read_gbs": gbs, "batches": per_batch, "expert_bytes": desc.expert_bytes}
 
 
 def overheads(hw: Hardware, knobs: Knobs) -> dict:

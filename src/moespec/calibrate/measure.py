@@ -374,13 +374,16 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
     sources += ((f"speculative step overhead: median over {sov['runs']} prompt-lookup generations (k = 4, batch 1, "
                  f"mean verify width {sov['mean_width']:.2f}) of decode time per step minus the predicted "
                  f"verification forward and drafting: {sov['spec_step_overhead_s'] * 1e6:.0f} us"),)
-    say("expert miss overhead (25% expert cache over the SSD tier, batch 1)")
+    say("expert miss costs (25% expert cache over the SSD tier, batch 1 and 8)")
     mov = miss_overhead(replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"]), k, folder)
-    sources += ((f"miss overhead: batch-1 decoding with a 25% expert cache in {folder} (hit rate "
-                 f"{mov['hit_rate']:.2f}, {mov['misses_per_layer']:.2f} misses per layer per token): median TPOT "
-                 f"{mov['tpot_s'] * 1e3:.2f} ms minus the model's {mov['predicted_s'] * 1e3:.2f} ms, per layer that "
-                 f"waits: {mov['miss_overhead_s'] * 1e6:.0f} us"),)
+    rate = f"{mov['miss_read_gbs']:.2f} GB/s" if mov["miss_read_gbs"] else "not fitted (single random reads used)"
+    sources += (("miss costs: decoding with a 25% expert cache in " + str(folder) + ", per batch (measured step "
+                 "- the model's resident step) / layers against misses per layer: "
+                 + "; ".join(f"batch {p['batch']}: {p['misses_per_layer']:.2f} misses, {p['extra_per_layer_s'] * 1e6:.0f} us"
+                             for p in mov["batches"])
+                 + f"; fitted wait per layer that misses {mov['miss_overhead_s'] * 1e6:.0f} us, engine read rate {rate}"),)
     hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], miss_overhead_s=mov["miss_overhead_s"],
+                 miss_read_gbs=mov["miss_read_gbs"],
                  sources=sources,
                  notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
                        "1.0); valid for this thread count and a machine otherwise idle")

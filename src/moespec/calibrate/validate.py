@@ -17,8 +17,10 @@ prompt_len + new_tokens / 2 (the mean context while decoding), uniform routing:
   live rows R = row_steps / S, each after its drafts (`Drafter.draft_time`); TPOT = S x (T(R, W) + drafted
   per step x t_draft + the profile's spec_step_overhead_s) / (new_tokens - 1), with T interpolated linearly
   between whole widths;
-- offloaded: the measured cache hit rate of the run (`Offload(hit_rate=...)`), misses priced at the
-  profile's SSD bandwidth and latency, not overlapped.
+- offloaded: the decode forwards' measured cache hit rate and distinct experts per MoE layer
+  (`Offload(hit_rate=..., union=...)`: workload statistics, like acceptance; prefill is left out, and rows
+  decoding together share experts more than independent tokens would), misses priced at the profile's
+  engine miss costs (`miss_read_gbs`, `miss_overhead_s`) or else its SSD reads, not overlapped.
 
 Plain resident points also carry `forward_s`: the median bare one-token forward at batch B over the same
 context (random tokens; `measure.time_forwards`), so `host_s` = measured TPOT - forward is the per-step cost
@@ -107,11 +109,16 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
     measured = statistics.median(runs)
     offload, hit = None, None
     if cache is not None:
-        hits = sum(s.get("expert_hits", 0) for s in stats)
-        total = hits + sum(s.get("expert_misses", 0) for s in stats)
+        # Workload statistics, as acceptance is for speculation: the decode forwards' hit rate and distinct
+        # experts per layer (rows decoding together share experts more than independent tokens would).
+        hits = sum(s.get("decode_expert_hits", 0) for s in stats)         # decoding only: the model prices steps
+        total = hits + sum(s.get("decode_expert_misses", 0) for s in stats)
         hit = hits / total if total else 1.0
-        offload = Offload(cached_experts=float(stats[0]["cache_capacity"]), hit_rate=hit)
+        forwards = sum(s["draft_steps"] if k else new_tokens - 1 for s in stats) * desc.moe_layers
+        union = total / forwards if forwards and total else None
+        offload = Offload(cached_experts=float(stats[0]["cache_capacity"]), hit_rate=hit, union=union)
     pt = {"batch": b, "k": k, "cache": cache, "hit_rate": hit, "measured_s": measured,
+          "measured_union": offload.union if offload is not None else None,
           "row_tpot_s": statistics.median(rows_tpot),
           "measured_spread": (max(runs) - min(runs)) / measured}
     if k == 0:

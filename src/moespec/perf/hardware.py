@@ -62,6 +62,10 @@ class Hardware:
                                        # acceptance, KV rollback) over a plain one
     miss_overhead_s: float = 0.0  # fixed cost of each layer that waits for loads (queueing, loader thread
                                   # wake-up, slot bookkeeping), beyond the reads themselves
+    # GB/s at which the engine's loader brings in missed experts, measured in decoding (several misses of
+    # a layer coalesce into larger reads and overlap): overrides slow_read_gbs for expert misses; None: not
+    # measured
+    miss_read_gbs: float | None = None
 
     @property
     def mem_bw(self) -> float:
@@ -71,6 +75,13 @@ class Hardware:
     @property
     def slow_bw(self) -> float:
         return self.slow_bw_gbs * 1e9 * self.slow_eff
+
+    def miss_read_s(self, nbytes: float) -> float:
+        """Seconds one missed expert blob of `nbytes` adds to a layer's wait: the engine's measured miss
+        rate when calibrated, else one random read (slow_read_s)."""
+        if self.miss_read_gbs:
+            return nbytes / (self.miss_read_gbs * 1e9 * self.slow_eff)
+        return self.slow_read_s(nbytes)
 
     def slow_read_s(self, nbytes: float) -> float:
         """Seconds to read one blob of `nbytes` from the slow tier at a random offset (latency included):

@@ -29,6 +29,7 @@ class Offload:
     """Experts outside a per-layer cache live in the slow tier (host RAM for a GPU, SSD for a CPU)."""
     cached_experts: float            # C experts per MoE layer kept in fast memory (an average: may be fractional)
     hit_rate: float | None = None    # a measured cache hit rate (touched experts found cached) overrides routing
+    union: float | None = None       # a measured mean of distinct experts per MoE layer per forward (with hit_rate)
     overlap: bool = False            # loads overlap the layer's compute (pipelined) instead of stalling it
     prefetched_layers: int = 0       # the first L MoE layers had their misses loaded while drafting (SP-MoE)
     prefetch_accuracy: float = 0.88  # fraction of those misses the prefetch predicted (SP-MoE reports ~88%)
@@ -63,6 +64,8 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
         union = expected_union_profile(profile, N)
     else:
         union = E * (1.0 - (1.0 - K / E) ** N)
+    if offload is not None and offload.union is not None and model.moe_layers and not restricted:
+        union = float(offload.union)
     misses = 0.0
     if offload is not None and model.moe_layers and not restricted and offload.cached_experts < model.experts:
         if offload.hit_rate is not None:
@@ -117,8 +120,8 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
         if m <= 0:
             return 0.0
         wait = hw.miss_overhead_s * min(1.0, m)            # the layer waits for its loads once
-        if hw.slow_read_gbs:                     # calibrated: one random read per missed expert blob
-            return m * hw.slow_read_s(model.expert_bytes) + wait
+        if hw.slow_read_gbs or hw.miss_read_gbs:     # calibrated: the engine's miss rate, or one random read each
+            return m * hw.miss_read_s(model.expert_bytes) + wait
         return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) + wait   # latency once per batch
 
     ov = offload or Offload(model.experts)
