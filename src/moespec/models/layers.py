@@ -138,6 +138,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, T, hd], k/v [B, G, L, hd], mask [B, 1, T, L] bool (True = visible) or None -> [B, T, H*hd]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    """q [B, H, T, hd], k/v [B, G, L, hd], mask [B, 1, T, L] bool (True = visible) or None -> [B, T, H*hd].
+
+    A cache kept wider than the model (float32 K/V for a bf16 model, DecoderLM.kv_dtype) attends at its width."""
+    out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+                                         enable_gqa=k.shape[1] != q.shape[1]).to(q.dtype)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
