@@ -173,10 +173,13 @@ def test_self_drafter_is_lossless_and_with_every_expert_accepts_everything(text_
     assert out.token_ids == plain[0].token_ids and out.stats["acceptance_rate"] == 1.0
 
 
-def test_self_drafting_with_offloading_reads_nothing_while_drafting(text_model, tmp_path):
+@pytest.mark.parametrize("routing", ["substitute", "reroute"])
+def test_self_drafting_with_offloading_reads_nothing_while_drafting(text_model, tmp_path, routing):
     from moespec.spec.drafters import SelfDrafter
     off = OffloadConfig(expert_cache=3, offload="disk", offload_dir=str(tmp_path))
-    llm = LLM(text_model, offload=off, speculative={"method": "self", "num_speculative_tokens": 3})
+    llm = LLM(text_model, offload=off, speculative={"method": "self", "num_speculative_tokens": 3,
+                                                    "draft_routing": routing})
+    assert llm.drafter.routing == routing
     assert isinstance(llm.drafter, SelfDrafter) and llm.drafter.n == 3
     p = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     plain = LLM(text_model).generate(PROMPTS[0], p)[0]

@@ -24,6 +24,31 @@ def test_cheaper_self_drafts_stay_lossless(text_model, plain, top_k, layers):
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == plain
 
 
+@pytest.mark.parametrize("n", [3, 8])
+def test_rerouted_self_drafts_stay_lossless(text_model, plain, n):
+    llm = LLM(text_model, speculative={"method": "self", "num_speculative_tokens": 3, "draft_experts": n,
+                                       "draft_routing": "reroute"})
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == plain
+    if n == 8:                 # every expert in the set: nothing is re-routed, the draft is the target
+        assert outs[0].stats["acceptance_rate"] == 1.0
+
+
+def test_reroute_keeps_each_token_inside_the_set():
+    import torch
+    from moespec.spec.budget import reroute_inside
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    w, ids = torch.tensor([[0.625, 0.375], [4 / 7, 3 / 7]]), torch.tensor([[0, 1], [3, 2]])
+    inside = torch.tensor([True, True, False, True])
+    w2, ids2 = reroute_inside(probs, w, ids, inside, 2, norm_topk=True)
+    assert ids2.tolist() == [[0, 1], [3, 1]]                       # row 0 untouched; row 1: expert 2 -> 1
+    assert torch.allclose(w2[1], torch.tensor([4 / 6, 2 / 6])) and torch.equal(w2[0], w[0])
+    _, ids3 = reroute_inside(probs, w, ids, torch.ones(4, dtype=torch.bool), 2, norm_topk=True)
+    assert ids3 is ids                                              # all inside: nothing changes
+    w4, _ = reroute_inside(probs, w, ids, inside, 2, norm_topk=False)
+    assert torch.allclose(w4[1], torch.tensor([0.4, 0.2]))         # softmax weights when not renormalised
+
+
 def test_full_variant_is_the_target_itself(text_model, plain):
     # every expert, the model's own top-k and every layer: the draft is the target, acceptance is 100%
     llm = LLM(text_model, speculative={"method": "self", "num_speculative_tokens": 4, "draft_experts": 8,
@@ -58,11 +83,13 @@ def test_variant_settings_are_checked(text_model):
         LLM(text_model, speculative={"method": "self", "draft_layers": 5})
     with pytest.raises(MoespecError, match="need method 'self'"):
         LLM(text_model, speculative={"method": "ngram", "draft_top_k": 1})
+    with pytest.raises(MoespecError, match="draft_routing='nearest' is not one of: substitute, reroute"):
+        LLM(text_model, speculative={"method": "self", "draft_routing": "nearest"})
     with pytest.raises(MoespecError, match="draft_layers=0 must be a positive integer"):
         LLM(text_model, speculative={"method": "self", "draft_layers": 0})
     r = subprocess.run([sys.executable, "-m", "moespec.cli", "generate", str(text_model), "--prompt", "x",
                         "--draft-top-k", "1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--draft-top-k and --draft-layers shape self-drafting: add --spec self" in r.stderr
+    assert r.returncode == 2 and "--draft-top-k, --draft-layers and --draft-routing shape self-drafting" in r.stderr
     r = subprocess.run([sys.executable, "-m", "moespec.cli", "generate", str(text_model), "--prompt", "x",
                         "--max-new-tokens", "4", "--spec", "self", "--draft-top-k", "1", "--draft-layers", "2",
                         "--json"], capture_output=True, text=True, timeout=120)

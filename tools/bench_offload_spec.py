@@ -38,7 +38,8 @@ def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:
            "ngram": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens=a.draft_len)),
            "ngram-k-auto": (dict(off, prefetch="none"), dict(method="ngram", num_speculative_tokens="auto"))}
     K, L = a.model_top_k, a.model_layers
-    for name, extra in (("self-top1", dict(draft_top_k=1)), (f"self-L{L - 2}", dict(draft_layers=L - 2)),
+    for name, extra in (("self-substitute", dict(draft_routing="substitute")),
+                        ("self-top1", dict(draft_top_k=1)), (f"self-L{L - 2}", dict(draft_layers=L - 2)),
                         (f"self-top1-L{L - 2}", dict(draft_top_k=1, draft_layers=L - 2))):
         if K > 1 or "top1" not in name:      # cheaper self drafts (fewer experts per token, fewer layers)
             out[name] = (dict(off, prefetch="none"), dict(spec, **extra))

@@ -66,6 +66,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                    help="self drafter: experts per token while drafting (fewer = cheaper drafts; default the model's)")
     g.add_argument("--draft-layers", type=int, default=_env("draft_layers", None, int),
                    help="self drafter: draft with only the first L decoder layers (cheaper; default all)")
+    g.add_argument("--draft-routing", choices=["substitute", "reroute"], default=_env("draft_routing", None),
+                   help="self drafter: a token takes its top-k inside the draft set by router probability "
+                        "(reroute, default; higher acceptance) or an expert outside the set becomes its nearest "
+                        "one inside (substitute)")
     g.add_argument("--draft-model", default=_env("draft_model"), help="draft model folder (same tokenizer)")
     g.add_argument("--draft-len", default=_env("draft_len", None),
                    help="draft tokens per step (4), or auto: the controller picks k each step and decodes plainly "
@@ -120,8 +124,8 @@ def spec_config(a):
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
         if tree is not None:
             raise MoespecError("--tree needs a drafter: add --spec ngram, self or draft_model")
-        if a.draft_top_k is not None or a.draft_layers is not None:
-            raise MoespecError("--draft-top-k and --draft-layers shape self-drafting: add --spec self")
+        if a.draft_top_k is not None or a.draft_layers is not None or a.draft_routing is not None:
+            raise MoespecError("--draft-top-k, --draft-layers and --draft-routing shape self-drafting: add --spec self")
         if budget:
             flag = "--" + next(iter(budget)).replace("_", "-")
             raise MoespecError(f"{flag} needs speculative decoding (it limits the experts of verification): "
@@ -134,7 +138,8 @@ def spec_config(a):
             raise MoespecError("--draft-len and --tree both set the draft length: a tree's depth is its draft length")
         cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
                          draft_experts=a.draft_experts, tree=tree, draft_top_k=a.draft_top_k,
-                         draft_layers=a.draft_layers, **budget).validate()
+                         draft_layers=a.draft_layers, draft_routing=a.draft_routing or "reroute",
+                         **budget).validate()
     if cfg.budget() is not None:
         print(LOSSY_NOTE, file=sys.stderr)
     return cfg

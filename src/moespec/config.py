@@ -256,6 +256,8 @@ class SpecConfig:
     draft_experts: int | None = None        # self: experts per layer while drafting (default: resident / E/2)
     draft_top_k: int | None = None          # self: experts per token while drafting (default: the model's K)
     draft_layers: int | None = None         # self: draft with the first L decoder layers only (default: all)
+    draft_routing: str = "reroute"          # self: a token takes its top-K inside the draft set ("reroute"), or
+                                            # an expert outside becomes its nearest one inside ("substitute")
     verify_budget: int | None = None        # lossy: experts per MoE layer per verification forward
     verify_budget_mass: float | None = None  # lossy: router probability mass kept per MoE layer, in (0, 1]
     budget_mode: str = "substitute"
@@ -268,7 +270,7 @@ class SpecConfig:
     def from_dict(d: dict) -> "SpecConfig":
         known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
                  "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree",
-                 "draft_top_k", "draft_layers"}
+                 "draft_top_k", "draft_layers", "draft_routing"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -282,9 +284,11 @@ class SpecConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise MoespecError(f"{name}={v!r} must be a positive integer")
-        if (self.draft_top_k or self.draft_layers) and self.method != "self":
-            raise MoespecError("draft_top_k and draft_layers shape the self drafter's forward: they need method "
-                               "'self' (--spec self)")
+        if self.draft_routing not in ("substitute", "reroute"):
+            raise MoespecError(f"draft_routing={self.draft_routing!r} is not one of: substitute, reroute")
+        if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":
+            raise MoespecError("draft_top_k, draft_layers and draft_routing shape the self drafter's forward: they "
+                               "need method 'self' (--spec self)")
         if self.method == "draft_model" and not self.model:
             raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens

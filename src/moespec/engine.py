@@ -85,7 +85,8 @@ class LLM:
             if self.spec.draft_layers is not None and self.spec.draft_layers > c.num_layers:
                 raise MoespecError(f"draft_layers={self.spec.draft_layers} exceeds the model's {c.num_layers} layers")
             return SelfDrafter(self.model, n, capacity=self.max_model_len + 128, prefetcher=prefetch,
-                               top_k=self.spec.draft_top_k, layers=self.spec.draft_layers)
+                               top_k=self.spec.draft_top_k, layers=self.spec.draft_layers,
+                               routing=self.spec.draft_routing)
         draft = load_model(self.spec.model, dtype, device)
         if draft.cfg.vocab_size != self.config.vocab_size:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "

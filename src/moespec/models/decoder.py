@@ -54,6 +54,9 @@ class ForwardPlan:
     # Per MoE layer, a map [E] from each expert to the one computed in its place (self-drafting with a
     # restricted expert set: experts outside it are substituted); None = every expert as routed.
     expert_map: dict[int, torch.Tensor] | None = None
+    # Per MoE layer, the experts [E] bool a token may be routed to: outside choices give way to the token's
+    # top-K inside the set (self-drafting that re-routes instead of substituting); None = no restriction.
+    expert_sets: dict[int, torch.Tensor] | None = None
     # Called as after_moe(layer, routed_ids [B*T, K]) once a MoE layer has computed (its experts are no
     # longer needed by this forward): draft-guided prefetch queues the routed experts from here.
     after_moe: Callable[[int, torch.Tensor], None] | None = None
@@ -124,9 +127,10 @@ class DecoderLM:
                 x2 = x.reshape(B * T, -1)
                 self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
                 emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
+                eset = plan.expert_sets.get(i) if plan is not None and plan.expert_sets is not None else None
                 rec = record if record is not None or plan is None or plan.after_moe is None else []
                 y = moe_block(x2, lw.moe, i, self.experts, top_k, c.norm_topk_prob, rec, emap,
-                              budget, kept)
+                              budget, kept, eset)
                 h = h + y.view(B, T, -1)
                 if plan is not None and plan.after_moe is not None:
                     plan.after_moe(i, rec[-1])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.pool import ExpertPool
-from ..spec.budget import apply_budget
+from ..spec.budget import apply_budget, reroute_inside
 from .layers import linear
 
 
@@ -115,10 +115,12 @@ def sum_k(acc: torch.Tensor) -> torch.Tensor:
 
 def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, norm_topk: bool,
               record: list | None, expert_map: torch.Tensor | None = None,
-              budget: tuple | None = None, kept: list | None = None) -> torch.Tensor:
+              budget: tuple | None = None, kept: list | None = None,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, D] -> [N, D]; appends this layer's routed expert ids [N, K] to `record` when asked.
 
     expert_map [E]: compute expert_map[e] wherever the router chose e (substitution), keeping the weights.
+    allowed [E] bool: route only inside this set (a token's top-K among the allowed experts, re-weighted).
     budget (VerifyBudget, depth [N] long | None): hold the layer to a verification expert budget
     (spec/budget.py, lossy); `record` still gets the routing as the router chose it.
     kept: appends the number of distinct experts this layer computes.
@@ -141,6 +143,8 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
         w, ids, _ = apply_budget(probs, w, ids, vb, top_k, norm_topk, depth, resident)
     if expert_map is not None:
         ids = expert_map[ids]
+    if allowed is not None:
+        w, ids = reroute_inside(probs, w, ids, allowed, top_k, norm_topk)
     if kept is not None:
         kept.append(int(torch.unique(ids).numel()))
     pool = experts.pool(layer)

@@ -84,6 +84,25 @@ def select_experts(scores: torch.Tensor, budget: VerifyBudget, top_k: int,
     return order[:n]
 
 
+def reroute_inside(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, inside: torch.Tensor, top_k: int,
+                   norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens with a choice outside `inside` [E] bool (at least K experts) take their top-K inside it instead,
+    weighted as the family weights top-K: renormalised over the K picks, or the original softmax
+    probabilities when it does not renormalise. probs [N, E] float32, w/ids [N, K] -> (w, ids); tokens
+    whose choices all lie inside keep them untouched."""
+    ok = inside[ids]                                                                     # [N, K]
+    if bool(ok.all()):
+        return w, ids
+    rows = ~ok.all(1)
+    w, ids = w.clone(), ids.clone()
+    restricted = probs[rows].masked_fill(~inside, -1.0)   # probs are >= 0: outside experts never win topk
+    nw, nid = torch.topk(restricted, top_k, dim=-1)                                      # [R, K]
+    if norm_topk:
+        nw = nw / nw.sum(-1, keepdim=True)
+    w[rows], ids[rows] = nw.to(w.dtype), nid
+    return w, ids
+
+
 def apply_budget(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget: VerifyBudget, top_k: int,
                  norm_topk: bool, depth: torch.Tensor | None = None, resident: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,17 +128,12 @@ def apply_budget(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget
     ok = inside[ids]                                                                     # [N, K]
     if bool(ok.all()):
         return w, ids, kept
+    if budget.mode == "substitute":
+        w, ids = reroute_inside(probs, w, ids, inside, top_k, norm_topk)
+        return w, ids, kept
     rows = ~ok.all(1)                                                                    # tokens to re-route
     w, ids = w.clone(), ids.clone()
     restricted = probs.masked_fill(~inside, -1.0)      # probs are >= 0: outside experts never win topk
-    if budget.mode == "substitute":
-        # The token's top-K among the kept experts (|kept| >= K), weighted as the family weights top-K:
-        # renormalised over the K picks, or the original softmax probabilities when it does not renormalise.
-        nw, nid = torch.topk(restricted[rows], top_k, dim=-1)                            # [R, K]
-        if norm_topk:
-            nw = nw / nw.sum(-1, keepdim=True)
-        w[rows], ids[rows] = nw.to(w.dtype), nid
-        return w, ids, kept
     # truncate: keep the natural choices inside the set, zero the others.
     rw, rid, rok = w[rows], ids[rows], ok[rows]                                          # [R, K]
     if norm_topk:
