@@ -137,7 +137,8 @@ def main() -> None:
             o = llm.generate(p, params)[0]
             runs[name].append({"tokens": o.token_ids, **{k: v for k, v in o.stats.items()
                                                          if not isinstance(v, (dict, list))},
-                               "per_layer": o.stats.get("predictor_per_layer")})
+                               "per_layer": o.stats.get("predictor_per_layer"),
+                               "controller": o.stats.get("controller")})
             print(f"prompt {i} {name}: {o.stats['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     ref = runs["plain"]
     report = {"settings": {k: v for k, v in vars(a).items() if k not in ("output", "plot")},
@@ -159,6 +160,10 @@ def main() -> None:
             row["verify_s_per_token"] = sum(r["verify_s"] for r in rs) / new
             row["distinct_experts_per_verify"] = statistics.fmean(r["distinct_experts_per_verify"] for r in rs)
             row["lossy"] = rs[0].get("lossy", False)
+            if rs[-1].get("controller"):       # draft length "auto": how often it decoded plainly, what it learned
+                plain = sum(r.get("plain_steps", 0) for r in rs)
+                row["plain_step_fraction"] = plain / max(1, plain + sum(r["draft_steps"] for r in rs))
+                row["controller_last_prompt"] = rs[-1]["controller"]
         for key in ("prefetch_issued", "prefetch_used", "prefetch_wasted"):
             if key in rs[0]:
                 row[key] = sum(r[key] for r in rs)
