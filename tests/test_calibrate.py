@@ -71,7 +71,9 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
         assert all(s > 0 and math.isfinite(tf) and tf > 0 for s, _, tf in table)
     assert report["profile"]["rows_fp32_tflops"] == [list(r) for r in hw.rows_fp32_tflops]
     assert report["path"] == str(out) and report["profile"]["name"] == hw.name
-    assert [p.name for p in tmp_path.iterdir()] == ["hw.json"]        # the SSD test file is gone
+    # the SSD test file is gone; the reference model's packed experts stay for offloading to reuse
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reference-moe-")) == ["hw.json"]
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith("-float32.experts")]) == 1
     assert main(["plan", "--hardware", str(out), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["hardware"]["name"] == hw.name and plan["plain"]["tpot_s"] > 0

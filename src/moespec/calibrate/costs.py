@@ -4,8 +4,6 @@ speculative step, and the wait per layer that misses."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -101,14 +99,16 @@ def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path, batches: tuple[int, 
     from ..perf.step import decode_tpot
     from ..sampling import SamplingParams
     k = knobs
-    tmp = folder / f".moespec-calibrate-{os.getpid()}"       # its packed expert file goes away afterwards
     llm = None
     desc = ModelDesc.from_file(REFERENCE_MODEL, name="reference-moe", dtype_bytes=4.0)
     params = SamplingParams(max_new_tokens=k.step_tokens, temperature=0, ignore_eos=True)
     per_batch = []
     try:
+        # The packed expert file stays in `folder`, where offloading (and --validate) read it later: reads of a
+        # file written moments before ran up to 1.8x slower here (the VM host still flushing it), so a
+        # calibration that packed a fresh file each time priced misses too high.
         llm = LLM(REFERENCE_MODEL, dtype="float32",
-                  offload=OffloadConfig(expert_cache="25%", offload="disk", offload_dir=str(tmp)))
+                  offload=OffloadConfig(expert_cache="25%", offload="disk", offload_dir=str(folder)))
         prompts = {b: random_prompts(b, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=3)
                    for b in batches}
         runs = {b: [] for b in batches}
@@ -130,7 +130,6 @@ def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path, batches: tuple[int, 
     finally:
         if llm is not None:
             llm.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     wait, gbs = fit_miss_costs([(p["misses_per_layer"], p["extra_per_layer_s"]) for p in per_batch], desc.expert_bytes)
     return {"miss_overhead_s": wait, "miss_read_gbs": gbs, "batches": per_batch, "expert_bytes": desc.expert_bytes}
 
