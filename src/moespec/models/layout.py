@@ -25,32 +25,40 @@ def as_layout(w: torch.Tensor, colmajor: bool) -> torch.Tensor:
     return w.contiguous() if w.is_contiguous() and w.data_ptr() % 64 == 0 else w.clone(memory_format=torch.contiguous_format)
 
 
+def sample_matrices(shape: tuple[int, int], dtype: torch.dtype, budget_bytes: int = 64 << 20) -> list[torch.Tensor]:
+    """2-16 random [out, in] matrices of `dtype`, as many as fit `budget_bytes`: too many to stay in cache."""
+    out_f, in_f = shape
+    n = max(2, min(16, budget_bytes // max(1, out_f * in_f * torch.finfo(dtype).bits // 8)))
+    return [torch.randn(out_f, in_f).to(dtype) for _ in range(n)]
+
+
+def product_time(ws: list[torch.Tensor], rows: tuple[int, ...] = (1, 4)) -> float:
+    """Best of 3 of the summed seconds of `layers.linear` over every weight in `ws` at each row count (after a
+    warm-up on two of them): the cost decode (1 row) and verification (a few rows) would see."""
+    from .layers import linear
+    xs = [torch.randn(m, ws[0].shape[1]).to(ws[0].dtype) for m in rows]
+    for x in xs:
+        for w in ws[:2]:
+            linear(x, w)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for x in xs:
+            for w in ws:
+                linear(x, w)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def faster_colmajor(shape: tuple[int, int], dtype: torch.dtype, device, budget_bytes: int = 64 << 20,
                     rows: tuple[int, ...] = (1, 4)) -> bool:
     """True if the products decode and verification make (1 and 4 rows, times summed) are faster with W stored
     column-major than row-major, each through `layers.linear` (which takes the W @ X^T path for row-major
     fp32 weights)."""
-    from .layers import linear
     if torch.device(device).type != "cpu":
         return False
-    out_f, in_f = shape
-    n = max(2, min(16, budget_bytes // max(1, out_f * in_f * torch.finfo(dtype).bits // 8)))
-    mats = [torch.randn(out_f, in_f).to(dtype) for _ in range(n)]
-    xs = [torch.randn(m, in_f).to(dtype) for m in rows]
-    best = {}
-    for col in (False, True):
-        ws = [as_layout(w, col) for w in mats]
-        for x in xs:
-            for w in ws[:2]:
-                linear(x, w)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for x in xs:
-                for w in ws:
-                    linear(x, w)
-            times.append(time.perf_counter() - t)
-        best[col] = min(times)
+    mats = sample_matrices(shape, dtype, budget_bytes)
+    best = {col: product_time([as_layout(w, col) for w in mats], rows) for col in (False, True)}
     return best[True] < 0.9 * best[False]    # keep the usual layout unless the other clearly wins
 
 

@@ -12,8 +12,6 @@ MoE block reads: `w13[slot]`, `w2[slot]`); offloaded experts stay in their slot 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..experts.pool import ExpertPool
@@ -58,29 +56,11 @@ def faster_packed(shape: tuple[int, int], colmajor: bool, budget_bytes: int = 64
     """True if bf16 products of 1 and 4 rows (decode, verification) are clearly faster on the prepacked
     weight than through layers.linear on the layout the chooser picked, timed on matrices too many to stay
     in cache."""
-    from .layers import linear
-    from .layout import as_layout
+    from .layout import as_layout, product_time, sample_matrices
     if not packing_supported():
         return False
-    out_f, in_f = shape
-    n = max(2, min(16, budget_bytes // max(1, out_f * in_f * 2)))
-    dense = [as_layout(torch.randn(out_f, in_f).to(torch.bfloat16), colmajor) for _ in range(n)]
-    packed = [pack(w) for w in dense]
-    xs = [torch.randn(m, in_f).to(torch.bfloat16) for m in rows]
-    best = {}
-    for name, ws in (("dense", dense), ("packed", packed)):
-        for x in xs:
-            for w in ws[:2]:
-                linear(x, w)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for x in xs:
-                for w in ws:
-                    linear(x, w)
-            times.append(time.perf_counter() - t)
-        best[name] = min(times)
-    return best["packed"] < 0.9 * best["dense"]
+    dense = [as_layout(w, colmajor) for w in sample_matrices(shape, torch.bfloat16, budget_bytes)]
+    return product_time([pack(w) for w in dense], rows) < 0.9 * product_time(dense, rows)
 
 
 class PackedExperts:
