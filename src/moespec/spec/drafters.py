@@ -199,9 +199,9 @@ class SelfDrafter(DraftModelDrafter):
     """SpecMoE: the target drafts for itself with only N draft experts per MoE layer.
 
     A token whose routed experts fall outside the draft set takes its top-K experts inside the set by
-    router probability (routing "reroute", as the verification budget does; the default: on the reference
-    model it accepted 0.23 vs 0.14 of drafts with 8 of 16 experts, 0.13 vs 0.09 from a 25% cache), or each
-    such expert is replaced by its nearest one in the set (routing "substitute": a table from expert
+    router probability (routing "reroute", as the verification budget does; the default: on reference v3
+    it accepted 0.32 vs 0.24 of drafts with 8 of 16 experts resident, 0.21 vs 0.17 from a 25% cache), or
+    each such expert is replaced by its nearest one in the set (routing "substitute": a table from expert
     affinity, computed once). With offloading the draft set is chosen among the
     cached experts, so drafting starts no reads; after each verification the set is refreshed to the
     N experts the verified positions chose most (recency beats a static hot list, per the paper), and
@@ -215,8 +215,6 @@ class SelfDrafter(DraftModelDrafter):
     "Cached" counts slots whose load is in flight, so what is drafted never depends on I/O timing.
     """
 
-    ROUTINGS = ("substitute", "reroute")
-
     def __init__(self, model, n_experts: int, capacity: int = 4096, prefetcher=None,
                  top_k: int | None = None, layers: int | None = None, routing: str = "reroute"):
         super().__init__(model, capacity)
@@ -227,19 +225,22 @@ class SelfDrafter(DraftModelDrafter):
         self.prefetcher = prefetcher
         # Cheaper drafts (issue 5's variants): fewer experts per token, or only the first `layers` layers.
         self.top_k, self.layers = top_k, layers
-        self.dist = {i: expert_distances(model, i) for i in model.cfg.moe_layer_ids}
+        self.E, self.moe_layers = E, list(model.cfg.moe_layer_ids)
+        # Expert affinities only for substitution (an [E, E] distance over every expert's weights per layer).
+        self.dist = {i: expert_distances(model, i) for i in self.moe_layers} if routing == "substitute" else {}
         # Start from the experts resident now (all of them when nothing is offloaded): the first N. An
         # offload cache that is still empty falls back to experts 0..N-1 (loaded once, then resident).
         self.sets, self._maps, self._over = {}, {}, {}
-        for i in self.dist:
+        for i in self.moe_layers:
             res = model.experts.cached(i)
             self.sets[i] = (res if len(res) else torch.arange(E))[:self.n].clone()
             self._remap(i, self.sets[i])
 
     def _remap(self, layer: int, allowed: torch.Tensor) -> None:
-        """Substitution map over `allowed` [A]: every expert -> its nearest allowed one."""
+        """The plan's per-layer entry for draft set `allowed` [A]: a mask [E] bool (reroute), or a substitution
+        map [E] sending every expert to its nearest allowed one (substitute)."""
         if self.routing == "reroute":
-            mask = torch.zeros(self.dist[layer].shape[0], dtype=torch.bool)
+            mask = torch.zeros(self.E, dtype=torch.bool)
             mask[allowed] = True
             self._maps[layer] = mask
         else:
@@ -256,7 +257,7 @@ class SelfDrafter(DraftModelDrafter):
         first = getattr(self, "_snap", None) is None
         if first:
             self._snap = {}
-        for layer in self.dist:
+        for layer in self.moe_layers:
             cached = self.model.experts.cached(layer)
             if first:
                 self._snap[layer] = cached
@@ -287,8 +288,8 @@ class SelfDrafter(DraftModelDrafter):
         """routing: per MoE layer the ids [R*width, K] the verification routed; keep [R*width] bool marks
         the positions that were committed. The N experts they chose most, among those usable without
         I/O, become the next draft set."""
-        for layer, ids in zip(self.dist, routing):
-            counts = torch.bincount(ids[keep].reshape(-1), minlength=self.dist[layer].shape[0]).float()
+        for layer, ids in zip(self.moe_layers, routing):
+            counts = torch.bincount(ids[keep].reshape(-1), minlength=self.E).float()
             resident = self.model.experts.cached(layer)     # not resident(): must not depend on I/O timing
             counts[resident] += 0.5                           # ties (and unseen experts) go to resident ones
             usable = torch.zeros_like(counts, dtype=torch.bool)
