@@ -191,12 +191,17 @@ def test_auto_cutoff_rule():
     assert auto_cutoff(6, 0.5, 0.001, 1.0) == 6               # capped at the number of MoE layers
     assert auto_cutoff(6, 2.0, 0.01, 0.001) == 0
     assert auto_cutoff(6, None, 0.001, 0.01) == 6             # nothing measured yet: prefetch everything
+    # layers whose predicted misses exceed their free slots end the prefetched prefix
+    assert auto_cutoff(6, 0.5, 0.001, 1.0, [True, True, False, True, True, True]) == 2
+    assert auto_cutoff(6, 0.5, 0.001, 1.0, [False] * 6) == 0
+    assert auto_cutoff(6, 2.0, 0.001, 0.0045, [True] * 6) == 2  # the time rule still binds
 
 
 class _StubCache:
-    """Slot table and prefetch calls only: what DraftPrefetch asks the cache to keep."""
+    """Slot count, slot table and prefetch calls only: what DraftPrefetch asks the cache to keep."""
 
-    def __init__(self, experts=8):
+    def __init__(self, experts=8, slots=4):
+        self.S = slots
         self.slot_of = {0: torch.full((experts,), -1)}
         self.calls = []
 
