@@ -67,18 +67,11 @@ def fit_miss_costs(points: list[tuple[float, float]], expert_bytes: float) -> tu
     if not pts:
         return 0.0, None
     if len(pts) >= 2:
-        # e = w * a + s * m with a = min(1, m): two unknowns, normal equations
-        saa = sum(min(1.0, m) ** 2 for m, _ in pts)
-        sam = sum(min(1.0, m) * m for m, _ in pts)
-        smm = sum(m * m for m, _ in pts)
-        sae = sum(min(1.0, m) * e for m, e in pts)
-        sme = sum(m * e for m, e in pts)
-        det = saa * smm - sam * sam
-        if det > 1e-12 * saa * smm:
-            w = (sae * smm - sam * sme) / det
-            per = (saa * sme - sam * sae) / det
-            if per > 0:
-                return max(0.0, w), expert_bytes / per / 1e9
+        import numpy as np
+        m, e = np.array(pts, dtype=float).T
+        (w, per), _, rank, _ = np.linalg.lstsq(np.stack([np.minimum(1.0, m), m], axis=1), e, rcond=None)
+        if rank == 2 and per > 0:
+            return max(0.0, float(w)), expert_bytes / float(per) / 1e9
     m, e = max(pts)
     return max(0.0, e / min(1.0, m)), None
 

@@ -24,13 +24,13 @@ def packing_supported() -> bool:
     multi-row bf16 products through fp32 instead, layers.SLOW_BF16_GEMM, which needs dense weights)."""
     global _SUPPORTED
     if _SUPPORTED is None:
-        from .layers import SLOW_BF16_GEMM
+        from .layers import SLOW_BF16_GEMM, linear
         ok = not SLOW_BF16_GEMM and torch.backends.mkldnn.is_available()
         if ok:
             try:
                 w = torch.ones(16, 16, dtype=torch.bfloat16)
                 x = torch.ones(1, 16, dtype=torch.bfloat16)
-                ok = bool(torch.equal(matmul(x, pack(w)), torch.nn.functional.linear(x, w)))
+                ok = bool(torch.equal(linear(x, pack(w)), torch.nn.functional.linear(x, w)))
             except (RuntimeError, AttributeError):
                 ok = False
         _SUPPORTED = ok
@@ -40,15 +40,6 @@ def packing_supported() -> bool:
 def pack(w: torch.Tensor) -> torch.Tensor:
     """[out, in] bf16 (any storage order) -> the same matrix prepacked for oneDNN."""
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
-
-
-def is_packed(w: torch.Tensor) -> bool:
-    return w.layout == torch._mkldnn
-
-
-def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) for a packed w: x [..., in] -> [..., out]."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 def faster_packed(shape: tuple[int, int], colmajor: bool, budget_bytes: int = 64 << 20,

@@ -35,8 +35,8 @@ class DraftPrefetch:
         self.alpha = smoothing
         self.predicted: dict[int, list[int]] = {layer: [] for layer in self.rank}
         self.protect: dict[int, set[int]] = {layer: set() for layer in self.rank}
-        self.uncached = 0                      # predicted experts not cached when predicted, this step
-        self.uncached_in = {layer: 0 for layer in self.rank}          # the same per MoE layer
+        self.uncached_in = {layer: 0 for layer in self.rank}   # predicted experts not cached when predicted,
+                                                               # this step, per MoE layer
         self.free = {layer: cache.S for layer in self.rank}           # slots outside the draft set
         self.m: float | None = None            # moving averages used by the automatic cutoff
         self.m_layer: dict[int, float] = {}
@@ -50,7 +50,6 @@ class DraftPrefetch:
             self.predicted[layer] = []
             self.protect[layer] = set()
             self.uncached_in[layer] = 0
-        self.uncached = 0
 
     def observe(self, layer: int, picks: list[int], keep: torch.Tensor | None = None) -> None:
         """picks: experts verification will likely need in this layer, best first (the router's top-K
@@ -67,9 +66,7 @@ class DraftPrefetch:
         # token's picks would otherwise evict them before verification uses them.
         earlier = {e for e in self.predicted[layer] if int(table[e]) >= 0}
         self.predicted[layer].extend(new)
-        miss = sum(1 for e in new if int(table[e]) < 0)
-        self.uncached += miss
-        self.uncached_in[layer] += miss
+        self.uncached_in[layer] += sum(1 for e in new if int(table[e]) < 0)
         if self.rank[layer] < self.cutoff:
             self.queued += self.cache.prefetch(layer, new, self.protect[layer] | earlier)
 
@@ -83,7 +80,7 @@ class DraftPrefetch:
             c["predicted"] += len(pred)
             c["used"] += len(used)
         self.steps += 1
-        m = self.uncached / max(1, len(self.rank))
+        m = sum(self.uncached_in.values()) / max(1, len(self.rank))
         a = self.alpha
         self.m = m if self.m is None else (1 - a) * self.m + a * m
         self.t_draft = draft_s if self.t_draft is None else (1 - a) * self.t_draft + a * draft_s
