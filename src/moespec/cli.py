@@ -1,4 +1,4 @@
-"""`moespec generate | chat | inspect | bench`: the command line over the public API."""
+"""`moespec generate | chat | serve | inspect | bench | plan | calibrate | profile`: the command line."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     from .experts.profile_cli import add_profile_parser
     add_profile_parser(sub, _model_args)
+    from .serve.cli import add_serve_parser
+    add_serve_parser(sub, _env, _model_args, (_offload_args, _spec_args))
     return ap
 
 
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan,
-         "calibrate": _calibrate, "profile": _profile}.get(a.command, _bench)(a)
+         "calibrate": _calibrate, "profile": _profile, "serve": _serve}.get(a.command, _bench)(a)
     except MoespecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -266,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def _serve(a) -> None:
+    from .serve.cli import run_serve
+    run_serve(a, offload_config(a), spec_config(a))
 
 
 def _calibrate(a) -> None:

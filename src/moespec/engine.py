@@ -23,7 +23,7 @@ class Output:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str                  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str                  # "stop" (EOS, stop token or stop string), "length" or "abort"
     stats: dict = field(default_factory=dict)
 
 
@@ -149,10 +149,15 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Output]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 aborted: Callable[[int], bool] | None = None,
+                 on_finish: Callable[[int, Output], None] | None = None) -> list[Output]:
         """Generate for one prompt or a batch (text or token ids); one Output per prompt, in order.
 
-        on_text(i, delta) is called with each piece of new text of prompt i as it decodes.
+        on_text(i, delta) is called with each piece of new text of prompt i as it decodes; aborted(i),
+        asked before each step, ends prompt i early (finish_reason "abort") when it returns True;
+        on_finish(i, output) is called as soon as prompt i ends (its stats are per sequence only: the batch
+        figures, speculation and expert counters, exist once the whole batch is done).
         """
         seqs = self._sequences(prompts, sampling_params)
         before = self.expert_stats() if self.offload is not None else None
@@ -162,8 +167,9 @@ class LLM:
         if self.spec is not None and self.spec.adaptive:
             controller = self._controllers.setdefault(
                 len(seqs), SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)))
+        done = None if on_finish is None else (lambda i: on_finish(i, self._early_output(seqs[i])))
         timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
-                          budget=self.budget, controller=controller)
+                          budget=self.budget, controller=controller, aborted=aborted, on_finish=done)
         if controller is not None:
             timing["spec"]["controller"] = controller.stats()
         if before is not None:
@@ -212,6 +218,11 @@ class LLM:
         """Stop the expert loader threads and close the offload file (no-op without offloading)."""
         self.model.experts.close()
 
+    def _early_output(self, s: Sequence) -> Output:
+        text = s.text if s.detok is not None else ""
+        return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length",
+                      {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), "lossy": self.budget is not None})
+
     def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
         n = len(s.token_ids)
         ttft = s.t_first - timing["t0"]
@@ -238,7 +249,8 @@ class LLM:
                                                     for i in range(self.spec.k_max)],
                           "draft_len": self.spec.num_speculative_tokens,
                           "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
-                          if spec["verify_layers"] else 0.0})
+                          if spec["verify_layers"] else 0.0,
+                          "verify_experts": spec["verify_experts"], "verify_layers": spec["verify_layers"]})
             if self.spec.tree is not None:           # tree drafts: draft_tokens counts depths, draft_nodes nodes
                 stats.update({"tree": list(self.spec.tree), "draft_nodes": spec["draft_nodes"]})
             if "controller" in spec:                 # draft length "auto": what the controller saw and chose

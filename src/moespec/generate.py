@@ -57,12 +57,15 @@ class Sequence:
 
 
 def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
-             drafter=None, draft_len: int = 0, budget=None, controller=None) -> dict:
+             drafter=None, draft_len: int = 0, budget=None, controller=None,
+             aborted: Callable[[int], bool] | None = None, on_finish: Callable[[int], None] | None = None) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
     drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); a controller
     (perf/controller.py) instead picks each step's draft length, 0 = a plain step, from the costs it
-    is told. budget: a VerifyBudget that makes verification LOSSY (spec/budget.py)."""
+    is told. budget: a VerifyBudget that makes verification LOSSY (spec/budget.py). aborted(i) is asked
+    before every step: True ends sequence i with finish_reason "abort" (a server's client went away);
+    on_finish(i) is called as soon as sequence i has ended (the others may go on)."""
     B = len(seqs)
     gens = [make_generator(s.params.seed) for s in seqs]
     lens = [len(s.prompt_ids) for s in seqs]
@@ -93,11 +96,16 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                     delta = seqs[i].append(tok, now)
                     if delta and on_text is not None:
                         on_text(i, delta)
+            if aborted is not None and seqs[i].finish_reason is None and aborted(i):
+                seqs[i].finish_reason = "abort"
         keep = [r for r, i in enumerate(live) if seqs[i].finish_reason is None]
         if len(keep) < len(live):              # finished rows leave the batch: they cost nothing more
             for r, i in enumerate(live):
-                if drafter is not None and seqs[i].finish_reason is not None:
-                    drafter.forget(i)
+                if seqs[i].finish_reason is not None:
+                    if drafter is not None:
+                        drafter.forget(i)
+                    if on_finish is not None:
+                        on_finish(i)
             if keep:
                 kv.select_rows(keep)
                 nxt = nxt[keep]

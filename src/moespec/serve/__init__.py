@@ -1,0 +1,1 @@
+"""`moespec serve`: an OpenAI-compatible HTTP server over one loaded model (fastapi, uvicorn, prometheus)."""

@@ -1,0 +1,189 @@
+"""The OpenAI-compatible HTTP API over one loaded LLM: /v1/models, /v1/completions, /v1/chat/completions
+(SSE streaming), /health, /metrics. Every error is an OpenAI error object with its status, never a trace.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import LLM
+from ..errors import MoespecError
+from . import protocol as P
+from .metrics import ServerMetrics
+from .worker import EngineWorker, Job, Overloaded
+
+
+def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: int = 64,
+               start: bool = True) -> FastAPI:
+    """start=False leaves the engine thread unstarted (tests start it, or fill its queue first)."""
+    metrics = ServerMetrics(model_name, llm.expert_stats)
+    worker = EngineWorker(llm, metrics, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+    if start:
+        worker.start()
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.stop()           # the engine thread ends after the batch it is decoding
+    app = FastAPI(title="moespec", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.worker, app.state.metrics, app.state.llm = worker, metrics, llm
+    created = int(time.time())
+
+    @app.exception_handler(P.ApiError)
+    async def _api_error(_, e: P.ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        message = "request body is not valid JSON" if err.get("type") == "json_invalid" else \
+            f"{where or 'request'}: {err.get('msg')}"
+        return JSONResponse(P.ApiError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.ApiError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return JSONResponse(P.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if not worker.is_alive():
+            raise P.ApiError(503, "the engine thread is not running", type="service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "moespec", "root": str(llm.path),
+                                            "max_model_len": llm.max_model_len}]}
+
+    def check_model(req) -> None:
+        if req.model is not None and req.model != model_name:
+            raise P.ApiError(404, f"The model `{req.model}` does not exist (this server serves `{model_name}`)",
+                             type="not_found_error", param="model", code="model_not_found")
+
+    def job_for(prompts: list, req, max_tokens) -> tuple[Job, int]:
+        """Tokenize and validate everything before queueing: bad input is a 400 now, not a failed batch."""
+        try:
+            ids = [llm.encode(p) for p in prompts]
+            params = req.sampling_params(max_tokens)
+            for p in params:
+                p.validate()
+                p.with_defaults(llm.generation_config).validate()
+        except MoespecError as e:
+            code = "context_length_exceeded" if "context is" in str(e) else None
+            # the API's name for the field (the engine says max_new_tokens)
+            raise P.ApiError(400, str(e).replace("max_new_tokens", "max_tokens"), code=code) from None
+        job = Job([i for i in ids for _ in params], [p for _ in ids for p in params], asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except Overloaded as e:
+            raise P.ApiError(503, f"server overloaded: {e}; retry later", type="service_unavailable") from None
+        return job, sum(len(i) for i in ids)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: P.ChatRequest):
+        check_model(req)
+        req.check()
+        try:
+            prompt = llm.chat_prompt([m.as_dict() for m in req.messages])
+        except MoespecError as e:
+            raise P.ApiError(400, str(e), param="messages") from None
+        job, n_prompt = job_for([prompt], req, req.max_new_tokens)
+        rid = P.new_id("chatcmpl")
+        if req.stream:
+            def chunk(c, text, finish, first):
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                return P.chat_chunk(rid, model_name, c, delta, finish, req.include_usage)
+            return _sse(job, chunk, lambda use: P.usage_chunk(rid, model_name, "chat.completion.chunk", use),
+                        n_prompt, req.include_usage)
+        texts, reasons, n_gen = await _collect(job)
+        return P.chat_reply(rid, model_name, texts, reasons, P.usage(n_prompt, n_gen))
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest):
+        check_model(req)
+        req.check()
+        job, n_prompt = job_for(req.prompts(), req, req.max_tokens)
+        rid = P.new_id("cmpl")
+        if req.stream:
+            def chunk(c, text, finish, first):
+                return P.completion_chunk(rid, model_name, c, text, finish, req.include_usage)
+            return _sse(job, chunk, lambda use: P.usage_chunk(rid, model_name, "text_completion", use),
+                        n_prompt, req.include_usage)
+        texts, reasons, n_gen = await _collect(job)
+        return P.completion_reply(rid, model_name, texts, reasons, P.usage(n_prompt, n_gen))
+
+    return app
+
+
+async def _collect(job: Job) -> tuple[list[str], list[str], int]:
+    """Wait for every choice of a job: texts, finish reasons, generated tokens."""
+    n = len(job.prompts)
+    texts, reasons, tokens = [""] * n, [""] * n, 0
+    done = 0
+    try:
+        while done < n:
+            ev = await job.events.get()
+            if ev[0] == "text":
+                texts[ev[1]] += ev[2]
+            elif ev[0] == "finish":
+                reasons[ev[1]], tokens, done = ev[2].finish_reason, tokens + len(ev[2].token_ids), done + 1
+            else:
+                raise P.ApiError(ev[1], ev[2], type="internal_error" if ev[1] >= 500 else "invalid_request_error")
+    finally:
+        job.cancelled = done < n      # the client went away (or the engine failed): stop decoding for it
+    return texts, reasons, tokens
+
+
+def _sse(job: Job, chunk, usage_chunk, n_prompt: int, include_usage: bool) -> StreamingResponse:
+    """Server-sent events: one chunk per text delta, a last chunk per choice with its finish_reason, the
+    usage chunk when asked, then `data: [DONE]`. A client that disconnects cancels its sequences."""
+    async def events():
+        n, done, tokens = len(job.prompts), 0, 0
+        started = [False] * n
+        try:
+            while done < n:
+                ev = await job.events.get()
+                if ev[0] == "text":
+                    yield _data(chunk(ev[1], ev[2], None, not started[ev[1]]))
+                    started[ev[1]] = True
+                elif ev[0] == "finish":
+                    c, out = ev[1], ev[2]
+                    if not started[c]:               # a choice that produced no text still gets its role
+                        yield _data(chunk(c, "", None, True))
+                    yield _data(chunk(c, "", out.finish_reason, False))
+                    done, tokens = done + 1, tokens + len(out.token_ids)
+                else:
+                    yield _data(P.ApiError(ev[1], ev[2]).body())
+                    break
+            if include_usage and done == n:
+                yield _data(usage_chunk(P.usage(n_prompt, tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = done < n
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,45 @@
+"""`moespec serve MODEL --host 127.0.0.1 --port 8000`: load once, then answer OpenAI API requests."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_serve_parser(sub, env, model_args, engine_args) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
+                                     "/v1/models, /health, /metrics)")
+    model_args(s)
+    s.add_argument("--host", default=env("host", "127.0.0.1"), help="address to listen on (default loopback only)")
+    s.add_argument("--port", type=int, default=env("port", 8000, int))
+    s.add_argument("--served-model-name", default=env("served_model_name"),
+                   help="the model id clients send (default: the folder's name)")
+    s.add_argument("--max-model-len", type=int, default=env("max_model_len", None, int),
+                   help="context limit, prompt and new tokens (default: the model's max_position_embeddings)")
+    s.add_argument("--max-num-seqs", type=int, default=env("max_num_seqs", 16, int),
+                   help="sequences decoded together in one batch (default 16)")
+    s.add_argument("--max-waiting", type=int, default=env("max_waiting", 64, int),
+                   help="requests that may wait for the engine; more are answered 503 (default 64)")
+    s.add_argument("--log-level", default=env("log_level", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+    for add in engine_args:       # offload and speculation flags, as for generate
+        add(s)
+
+
+def run_serve(a: argparse.Namespace, offload, spec) -> None:
+    import uvicorn
+
+    from ..engine import LLM
+    from ..errors import MoespecError
+    from .app import create_app
+    for name in ("port", "max_num_seqs", "max_waiting"):
+        v = getattr(a, name)
+        if v < (0 if name in ("port", "max_waiting") else 1) or (name == "port" and v > 65535):
+            raise MoespecError(f"--{name.replace('_', '-')} {v} is out of range")
+    llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec)
+    name = a.served_model_name or llm.path.name
+    app = create_app(llm, name, max_num_seqs=a.max_num_seqs, max_waiting=a.max_waiting)
+    print(f"moespec serve: {name} ({llm.path}) on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        llm.close()
