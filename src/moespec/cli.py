@@ -153,6 +153,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens of the prompt and output (1 = off; default from generation_config)")
+    p.add_argument("--presence-penalty", type=float, default=None, help="-2..2, once per token already generated")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="-2..2, per occurrence in the output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _params(a):
     from .sampling import SamplingParams
     return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+                          top_k=a.top_k, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+                          repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+                          frequency_penalty=a.frequency_penalty)
 
 
 def cmd_generate(a) -> None:

@@ -81,7 +81,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     kv.advance(lens)
     prefill_experts = model.experts.stats()    # expert counters at the end of prefill: decode-only counts
     live = list(range(B))                      # row r of the cache belongs to seqs[live[r]]
-    nxt = sample(logits, [s.params for s in seqs], gens)          # pending: emitted, not yet in the KV
+    nxt = sample(logits, [s.params for s in seqs], gens, [(s.prompt_ids, []) for s in seqs])   # pending: emitted, not in the KV
     new = [[t] for t in nxt.tolist()]
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
@@ -117,7 +117,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         if k > 0:
             new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
                                         [seqs[i].params for i in live], [gens[i] for i in live], drafter,
-                                        k, spec, budget=budget)
+                                        k, spec, budget=budget, prompt_lens=[len(seqs[i].prompt_ids) for i in live])
             if controller is not None:
                 controller.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],
                                        spec["accepted"] - before[2], rows=len(live),
@@ -125,7 +125,8 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)
-            nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live])
+            nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live],
+                         [(seqs[i].prompt_ids, seqs[i].token_ids) for i in live])
             new = [[t] for t in nxt.tolist()]
             if controller is not None:
                 controller.record_plain(time.perf_counter() - t_step, rows=len(live))

@@ -36,6 +36,12 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Penalties on tokens already seen (vLLM's and OpenAI's meanings): repetition_penalty > 1 divides a seen
+    # token's positive logit (multiplies a negative one), over prompt and output; presence_penalty subtracts
+    # once, frequency_penalty once per occurrence, for tokens of the output only. 1 / 0 / 0 = off.
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     def with_defaults(self, gen_config: dict) -> SamplingParams:
         """Return a copy with None fields filled from a `generation_config.json` dict.
@@ -65,6 +71,10 @@ class SamplingParams:
             ),
             stop=_as_list(self.stop),
             stop_token_ids=list(self.stop_token_ids or []),
+            repetition_penalty=(self.repetition_penalty if self.repetition_penalty is not None
+                                else float(cfg.get("repetition_penalty", 1.0))),
+            presence_penalty=self.presence_penalty if self.presence_penalty is not None else 0.0,
+            frequency_penalty=self.frequency_penalty if self.frequency_penalty is not None else 0.0,
         )
 
     def validate(self) -> None:
@@ -87,6 +97,18 @@ class SamplingParams:
         for tok in self.stop_token_ids or []:
             if not _is_int(tok) or tok < 0:
                 _bad("stop_token_ids", tok, "token ids must be integers >= 0")
+        rp = self.repetition_penalty
+        if rp is not None and (not _is_number(rp) or not math.isfinite(rp) or rp <= 0):
+            _bad("repetition_penalty", rp, "must be a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or not -2 <= v <= 2):
+                _bad(name, v, "must be in [-2, 2] (0 = off)")
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when logits depend on the tokens seen so far. Meaningful after `with_defaults`."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def is_greedy(self) -> bool:
@@ -151,14 +173,38 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
+def apply_penalties(logits: torch.Tensor, prompt: list[int], outputs: list[list[int]], p: SamplingParams
+                    ) -> torch.Tensor:
+    """The logits with p's penalties applied; row n is the next-token logits after prompt + outputs[n].
+
+    logits: [N, V] -> [N, V] float32. Repetition penalty first (tokens of the prompt or of outputs[n]), then
+    frequency and presence penalties (tokens of outputs[n] only), as vLLM does; then sampling as usual.
+    """
+    logits = logits.float()
+    V = logits.shape[-1]
+    counts = torch.stack([torch.bincount(torch.tensor(o, dtype=torch.long), minlength=V)[:V] for o in outputs])
+    counts = counts.to(logits.device, torch.float32)                                   # [N, V]
+    if p.repetition_penalty != 1:
+        seen = counts > 0
+        if prompt:
+            seen |= torch.bincount(torch.tensor(prompt, dtype=torch.long), minlength=V)[:V].to(seen.device) > 0
+        rp = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    if p.frequency_penalty or p.presence_penalty:
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return logits
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None
 ) -> torch.Tensor:
     """Pick one token per row. logits: [B, V]; returns [B] int64.
 
     Greedy rows take the argmax and consume no randomness. Other rows draw from `target_probs` with their own
     generator, so a sequence's samples depend only on its seed, not on what else is in the batch.
-    `params` must have been through `with_defaults`.
+    `params` must have been through `with_defaults`. histories[b] = (prompt ids, output ids) of row b, needed
+    by rows with penalties (`apply_penalties`).
     """
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(
@@ -169,10 +215,15 @@ def sample(
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature is None or p.top_k is None or p.top_p is None:
             raise ValueError("sample: SamplingParams must be resolved with with_defaults() first")
+        lg = logits[row]
+        if p.has_penalties:
+            if histories is None:
+                raise ValueError("sample: rows with penalties need their histories")
+            lg = apply_penalties(lg[None], histories[row][0], [histories[row][1]], p)[0]
         if p.is_greedy:
-            out[row] = logits[row].argmax()
+            out[row] = lg.argmax()
         else:
-            probs = target_probs(logits[row], p.temperature, p.top_k, p.top_p)
+            probs = target_probs(lg, p.temperature, p.top_k, p.top_p)
             out[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return out
 

@@ -77,12 +77,10 @@ class _ExpertCollector:
 
     def collect(self):
         s = self.stats()
-        if s.get("tier") == "resident" and "hits" not in s:
-            g = GaugeMetricFamily("moespec:expert_cache_capacity", "Experts per MoE layer in fast memory",
-                                  labels=["model_name"])
-            g.add_metric([self.model_name], s.get("capacity", 0))
-            yield g
-            return
+        g = GaugeMetricFamily("moespec:expert_cache_capacity", "Experts per MoE layer in fast memory",
+                              labels=["model_name"])
+        g.add_metric([self.model_name], s.get("capacity", 0))
+        yield g
         for key, name, doc in (("hits", "expert_cache_hits", "Expert lookups served from fast memory"),
                                ("misses", "expert_cache_misses", "Expert lookups that loaded from the slow tier"),
                                ("evictions", "expert_cache_evictions", "Experts evicted from fast memory"),
@@ -99,7 +97,3 @@ class _ExpertCollector:
                                     labels=["model_name", "tier"])
             c.add_metric([self.model_name, str(s.get("tier", "unknown"))], float(s["bytes_read"]))
             yield c
-        g = GaugeMetricFamily("moespec:expert_cache_capacity", "Experts per MoE layer in fast memory",
-                              labels=["model_name"])
-        g.add_metric([self.model_name], s.get("capacity", 0))
-        yield g

@@ -49,14 +49,12 @@ class _Common(BaseModel):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
     def _refuse_unsupported(self, extra: dict) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ApiError(400, f"{name} is not supported by moespec (only 0)", param=name)
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported by moespec", param="logit_bias")
         for name, value in extra.items():
@@ -70,7 +68,9 @@ class _Common(BaseModel):
         reproducible as a whole)."""
         return [SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                top_k=self.top_k, seed=None if self.seed is None else self.seed + j,
-                               stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
+                               stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                               repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                               frequency_penalty=self.frequency_penalty)
                 for j in range(self.n)]
 
     @property

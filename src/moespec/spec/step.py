@@ -6,14 +6,14 @@ import time
 import torch
 
 from ..models.decoder import ForwardPlan
-from ..sampling import SamplingParams, target_probs
+from ..sampling import SamplingParams, apply_penalties, target_probs
 from .tree import chain_parents, depths, pack
 from .verify import chain_accept, greedy_accept, tree_accept, tree_greedy_accept
 
 
 def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: torch.Tensor,
                      params: list[SamplingParams], gens: list, drafter, k: int, stats: dict,
-                     budget=None) -> tuple[list[list[int]], torch.Tensor]:
+                     budget=None, prompt_lens: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """contexts[r]: row r's tokens so far (prompt + output, ending with pending[r], which is not in the KV yet);
     keys[r] names the sequence for drafters that keep per-sequence state.
 
@@ -23,7 +23,10 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
 
     Tree drafts (Draft.parents, spec/tree.py): when any row's draft is a tree, the forward runs over
     [pending, nodes] with each row's ancestor mask and positions committed length + depth; the accepted
-    root path's entries are compacted behind the committed KV (`KVCache.keep`). Stats count along depth:
+    root path's entries are compacted behind the committed KV (`KVCache.keep`). Rows with penalties
+    (prompt_lens[r] splits contexts[r] into prompt and output) penalise each verified position with its own
+    history, the output so far plus the draft tokens on its path: drafters propose without penalties (lower
+    acceptance, same output). Stats count along depth:
     "drafted" adds each draft's depth, "accepted" the path length; "draft_nodes" adds its nodes.
     """
     prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec/prefetch.py)
@@ -66,6 +69,8 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     emitted, nxt, paths = [], [], []
     for r, (d, prop, p) in enumerate(zip(drafts, proposals, params)):
         rows = logits[r, :len(d) + 1]
+        if p.has_penalties:
+            rows = _penalised(rows, contexts[r], prompt_lens[r], d, parents[r], p)
         if prop.parents is None:           # a chain
             if p.is_greedy:
                 n, tok = greedy_accept(d, rows.argmax(-1).tolist())
@@ -102,3 +107,14 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     stats["steps"] += 1
     stats["row_steps"] += len(drafts)
     return emitted, torch.tensor(nxt, dtype=torch.long)
+
+
+def _penalised(rows: torch.Tensor, context: list[int], prompt_len: int, draft: list[int], parents: list[int],
+               p: SamplingParams) -> torch.Tensor:
+    """rows [1 + n, V]: position 0 follows the context, position 1 + i follows draft node i (after its
+    ancestors). Each gets the penalties of its own history."""
+    out = context[prompt_len:]
+    paths: list[list[int]] = []
+    for i, parent in enumerate(parents):         # a node's path = its parent's path + itself (parents precede)
+        paths.append((paths[parent] if parent >= 0 else []) + [draft[i]])
+    return apply_penalties(rows, context[:prompt_len], [out] + [out + path for path in paths], p)
