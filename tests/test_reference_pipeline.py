@@ -149,7 +149,7 @@ def test_continued_pre_training_and_its_card(tiny, tmp_path):
     f = tmp_path / "out" / "reference-moe"
     card = (f / "README.md").read_text()
     assert "| stage 1 | from scratch" in card and "| stage 2 | continued from the stage-1 weights" in card
-    assert "| stage 3 | continued pre-training from the stage-2 weights" in card
+    assert "| stage 3 | continued training from the stage-2 weights" in card
     n1, n2, n3 = (c["step"] * 64 * 4 for c in (first, second, third))   # tiny runs: ctx 64, batch 4
     sys.path.insert(0, str(ROOT / "tools" / "reference"))
     from card import _n
@@ -160,6 +160,44 @@ def test_continued_pre_training_and_its_card(tiny, tmp_path):
     assert steps == sorted(steps) and first["step"] + second["step"] < steps[-1] <= total
     assert recs[-1]["step"] == total and "val_stdlib" in recs[-1]      # the final eval
     assert max(x["tokens"] for x in recs) == n1 + n2 + n3               # counted from the start of stage 1
+
+
+def test_draft_distilled_from_the_moe_and_its_card(tiny, tmp_path):
+    """The draft continues from its released weights, trained against the MoE's next-token distribution."""
+    import shutil
+    dst = tmp_path / "run"
+    dst.mkdir()
+    for part in ("data", "moe"):
+        shutil.copytree(tiny / "run" / part, dst / part)
+    shutil.copyfile(tiny / "run" / "manifest.tsv", dst / "manifest.tsv")
+    r = run_script("--run", dst, "--stage", "draft", "--draft-init-from", tiny / "run" / "draft" / "ckpt.pt",
+                   "--distill-from", dst / "moe" / "ckpt.pt", "--distill-weight", "0.6", "--draft-lr", "1e-3")
+    assert "draft: initialised from" in r.stdout
+    ck = torch.load(dst / "draft" / "ckpt.pt", weights_only=False)
+    assert ck["cfg"]["distill"] == 0.6 and ck["cfg"]["lr"] == 1e-3
+    before = torch.load(tiny / "run" / "draft" / "ckpt.pt", weights_only=False)["model"]
+    assert any(not torch.equal(before[k], v) for k, v in ck["model"].items())
+    kd = [json.loads(x)["kd"] for x in (dst / "draft" / "log.jsonl").read_text().splitlines() if '"kd"' in x]
+    assert kd and all(v > 0 for v in kd)
+    run_script("--run", dst, "--stage", "export", "--export", tmp_path / "out")
+    card = (tmp_path / "out" / "reference-draft" / "README.md").read_text()
+    assert "| stage 2 | continued training from the stage-1 weights" in card
+    assert "0.6 × cross-entropy against the MoE's next-token distribution" in card
+
+
+def test_distill_loss_is_the_cross_entropy_against_the_teacher():
+    sys.path.insert(0, str(ROOT / "tools" / "reference"))
+    from train import distill_loss
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    p = torch.softmax(t, -1)
+    assert torch.allclose(distill_loss(s, t), -(p * torch.log_softmax(s, -1)).sum(-1).mean())
+    # minimised by the teacher itself (the gap is the KL divergence); a one-hot teacher gives plain CE
+    assert distill_loss(t, t) < distill_loss(s, t)
+    hot = torch.full((1, 1, 11), -1e4)
+    hot[0, 0, 4] = 0
+    ce = torch.nn.functional.cross_entropy(s[:1, :1].reshape(1, 11), torch.tensor([4]))
+    assert torch.allclose(distill_loss(s[:1, :1], hot), ce)
 
 
 def test_stage_export_refuses_a_run_without_checkpoints(tmp_path):

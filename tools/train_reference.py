@@ -96,6 +96,13 @@ def main() -> None:
                          "schedule), i.e. continue pre-training a released model with --tokens more tokens")
     ap.add_argument("--lr", type=float, default=None, help="MoE peak learning rate (default 1.5e-3)")
     ap.add_argument("--warmup", type=int, default=None, help="MoE warm-up steps (default 200)")
+    ap.add_argument("--draft-init-from", type=Path, default=None,
+                    help="start the draft from this earlier run's draft ckpt.pt (weights only), like --init-from")
+    ap.add_argument("--distill-from", type=Path, default=None,
+                    help="train the draft against this MoE ckpt.pt's next-token distribution (knowledge "
+                         "distillation) as well as the data")
+    ap.add_argument("--distill-weight", type=float, default=0.7, help="share of the distillation loss (default 0.7)")
+    ap.add_argument("--draft-lr", type=float, default=None, help="draft peak learning rate (default 2e-3)")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast (about 1.2x faster on CPUs with AVX512-BF16; far slower without)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="cap held-out tokens scored per set at export")
@@ -154,19 +161,28 @@ def main() -> None:
                           eval_every=40 if a.tiny else 500, save_every=40 if a.tiny else 100,
                           sample_every=10**9 if a.tiny else 1000, lr=1.5e-3 if name == "moe" else 2e-3,
                           bf16_autocast=a.bf16)
-        model = build_model(spec, vocab)
+        model, teacher = build_model(spec, vocab), None
         if name == "moe":
             cfg.lr = a.lr or cfg.lr
             cfg.warmup_steps = a.warmup if a.warmup is not None else cfg.warmup_steps
-            if a.init_from is not None and not (run / name / "ckpt.pt").exists():
-                # Continued pre-training: the released weights, a new optimizer and a new cosine cycle.
-                prior = torch.load(a.init_from, weights_only=False)
-                model.load_state_dict(prior["model"])
-                (run / name).mkdir(parents=True, exist_ok=True)
-                (run / name / "prior.json").write_text(json.dumps(prior_stages(a.init_from, prior)))
-                print(f"moe: initialised from {a.init_from}", flush=True)
+        else:
+            cfg.lr = a.draft_lr or cfg.lr
+            if a.distill_from is not None:
+                teacher = build_model(TINY_MOE if a.tiny else MOE, vocab)
+                teacher.load_state_dict(torch.load(a.distill_from, weights_only=False)["model"])
+                teacher.eval().requires_grad_(False)
+                cfg.distill = a.distill_weight
+        init = a.init_from if name == "moe" else a.draft_init_from
+        if init is not None and not (run / name / "ckpt.pt").exists():
+            # Continued training: the released weights, a new optimizer and a new cosine cycle.
+            prior = torch.load(init, weights_only=False)
+            model.load_state_dict(prior["model"])
+            (run / name).mkdir(parents=True, exist_ok=True)
+            (run / name / "prior.json").write_text(json.dumps(prior_stages(init, prior)))
+            print(f"{name}: initialised from {init}", flush=True)
         data_w = Windows([streams[n] for n in train_names], [weights[n] for n in train_names], cfg.ctx)
-        res = train(model, cfg, data_w, evals(cfg.ctx), run / name, make_sampler(tok, run / name), a.time_limit)
+        res = train(model, cfg, data_w, evals(cfg.ctx), run / name, make_sampler(tok, run / name), a.time_limit,
+                    teacher=teacher)
         print(name, res, flush=True)
         if not res["done"]:
             return

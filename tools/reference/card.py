@@ -145,7 +145,10 @@ def _recipe(cfg: dict, step: int, log: dict) -> str:
                 f"{c['min_lr_ratio']:g} × peak at step {n}")
 
     def precision(c):
-        return "bf16 autocast (float32 master weights)" if c.get("bf16_autocast") else "float32 weights and activations"
+        kd = (f"; loss {c['distill']:g} × cross-entropy against the MoE's next-token distribution (knowledge "
+              f"distillation) + {1 - c['distill']:g} × the data's next token") if c.get("distill") else ""
+        return ("bf16 autocast (float32 master weights)" if c.get("bf16_autocast") else
+                "float32 weights and activations") + kd
     rows = [("optimizer", f"AdamW, β = (0.9, 0.95), weight decay {cfg['weight_decay']} on matrices (not norms), "
                           f"gradient clipping {cfg['grad_clip']}")]
     if prior:
@@ -155,7 +158,7 @@ def _recipe(cfg: dict, step: int, log: dict) -> str:
             rows.append((f"stage {n}", f"{how}: {st['step']:,} steps, {_n(st['tokens'])} tokens; learning rate "
                                        f"{lr(pc, max(1, pc['total_tokens'] // (pc['ctx'] * pc['batch'])))}; {precision(pc)}"))
         n = len(prior["stages"]) + 1
-        rows += [(f"stage {n}", f"continued pre-training from the stage-{n - 1} weights with a new optimizer: {step:,} "
+        rows += [(f"stage {n}", f"continued training from the stage-{n - 1} weights with a new optimizer: {step:,} "
                                 f"of {steps:,} steps, {_n(seen)} tokens; learning rate {lr(cfg, steps)}; {precision(cfg)}"),
                  ("tokens seen", f"{_n(prior['tokens'] + seen)} in all")]
     else:
@@ -167,7 +170,7 @@ def _recipe(cfg: dict, step: int, log: dict) -> str:
                               "to site-packages and chat"),
              ("hardware", f"2 CPU cores; ≈{_hours(train_hours(log))} of training compute"
                           f" (median {_median([r['tok_s'] for r in log['train'] if r.get('tok_s')]):,.0f} tokens/s)")]
-    if cfg.get("aux_coef"):
+    if cfg.get("aux_coef") and any(r.get("aux") is not None for r in log["train"]):     # routers only
         rows.insert(1, ("load balancing", f"Switch-style auxiliary loss, coefficient {cfg['aux_coef']} (see tools/reference/moe_train.py)"))
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
@@ -217,7 +220,8 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
          "python, code, test-model]\n---\n", f"# {TITLES[name]}\n"]
     if unfinished:
         s.append(f"> **Preview export of an unfinished run (step {step}).** Numbers below describe this checkpoint.\n")
-    s.append(f"{kind}, trained from scratch by `tools/train_reference.py` on Python source code. It ships inside "
+    how = "trained from scratch" + (", then distilled from `reference-moe`," if cfg.get("distill") else "")
+    s.append(f"{kind}, {how} by `tools/train_reference.py` on Python source code. It ships inside "
              "moespec so that speculative decoding, expert offloading and benchmarks run against a real, trained "
              f"model {real}. "
              "It writes plausible-looking Python; it is **not a useful assistant** and knows nothing beyond the "
