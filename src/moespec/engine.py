@@ -218,10 +218,12 @@ class LLM:
         """Stop the expert loader threads and close the offload file (no-op without offloading)."""
         self.model.experts.close()
 
-    def _early_output(self, s: Sequence) -> Output:
-        text = s.text if s.detok is not None else ""
-        return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length",
-                      {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), "lossy": self.budget is not None})
+    def _early_output(self, s: Sequence, stats: dict | None = None) -> Output:
+        """The sequence's output; stats default to what is known before the batch ends."""
+        if stats is None:
+            stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), "lossy": self.budget is not None}
+        return Output(s.text if s.detok is not None else "", list(s.token_ids), list(s.prompt_ids),
+                      s.finish_reason or "length", stats)
 
     def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
         n = len(s.token_ids)
@@ -255,8 +257,7 @@ class LLM:
                 stats.update({"tree": list(self.spec.tree), "draft_nodes": spec["draft_nodes"]})
             if "controller" in spec:                 # draft length "auto": what the controller saw and chose
                 stats.update({"plain_steps": spec["plain_steps"], "controller": spec["controller"]})
-        text = s.text if s.detok is not None else ""
-        return Output(text, list(s.token_ids), list(s.prompt_ids), s.finish_reason or "length", stats)
+        return self._early_output(s, stats)
 
 
 def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) -> OffloadConfig | None:
