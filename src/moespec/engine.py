@@ -151,15 +151,23 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  aborted: Callable[[int], bool] | None = None,
-                 on_finish: Callable[[int, Output], None] | None = None) -> list[Output]:
+                 on_finish: Callable[[int, Output], None] | None = None,
+                 admit: Callable[[int], list[tuple[str | list[int], SamplingParams]]] | None = None) -> list[Output]:
         """Generate for one prompt or a batch (text or token ids); one Output per prompt, in order.
 
         on_text(i, delta) is called with each piece of new text of prompt i as it decodes; aborted(i),
         asked before each step, ends prompt i early (finish_reason "abort") when it returns True;
         on_finish(i, output) is called as soon as prompt i ends (its stats are per sequence only: the batch
-        figures, speculation and expert counters, exist once the whole batch is done).
+        figures, speculation and expert counters, exist once the whole batch is done). admit(live_rows),
+        asked after every step, returns (prompt, SamplingParams) pairs that join the running batch
+        (continuous batching); they are numbered after the prompts given, and their Outputs follow.
         """
         seqs = self._sequences(prompts, sampling_params)
+        more = None
+        if admit is not None:
+            def more(n_live: int) -> list[Sequence]:
+                got = admit(n_live)
+                return self._sequences([p for p, _ in got], [sp for _, sp in got]) if got else []
         before = self.expert_stats() if self.offload is not None else None
         # "auto" draft length: one controller per batch size, kept across calls (step costs depend on the
         # batch; what it learned about acceptance and costs carries over to the next request).
@@ -169,7 +177,8 @@ class LLM:
                 len(seqs), SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)))
         done = None if on_finish is None else (lambda i: on_finish(i, self._early_output(seqs[i])))
         timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
-                          budget=self.budget, controller=controller, aborted=aborted, on_finish=done)
+                          budget=self.budget, controller=controller, aborted=aborted, on_finish=done,
+                          admit=more)
         if controller is not None:
             timing["spec"]["controller"] = controller.stats()
         if before is not None:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .kv_cache import KVCache
 from .models.decoder import DecoderLM
 from .sampling import SamplingParams, make_generator, sample
 from .spec.step import speculative_step
@@ -58,37 +59,45 @@ class Sequence:
 
 def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
              drafter=None, draft_len: int = 0, budget=None, controller=None,
-             aborted: Callable[[int], bool] | None = None, on_finish: Callable[[int], None] | None = None) -> dict:
+             aborted: Callable[[int], bool] | None = None, on_finish: Callable[[int], None] | None = None,
+             admit: Callable[[int], list[Sequence]] | None = None) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
     drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); a controller
     (perf/controller.py) instead picks each step's draft length, 0 = a plain step, from the costs it
     is told. budget: a VerifyBudget that makes verification LOSSY (spec/budget.py). aborted(i) is asked
     before every step: True ends sequence i with finish_reason "abort" (a server's client went away);
-    on_finish(i) is called as soon as sequence i has ended (the others may go on)."""
-    B = len(seqs)
+    on_finish(i) is called as soon as sequence i has ended (the others may go on). admit(live_rows),
+    asked after every step, returns sequences that join the batch (continuous batching): they are
+    prefilled on their own, their KV rows appended, and they decode with the others from the next step;
+    they are appended to `seqs`, so index i keeps naming one sequence."""
     gens = [make_generator(s.params.seed) for s in seqs]
-    lens = [len(s.prompt_ids) for s in seqs]
     tree = getattr(drafter, "tree", None)       # a static draft tree writes all its nodes in one verification
     slack = max(draft_len, shape_nodes(tree)) if tree else draft_len
-    kv = model.new_cache(B, max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + slack + 1)
     t0 = time.perf_counter()
-    # Ragged prefill: right-pad; each row's logits come from its own last prompt token.
-    tokens = torch.zeros(B, max(lens), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)
-    logits = model.forward(tokens, kv, logits_at=torch.tensor(lens)[:, None] - 1).logits[:, 0]
-    kv.advance(lens)
+    kv, nxt = _prefill(model, seqs, gens, slack)
     prefill_experts = model.experts.stats()    # expert counters at the end of prefill: decode-only counts
-    live = list(range(B))                      # row r of the cache belongs to seqs[live[r]]
-    nxt = sample(logits, [s.params for s in seqs], gens, [(s.prompt_ids, []) for s in seqs])   # pending: emitted, not in the KV
-    new = [[t] for t in nxt.tolist()]
+    live = list(range(len(seqs)))              # row r of the cache belongs to seqs[live[r]]
+    new = [[t] for t in nxt.tolist()]          # nxt: pending tokens, emitted but not yet in the KV
     t_prefill, spec = time.perf_counter() - t0, {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0,
                                                "draft_s": 0.0, "verify_s": 0.0,
                                                "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0,
                                                "plain_steps": 0, "draft_nodes": 0, "verify_tokens": 0}
+    added: list[Sequence] = []
     steps = 0
     while True:
+        if added:                              # joining sequences: prefill them, append their rows
+            first = len(seqs)
+            seqs.extend(added)
+            gens.extend(make_generator(s.params.seed) for s in added)
+            kv_new, nxt_new = _prefill(model, added, gens[first:], slack)
+            if live:
+                kv, nxt = kv.append_rows(kv_new), torch.cat([nxt, nxt_new])
+            else:                              # the batch had run dry: start over from the newcomers
+                kv, nxt, new = kv_new, nxt_new, []
+            live += range(first, len(seqs))
+            new += [[t] for t in nxt_new.tolist()]
+            added = []
         now = time.perf_counter()
         for i, toks in zip(live, new):
             for tok in toks:
@@ -110,7 +119,10 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                 kv.select_rows(keep)
                 nxt = nxt[keep]
             live = [live[r] for r in keep]
+        added = admit(len(live)) if admit is not None else []
         if not live:
+            if added:
+                continue
             break
         k = 0 if drafter is None else (controller.next_k() if controller is not None else draft_len)
         t_step, before = time.perf_counter(), (spec["draft_s"], spec["verify_s"], spec["accepted"])
@@ -134,6 +146,19 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         steps += 1
     return {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill, "steps": steps, "t0": t0,
             "spec": spec if drafter is not None else None, "prefill_experts": prefill_experts}
+
+
+def _prefill(model: DecoderLM, seqs: list[Sequence], gens: list, slack: int) -> tuple[KVCache, torch.Tensor]:
+    """A KV cache holding the prompts (room for each sequence's new tokens and a draft), and each row's
+    first sampled token [B]. Ragged: right-padded; each row's logits come from its own last prompt token."""
+    lens = [len(s.prompt_ids) for s in seqs]
+    kv = model.new_cache(len(seqs), max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + slack + 1)
+    tokens = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)
+    logits = model.forward(tokens, kv, logits_at=torch.tensor(lens)[:, None] - 1).logits[:, 0]
+    kv.advance(lens)
+    return kv, sample(logits, [s.params for s in seqs], gens, [(s.prompt_ids, []) for s in seqs])
 
 
 def new_sequence(prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], tokenizer: Tokenizer | None

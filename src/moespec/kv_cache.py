@@ -117,3 +117,17 @@ class KVCache:
         v[:, :, :, :hi] = self.v[:, idx, :, :hi]
         self.k, self.v = k, v
         self.lens = [self.lens[r] for r in rows]
+
+    def append_rows(self, other: KVCache) -> KVCache:
+        """Append other's rows after these (sequences joining a running batch); the capacity becomes the
+        larger of the two. Returns self."""
+        cap = max(self.capacity, other.capacity)
+        shape = (self.k.shape[0], self.batch + other.batch, *self.k.shape[2:3], cap, self.k.shape[-1])
+        k = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
+        v = torch.zeros_like(k)
+        for dst, a, b in ((k, self.k, other.k), (v, self.v, other.v)):
+            dst[:, :self.batch, :, :self.capacity] = a
+            dst[:, self.batch:, :, :other.capacity] = b
+        self.k, self.v, self.capacity = k, v, cap
+        self.lens = self.lens + other.lens
+        return self

@@ -1,9 +1,10 @@
-"""The engine thread of `moespec serve`: requests queue up; each turn decodes everything waiting as one batch.
+"""The engine thread of `moespec serve`: requests queue up and join the running batch between steps.
 
 One thread owns the model (the KV cache, expert cache and drafter state are not shared between threads).
-Requests that arrive while a batch decodes wait for the next turn: batching is per turn, not continuous
-(a request cannot join a batch already decoding). Events go back to each request's asyncio queue through
-its event loop: ("text", choice, delta), ("finish", choice, Output), ("error", message).
+It decodes one batch at a time; after every step, requests waiting in the queue join it (continuous
+batching: `LLM.generate(..., admit=...)`) as long as the batch has fewer than max_num_seqs sequences.
+Events go back to each request's asyncio queue through its event loop: ("text", choice, delta),
+("finish", choice, Output), ("error", status, message).
 """
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ class Job:
 
 
 class EngineWorker(threading.Thread):
-    """Runs `llm.generate` on batches of waiting jobs, at most max_num_seqs sequences per batch."""
+    """Runs `llm.generate` over the waiting jobs, admitting more while it decodes, at most max_num_seqs
+    sequences at once (a job larger than that runs when the batch is empty)."""
 
     def __init__(self, llm: LLM, metrics: ServerMetrics, max_num_seqs: int = 16, max_waiting: int = 64):
         super().__init__(name="moespec-engine", daemon=True)
         self.llm, self.metrics = llm, metrics
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: Job | None = None          # a job that did not fit the last batch: first in the next
+        self._held: Job | None = None          # a job that did not fit the batch: first to join next
+        self._stopping = False
 
     def submit(self, job: Job) -> None:
         if self.queue.qsize() >= self.max_waiting:
@@ -56,41 +59,55 @@ class EngineWorker(threading.Thread):
         self.metrics.waiting.set(self.queue.qsize())
 
     def stop(self) -> None:
-        self.queue.put(None)
+        self.queue.put(None)                   # wakes a waiting get; the batch decoding now finishes first
 
     def run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self.run_batch(batch)
+        while not self._stopping:
+            jobs = self._take(self.max_num_seqs, wait=True)
+            if jobs:
+                self.run_batch(jobs)
 
-    def _next_batch(self) -> list[Job] | None:
-        first = self._held or self.queue.get()
-        self._held = None
-        if first is None:
-            return None
-        batch, n = [first], len(first.prompts)
-        while True:                               # everything already waiting joins, up to max_num_seqs
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
+    def _take(self, room: int, wait: bool = False) -> list[Job]:
+        """Waiting jobs (oldest first) whose sequences fit in `room`; with wait, block for the first one."""
+        jobs, n = [], 0
+        while not self._stopping:
+            if self._held is not None:
+                job, self._held = self._held, None
+            else:
+                try:
+                    job = self.queue.get(block=wait and not jobs)
+                except queue.Empty:
+                    break
             if job is None:
-                self.queue.put(None)
+                self._stopping = True
                 break
-            if n + len(job.prompts) > self.max_num_seqs:
+            if job.cancelled:                  # its client left while it waited
+                continue
+            if n + len(job.prompts) > room and (jobs or room < self.max_num_seqs):
                 self._held = job
                 break
-            batch.append(job)
+            jobs.append(job)
             n += len(job.prompts)
         self.metrics.waiting.set(self.queue.qsize() + (self._held is not None))
-        return batch
+        return jobs
 
-    def run_batch(self, batch: list[Job]) -> None:
-        jobs = [j for j in batch if not j.cancelled]
-        rows = [(job, c) for job in jobs for c in range(len(job.prompts))]    # batch row -> (job, choice)
-        if not rows:
-            return
+    def run_batch(self, jobs: list[Job]) -> None:
+        rows = [(job, c) for job in jobs for c in range(len(job.prompts))]    # sequence i -> (job, choice)
         m = self.metrics
-        m.running.set(len(jobs))
+        running = list(jobs)                       # every job of this batch (errors reach them all)
+        left = {id(job): len(job.prompts) for job in jobs}      # choices still decoding, per job
+        m.running.set(len(left))
+
+        def admit(n_live: int) -> list[tuple]:
+            if self.queue.empty() and self._held is None:     # the common case, asked after every step
+                return []
+            more = self._take(self.max_num_seqs - n_live)
+            running.extend(more)
+            left.update((id(job), len(job.prompts)) for job in more)
+            m.running.set(len(left))
+            got = [(job, c) for job in more for c in range(len(job.prompts))]
+            rows.extend(got)
+            return [(job.prompts[c], job.params[c]) for job, c in got]
 
         def on_text(i: int, delta: str) -> None:
             job, c = rows[i]
@@ -106,17 +123,22 @@ class EngineWorker(threading.Thread):
             job, c = rows[i]
             if out.finish_reason != "abort":
                 m.finished(out, time.perf_counter() - job.t_arrival)
+            left[id(job)] -= 1
+            if not left[id(job)]:
+                del left[id(job)]
+                m.running.set(len(left))
             job.emit("finish", c, out)
 
         try:
             outs = self.llm.generate([job.prompts[c] for job, c in rows], [job.params[c] for job, c in rows],
-                                     on_text=on_text, aborted=lambda i: rows[i][0].cancelled, on_finish=on_finish)
+                                     on_text=on_text, aborted=lambda i: rows[i][0].cancelled, on_finish=on_finish,
+                                     admit=admit)
             m.batch_done(outs[0].stats)
         except MoespecError as e:
-            for job in jobs:
+            for job in running:
                 job.emit("error", 400, str(e))
         except Exception as e:       # the engine failed: every request of the batch learns it, the server goes on
-            for job in jobs:
+            for job in running:
                 job.emit("error", 500, f"internal error while decoding: {type(e).__name__}: {e}")
         finally:
             m.running.set(0)

@@ -1,0 +1,107 @@
+"""Continuous batching: sequences that join a running batch between steps decode exactly as they would
+alone (greedy and seeded sampling, with every drafter and with offloading), and over HTTP a short request
+sent while a long one streams is answered before the long one ends."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from moespec import LLM, OffloadConfig, SamplingParams
+
+PROMPTS = ["def wrap(text, width=70):\n    return wrap(", "import re\nimport os\nimport re\nimport",
+           "class A:\n    pass\nclass A:\n", "x = [1, 2, 3]\ny ="]
+
+
+def params(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def joining(schedule):
+    """An admit callback: on its call number c it returns schedule[c] (a list of (prompt, params)), and
+    schedule["empty"] the first time the batch has no live row. Records what it saw."""
+    seen = {"calls": 0, "live": []}
+
+    def admit(n_live):
+        seen["calls"] += 1
+        seen["live"].append(n_live)
+        if n_live == 0 and "empty" in schedule:
+            return schedule.pop("empty")
+        return schedule.pop(seen["calls"], [])
+    return admit, seen
+
+
+@pytest.mark.parametrize("spec, offload", [
+    (None, False),
+    ({"method": "ngram", "num_speculative_tokens": 3}, False),
+    ({"method": "ngram", "tree": [2, 1, 1]}, False),
+    ({"method": "self", "draft_experts": 3, "num_speculative_tokens": 2}, False),
+    ({"method": "ngram", "num_speculative_tokens": 3}, True),
+])
+def test_joining_sequences_decode_as_they_would_alone(text_model, tmp_path, spec, offload):
+    off = OffloadConfig(expert_cache=2, offload="disk", offload_dir=str(tmp_path)) if offload else None
+    llm = LLM(text_model, speculative=spec, offload=off)
+    want = [llm.generate(p, params(n))[0].token_ids for p, n in zip(PROMPTS, (6, 30, 12, 9))]
+    # two start; one joins after the 3rd step; the last joins when the batch has run dry
+    admit, seen = joining({3: [(PROMPTS[2], params(12))], "empty": [(PROMPTS[3], params(9))]})
+    outs = llm.generate(PROMPTS[:2], [params(6), params(30)], admit=admit)
+    assert [o.token_ids for o in outs] == want
+    assert seen["live"][2] >= 1 and 0 in seen["live"]    # one joined a running batch, one a batch run dry
+    llm.close()
+
+
+def test_joining_seeded_samples_are_their_own(text_model):
+    llm = LLM(text_model)
+    p = [SamplingParams(max_new_tokens=15, temperature=0.9, seed=s, ignore_eos=True, frequency_penalty=0.3)
+         for s in (1, 2)]
+    alone = [llm.generate(PROMPTS[i], p[i])[0].token_ids for i in range(2)]
+    admit, _ = joining({2: [(PROMPTS[1], p[1])]})
+    outs = llm.generate(PROMPTS[0], p[0], admit=admit)
+    assert [o.token_ids for o in outs] == alone
+
+
+def test_a_short_request_is_answered_while_a_long_one_streams(text_model):
+    from test_serve import _free_port
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", str(text_model), "--port", str(port),
+                               "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body):
+        return urllib.request.urlopen(urllib.request.Request(
+            base + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json"}), timeout=120)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+        events, started = [], threading.Event()
+
+        def long_stream():
+            with post({"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+                       "stream": True}) as r:
+                for line in r:
+                    if line.startswith(b"data: {"):
+                        events.append((time.perf_counter(), json.loads(line[6:])["choices"][0]["finish_reason"]))
+                        started.set()
+        t = threading.Thread(target=long_stream)
+        t.start()
+        assert started.wait(60)
+        short = json.load(post({"prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0, "ignore_eos": True}))
+        answered = time.perf_counter()
+        t.join(120)
+        assert short["usage"]["completion_tokens"] == 3
+        finished = [ts for ts, reason in events if reason is not None]
+        assert finished and answered < finished[0]            # answered while the long request still decoded
+        assert sum(1 for ts, _ in events if ts > answered) > 10
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
