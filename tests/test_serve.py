@@ -231,3 +231,12 @@ def test_moespec_serve_from_the_command_line(text_model):
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("flag, message", [(["--threads", "0"], "error: --threads 0 is out of range"),
+                                           (["--port", "70000"], "error: --port 70000 is out of range"),
+                                           (["--max-num-seqs", "0"], "error: --max-num-seqs 0 is out of range")])
+def test_serve_flags_are_checked(text_model, flag, message):
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "serve", str(text_model), *flag], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
