@@ -94,6 +94,7 @@ def test_card_and_eval_json(tiny):
     for heading in ("## Architecture", "## Data", "## Training", "## Evaluation", "## Routing", "## Samples", "## Limits"):
         assert heading in card
     assert "loss_curve.png" in card and "AVX512-BF16" in card and "4096" in card and "not a useful assistant" in card
+    assert "Greedy with `repetition_penalty=1.2` (`--repetition-penalty 1.2`), same prompts:" in card
     ev = json.loads((f / "eval.json").read_text())
     for model in ("moe", "draft"):
         r = ev[model]
@@ -102,8 +103,9 @@ def test_card_and_eval_json(tiny):
             assert v["tokens"] > 0 and 0 < v["nats_per_token"] < 10 and 0 < v["bits_per_byte"] < 10
         assert set(r["unseen_code"]) == {"rich", "tokenizers", "safetensors"}
         assert all(u["files"] > 0 for u in r["unseen_code"].values())
-        assert [s["prompt"] for s in r["samples"]] == ["def fibonacci(n):", "class Stack:",
-                                                       "import os\n\n\ndef list_files(path):"]
+        prompts = ["def fibonacci(n):", "class Stack:", "import os\n\n\ndef list_files(path):"]
+        assert [(s["prompt"], s["repetition_penalty"]) for s in r["samples"]] == \
+            [(p, 1.0) for p in prompts] + [(p, 1.2) for p in prompts]      # plain greedy, then with a penalty
         assert ev["export"][model]["verify"]["max_abs_logit_diff"]["transformers"] <= 1e-4
     rt = ev["moe"]["routing"]
     assert rt["reuse_uniform_random"] == pytest.approx(1 - 1 / 6, abs=1e-3)  # 4 experts, top-2: C(2,2)/C(4,2)

@@ -274,9 +274,12 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
              "where a line ends, not after its newline: the tokenizer merges a newline with the next line's "
              "indentation, so a prompt ending in a bare newline tells the model that the next line starts at "
              "column 0 (after `def f(n):\\n` it writes a new top-level statement instead of the body). Greedy "
-             "decoding of a model this small also falls into repetition after a few lines; sampling "
-             "(`temperature` 0.7-0.8, `top_p` 0.95) reads better.\n")
-    for x in r["samples"]:
+             "decoding of a model this small also falls into repetition after a few lines; a repetition penalty "
+             "(second set below) or sampling (`temperature` 0.7-0.8, `top_p` 0.95) reads better.\n")
+    for n, x in enumerate(r["samples"]):
+        rp = x.get("repetition_penalty", 1.0)
+        if rp != 1.0 and (n == 0 or r["samples"][n - 1].get("repetition_penalty", 1.0) == 1.0):
+            s.append(f"Greedy with `repetition_penalty={rp:g}` (`--repetition-penalty {rp:g}`), same prompts:\n")
         text = x["prompt"] + x["completion"]
         fence = "`" * max(3, 1 + max((len(m) for m in re.findall("`+", text)), default=0))  # the model writes ``` too
         s.append(f"{fence}python\n{text}\n{fence}\n*({x['new_tokens']} tokens, finish: {x['finish_reason']})*\n")

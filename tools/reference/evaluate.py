@@ -28,6 +28,7 @@ HELD_OUT = ("stdlib_val", "site_val", "chat_val")
 UNSEEN_PACKAGES = ("rich", "tokenizers", "safetensors")
 SAMPLE_PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n\n\ndef list_files(path):"]
 SAMPLE_TOKENS = 96
+SAMPLE_PENALTY = 1.2   # the second set of samples: greedy with this repetition_penalty
 DEAD_SHARE = 0.01
 
 
@@ -156,9 +157,11 @@ def samples(folder: Path) -> list[dict]:
     from moespec import LLM, SamplingParams
     llm = LLM(folder, dtype="float32")
     out = []
-    for p in SAMPLE_PROMPTS:
-        o = llm.generate(p, SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=0))[0]
-        out.append({"prompt": p, "completion": o.text, "new_tokens": len(o.token_ids), "finish_reason": o.finish_reason})
+    for rp in (1.0, SAMPLE_PENALTY):            # plain greedy, then greedy with a repetition penalty
+        for p in SAMPLE_PROMPTS:
+            o = llm.generate(p, SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=0, repetition_penalty=rp))[0]
+            out.append({"prompt": p, "completion": o.text, "new_tokens": len(o.token_ids),
+                        "finish_reason": o.finish_reason, "repetition_penalty": rp})
     return out
 
 
