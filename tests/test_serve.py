@@ -66,7 +66,7 @@ def test_chat_completion_and_its_stream_agree(client, llm):
     r = client.post("/v1/chat/completions", json=req)
     assert r.status_code == 200, r.text
     body = r.json()
-    ref = greedy(llm, llm.chat_prompt([{"role": "user", "content": "hello"}]), 10, ignore_eos=True)
+    ref = greedy(llm, llm.chat_ids([{"role": "user", "content": "hello"}]), 10, ignore_eos=True)
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
     assert body["usage"]["completion_tokens"] == 10

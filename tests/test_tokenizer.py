@@ -352,3 +352,14 @@ def test_config_tokens_missing_from_tokenizer_json_are_added_like_transformers(f
     assert (ours.eos_token_id, ours.all_special_ids, ours.vocab_size) == (hf.eos_token_id, hf.all_special_ids, len(hf))
     chat = [{"role": "user", "content": "q"}]
     assert ours.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+@both
+def test_chat_ids_match_transformers_and_add_no_second_bos(pair):
+    ours, hf = pair
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    expected = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert ours.encode_chat(chat) == expected
+    if hf.bos_token_id is not None and expected[0] == hf.bos_token_id:   # the llama template writes <s> itself
+        assert ours.encode(ours.apply_chat_template(chat))[:2] == [hf.bos_token_id] * 2   # what encode(text) did

@@ -205,7 +205,7 @@ def _params(a):
 def cmd_generate(a) -> None:
     from .engine import LLM
     llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
-    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    prompt = llm.chat_ids([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     if a.json:
         out = llm.generate(prompt, _params(a))[0]
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
@@ -231,7 +231,7 @@ def cmd_chat(a) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = llm.generate(llm.chat_prompt(messages), params,
+        reply = llm.generate(llm.chat_ids(messages), params,
                              on_text=lambda i, d: (sys.stdout.write(d), sys.stdout.flush()))[0]
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.text})

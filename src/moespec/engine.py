@@ -124,9 +124,17 @@ class LLM:
         return ids
 
     def chat_prompt(self, messages: list[dict]) -> str:
+        """The conversation rendered by the model's chat template, as text (see chat_ids to generate from)."""
         if self.tokenizer is None:
             raise MoespecError(f"model folder {self.path} has no tokenizer, so it has no chat template")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt token ids of a conversation: generate from these, not from chat_prompt's text, whose
+        encoding would add a second BOS where the template writes one."""
+        if self.tokenizer is None:
+            raise MoespecError(f"model folder {self.path} has no tokenizer, so it has no chat template")
+        return self.tokenizer.encode_chat(messages)
 
     def _sequences(self, prompts, params) -> list[Sequence]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

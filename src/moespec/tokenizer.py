@@ -135,6 +135,11 @@ class Tokenizer:
         except jinja2.TemplateError as e:  # raise_exception() in templates reports bad conversations this way
             raise MoespecError(f"chat template rejected the messages: {e}") from e
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """Token ids of the rendered conversation, as transformers' `apply_chat_template(tokenize=True)`: the
+        template writes its own BOS, so the post-processor's is not added again."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
+
     def _compiled_template(self, tools) -> jinja2.Template:
         source = self.chat_template
         name = "default"

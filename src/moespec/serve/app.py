@@ -105,7 +105,7 @@ def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: i
         check_model(req)
         req.check()
         try:
-            prompt = llm.chat_prompt([m.as_dict() for m in req.messages])
+            prompt = llm.chat_ids([m.as_dict() for m in req.messages])
         except MoespecError as e:
             raise P.ApiError(400, str(e), param="messages") from None
         job, n_prompt = job_for([prompt], req, req.max_new_tokens)
