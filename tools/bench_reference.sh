@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:?usage: bench_reference.sh TAG [STEP...]}; shift || true
-STEPS=${*:-"drafters offload-spec sweep validate curve batch prose peer"}
+STEPS=${*:-"drafters offload-spec sweep validate curve batch prose peer serve"}
 OUT=docs/bench
 DRAFT=src/moespec/assets/reference-draft
 DIR=${MOESPEC_BENCH_DIR:-/tmp/moespec-bench}
@@ -45,6 +45,9 @@ for step in $STEPS; do
           --batch-size 1 4 16 --max-new-tokens 64 --prompt-len 128 --repetitions 3 --warmup 1 --prefill-len 512 \
           --curve --output $OUT/peer-small-$dt-$TAG.json
       done ;;
+    serve)         # moespec serve: one request at a time vs continuous batching, concurrency 1 / 4 / 16
+      python tools/bench_serve.py --num-prompts 32 --max-tokens 128 --concurrency 1 4 16 --setting "--max-num-seqs 1" \
+        --setting "--max-num-seqs 16" --setting "--max-num-seqs 16 --threads 2" --output $OUT/serve-$TAG.json ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
