@@ -2,9 +2,6 @@
 alone (greedy and seeded sampling, with every drafter and with offloading), and over HTTP a short request
 sent while a long one streams is answered before the long one ends."""
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -65,24 +62,13 @@ def test_joining_seeded_samples_are_their_own(text_model):
 
 
 def test_a_short_request_is_answered_while_a_long_one_streams(text_model):
-    from test_serve import _free_port
+    from test_serve import _free_port, running_server
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", str(text_model), "--port", str(port),
-                               "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-
-    def post(body):
-        return urllib.request.urlopen(urllib.request.Request(
-            base + "/v1/completions", data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"}), timeout=120)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()
-                time.sleep(0.1)
+    with running_server([str(text_model), "--port", str(port)], port) as base:
+        def post(body):
+            return urllib.request.urlopen(urllib.request.Request(
+                base + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json"}), timeout=120)
         events, started = [], threading.Event()
 
         def long_stream():
@@ -102,6 +88,3 @@ def test_a_short_request_is_answered_while_a_long_one_streams(text_model):
         finished = [ts for ts, reason in events if reason is not None]
         assert finished and answered < finished[0]            # answered while the long request still decoded
         assert sum(1 for ts, _ in events if ts > answered) > 10
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -1,5 +1,6 @@
 """`moespec serve`: the OpenAI API as clients use it. Replies equal the Python API's output token for token,
 streams concatenate to the non-streamed text, errors are OpenAI error objects with the right status."""
+import contextlib
 import json
 import os
 import socket
@@ -204,12 +205,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_moespec_serve_from_the_command_line(text_model):
-    """As a user runs it: start the server, wait for /health, ask a chat completion, stop it."""
-    port = _free_port()
-    env = {**os.environ, "MOESPEC_PORT": str(port)}
-    p = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", str(text_model), "--served-model-name", "m",
-                          "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def running_server(args: list[str], port: int, env: dict | None = None):
+    """`moespec serve ARGS` as a user starts it; yields its base URL once /health answers, stops it after."""
+    p = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", *args, "--log-level", "warning"],
+                         env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -219,6 +219,16 @@ def test_moespec_serve_from_the_command_line(text_model):
             except (urllib.error.URLError, ConnectionError):
                 assert p.poll() is None, p.stderr.read()
                 time.sleep(0.1)
+        yield base
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_moespec_serve_from_the_command_line(text_model):
+    """As a user runs it: start the server, wait for /health, ask a chat completion, stop it."""
+    port = _free_port()
+    with running_server([str(text_model), "--served-model-name", "m"], port, {"MOESPEC_PORT": str(port)}) as base:
         req = urllib.request.Request(base + "/v1/chat/completions", method="POST",
                                      headers={"Content-Type": "application/json"},
                                      data=json.dumps({"model": "m", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
@@ -228,9 +238,6 @@ def test_moespec_serve_from_the_command_line(text_model):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + "/v1/models/x", timeout=5)
         assert e.value.code == 404 and "error" in json.load(e.value)
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
 
 
 @pytest.mark.parametrize("flag, message", [(["--threads", "0"], "error: --threads 0 is out of range"),
