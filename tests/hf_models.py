@@ -76,10 +76,10 @@ def build_tokenizer(folder: Path, vocab_size: int = 300) -> int:
     return tok.get_vocab_size()
 
 
-def build_text_model(folder: Path, family: str = "qwen3_moe", seed: int = 0, eos=(0, 2)):
+def build_text_model(folder: Path, family: str = "qwen3_moe", seed: int = 0, eos=(0, 2), **overrides):
     """A tiny model with a real tokenizer and generation_config.json (eos as a list)."""
     import json
     n = build_tokenizer(folder)
-    hf = build(family, folder, seed=seed, vocab_size=n)
+    hf = build(family, folder, seed=seed, vocab_size=n, **overrides)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos), "do_sample": False}))
     return hf

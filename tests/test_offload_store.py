@@ -58,7 +58,7 @@ def test_pack_is_built_once_then_reused(ckpt, tmp_path):
 def test_damaged_pack_is_rebuilt_never_read(damage, ckpt, tmp_path):
     ref = logits(load_model(ckpt, auto_layout=False))
     disk(ckpt, tmp_path).experts.close()
-    path = packfile.pack_path(tmp_path / "off", ckpt, torch.float32)
+    path = packfile.pack_path(tmp_path / "off", ckpt, {"dtype": "float32"})
     raw = bytearray(path.read_bytes())
     if damage == "truncate":
         raw = raw[:-4096]
@@ -102,7 +102,7 @@ def test_offload_dir_that_cannot_be_used_is_a_clear_error(ckpt, tmp_path):
     with pytest.raises(MoespecError, match="cannot create offload dir .*afile/sub"):
         disk(ckpt, tmp_path, offload_dir=str(tmp_path / "afile" / "sub"))
     # An unreadable pack file (here: a directory where the file should be).
-    packfile.pack_path(tmp_path / "odd", ckpt, torch.float32).mkdir(parents=True)
+    packfile.pack_path(tmp_path / "odd", ckpt, {"dtype": "float32"}).mkdir(parents=True)
     with pytest.raises(MoespecError, match="cannot read the packed expert file"):
         disk(ckpt, tmp_path, offload_dir=str(tmp_path / "odd"))
 

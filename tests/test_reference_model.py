@@ -80,8 +80,11 @@ def test_inspect_without_model_describes_the_bundled_model():
                                          "hidden_size": cfg["hidden_size"], "experts": cfg["num_experts"],
                                          "top_k": cfg["num_experts_per_tok"], "vocab_size": cfg["vocab_size"]}
     assert {k: info[k] for k in expect} == expect
+    # --dtype auto: the checkpoint is bf16, so the run is too (2 bytes per parameter)
+    assert info["checkpoint_dtype"] == info["dtype"] == cfg["dtype"] == "bfloat16"
     assert info["moe_layers"] == info["layers"] and info["bytes_per_expert"] == 3 * info["hidden_size"] * \
-        cfg["moe_intermediate_size"] * 4
+        cfg["moe_intermediate_size"] * 2
+    assert info["quantize"] == "none" and info["lossy"] is False
     r = subprocess.run([sys.executable, "-m", "moespec.cli", "inspect"], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 0 and "qwen3_moe" in r.stdout and "bytes_per_expert" in r.stdout

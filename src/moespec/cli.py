@@ -18,7 +18,38 @@ def _env(name: str, default=None, kind=str):
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=_env("model"),
                    help="Hugging Face checkpoint folder (default: the bundled reference model)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("dtype", "float32"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_env("dtype", "auto"),
+                   help="weights and activations: auto = the checkpoint's own (float16 runs as bfloat16 on a CPU); "
+                        "float32 for exact comparisons")
+    q = p.add_argument_group("quantization (LOSSY: weights are rounded; speculation stays exact for the quantized model)")
+    q.add_argument("--quantize", choices=["none", "int8", "int4"], default=_env("quantize", "none"),
+                   help="weight-only quantization of the experts at load: int8 per output channel, int4 in groups "
+                        "(in RAM, in expert-cache slots and in the packed disk file)")
+    q.add_argument("--quantize-group-size", type=int, default=_env("quantize_group_size", 64, int), metavar="G",
+                   help="int4: inputs per scale and zero (32, 64, 128 or 256; default 64)")
+    q.add_argument("--quantize-dense", action="store_true", default=_env("quantize_dense", False, _flag),
+                   help="also quantize attention, dense MLPs, shared experts and the LM head (as llama.cpp's files do)")
+
+
+def _flag(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def quant_config(a):
+    """A QuantConfig from --quantize/--quantize-group-size/--quantize-dense, or None."""
+    from .quant.scheme import QuantConfig
+    if a.quantize == "none":
+        if a.quantize_dense:
+            raise MoespecError("--quantize-dense needs --quantize int8 or int4")
+        return None
+    return QuantConfig(a.quantize, a.quantize_group_size, a.quantize_dense).validate()
+
+
+def load_llm(a, **kw):
+    """The LLM a command's model, dtype, quantization, offload and speculation flags describe."""
+    from .engine import LLM
+    return LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
+               show_progress=not getattr(a, "json", False), **kw)
 
 
 def _offload_args(p: argparse.ArgumentParser) -> None:
@@ -203,8 +234,7 @@ def _params(a):
 
 
 def cmd_generate(a) -> None:
-    from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
+    llm = load_llm(a)
     prompt = llm.chat_ids([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     if a.json:
         out = llm.generate(prompt, _params(a))[0]
@@ -219,8 +249,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from .engine import LLM
-    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
+    llm = load_llm(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     params = _params(a)
     while True:
@@ -237,13 +266,31 @@ def cmd_chat(a) -> None:
         messages.append({"role": "assistant", "content": reply.text})
 
 
+def model_sizes(path, cfg, dtype: str, quant) -> dict:
+    """describe() at the precision a run would use: the resolved dtype, quantized experts and dense matrices."""
+    from .model_info import describe
+    from .models import checkpoint_dtype, resolve_dtype
+    dt = resolve_dtype(dtype, path)
+    es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
+    expert_bytes = matrix = None
+    if quant is not None:
+        from .experts.pool import layout_blob_bytes
+        from .loading.build import expert_layout
+        expert_bytes = layout_blob_bytes(expert_layout(cfg, dt, quant=quant)) if cfg.is_moe else None
+        if quant.dense:
+            matrix = 1.0 if quant.method == "int8" else 0.5 + 4 / quant.group_size
+    ck = checkpoint_dtype(path)
+    return {**describe(cfg, es, expert_bytes, matrix), "checkpoint_dtype": str(ck).removeprefix("torch.") if ck else None,
+            "dtype": str(dt).removeprefix("torch."), **(quant.describe() if quant else {"quantize": "none"}),
+            "lossy": quant is not None}
+
+
 def cmd_inspect(a) -> None:
     from .assets import resolve_model
     from .config import ModelConfig
-    from .model_info import describe
     path = resolve_model(a.model)
     cfg = ModelConfig.from_folder(path)
-    info = {"path": str(path.resolve()), **describe(cfg, 2 if a.dtype == "bfloat16" else 4), "dtype": a.dtype}
+    info = {"path": str(path.resolve()), **model_sizes(path, cfg, a.dtype, quant_config(a))}
     if a.memory is not None:
         from .perf.units import parse_size
         budget = parse_size(a.memory, "--memory")

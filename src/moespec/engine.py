@@ -14,6 +14,7 @@ from .models import load_model
 from .sampling import SamplingParams
 from .spec.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
 from .perf.controller import SpecController
+from .quant.scheme import QuantConfig
 from .spec.prefetch import DraftPrefetch
 from .tokenizer import Tokenizer
 
@@ -34,17 +35,25 @@ class LLM:
     >>> llm.generate("def add(a, b):", SamplingParams(max_new_tokens=16))[0].text
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, offload: OffloadConfig | None = None,
-                 speculative: SpecConfig | dict | None = None):
-        """offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
+                 speculative: SpecConfig | dict | None = None, quantize: QuantConfig | str | dict | None = None,
+                 show_progress: bool | None = None):
+        """dtype: "auto" (the checkpoint's own; float32 for exactness tests), "float32", "bfloat16", "float16".
+        offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
         speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)
-            unless it sets a verify budget (verify_budget / verify_budget_mass), which is LOSSY."""
+            unless it sets a verify budget (verify_budget / verify_budget_mass), which is LOSSY.
+        quantize: "int8" / "int4" weight-only quantization of the experts (QuantConfig or its dict form for
+            group_size and dense). LOSSY with respect to the checkpoint; speculation stays lossless with
+            respect to the quantized model.
+        show_progress: progress bars while loading, quantizing and packing (None: when stderr is a terminal)."""
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
         self.path = resolve_model(model)
         self.offload = offload = _resolve_prefetch(offload, self.spec)
-        self.model = load_model(self.path, dtype, device, offload=offload)
+        self.quant = QuantConfig.parse(quantize)
+        self.model = load_model(self.path, dtype, device, offload=offload, quant=self.quant,
+                                show_progress=show_progress)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
         gc = self.path / "generation_config.json"
@@ -57,6 +66,7 @@ class LLM:
         self.eos_token_ids = set(eos)
         self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self._controllers: dict[int, SpecController] = {}     # batch size -> controller (draft length "auto")
         if self.drafter is not None and self.spec.tree is not None:
             self.drafter.tree = list(self.spec.tree)     # static draft trees (spec/tree.py)
@@ -238,9 +248,17 @@ class LLM:
     def _early_output(self, s: Sequence, stats: dict | None = None) -> Output:
         """The sequence's output; stats default to what is known before the batch ends."""
         if stats is None:
-            stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), "lossy": self.budget is not None}
+            stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), **self._lossy()}
         return Output(s.text if s.detok is not None else "", list(s.token_ids), list(s.prompt_ids),
                       s.finish_reason or "length", stats)
+
+    def _lossy(self) -> dict:
+        """lossy: outputs may differ from plain decoding of the checkpoint, and why: a verify budget (outputs differ
+        from plain decoding) or quantized weights (plain decoding itself differs from the checkpoint's; speculation
+        still equals plain decoding of the quantized model)."""
+        why = (["verify_budget"] if self.budget is not None else []) + ([self.quant.tag] if self.quant else [])
+        return {"lossy": bool(why), "lossy_reasons": why, "dtype": self.dtype,
+                "quantize": self.quant.tag if self.quant else "none"}
 
     def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
         n = len(s.token_ids)
@@ -250,7 +268,7 @@ class LLM:
                  "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
         stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
-        stats["lossy"] = self.budget is not None     # only the verify budget makes outputs differ from plain decoding
+        stats.update(self._lossy())
         if self.budget is not None:
             stats.update({k: v for k, v in (("verify_budget", self.spec.verify_budget),
                                             ("verify_budget_mass", self.spec.verify_budget_mass)) if v is not None})

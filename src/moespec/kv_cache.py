@@ -43,8 +43,9 @@ class KVCache:
         else:
             rows = torch.arange(self.batch, device=k.device)[:, None]
             slots = self.lens_tensor()[:, None] + torch.arange(t, device=k.device)[None, :]
-            self.k[layer][rows, :, slots] = k.transpose(1, 2)
-            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+            # (a bf16 model keeps a float32 cache on CPU: index_put, unlike slice assignment, does not convert)
+            self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :hi + t], self.v[layer, :, :, :hi + t]
 
     def mask(self, t: int, tree: torch.Tensor | None = None, window: int | None = None,

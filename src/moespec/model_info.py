@@ -4,8 +4,13 @@ from __future__ import annotations
 from .config import ModelConfig
 
 
-def describe(cfg: ModelConfig, bytes_per_param: float = 4.0) -> dict:
-    """Parameter counts and byte sizes: total, per expert, dense (non-expert), active per token."""
+def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int | None = None,
+             matrix_bytes_per_param: float | None = None) -> dict:
+    """Parameter counts and byte sizes: total, per expert, dense (non-expert), active per token.
+
+    expert_bytes: one expert's stored size when it is not params x bytes_per_param (quantized experts);
+    matrix_bytes_per_param: bytes per parameter of the dense weight matrices when they are quantized (the
+    embedding, norms and routers keep bytes_per_param)."""
     D, hd = cfg.hidden_size, cfg.head_dim
     attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * D
     if cfg.qkv_bias:
@@ -25,11 +30,15 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0) -> dict:
              + n_moe * (shared + cfg.num_experts * D))
     experts_total = n_moe * cfg.num_experts * expert
     active = dense - embed + n_moe * cfg.top_k * expert   # the embedding is a lookup, not a matmul
+    per_expert = int(expert * bytes_per_param) if expert_bytes is None else expert_bytes
+    bytes_dense = int(dense * bytes_per_param) if matrix_bytes_per_param is None else \
+        int(embed * bytes_per_param + (dense - embed) * matrix_bytes_per_param)
+    experts_bytes = n_moe * cfg.num_experts * per_expert
     return {
         "family": cfg.model_type, "layers": cfg.num_layers, "moe_layers": n_moe, "experts": cfg.num_experts,
         "top_k": cfg.top_k, "hidden_size": D, "vocab_size": cfg.vocab_size,
         "params_total": dense + experts_total, "params_dense": dense, "params_experts": experts_total,
         "params_per_expert": expert, "params_active_per_token": active,
-        "bytes_per_expert": int(expert * bytes_per_param), "bytes_experts": int(experts_total * bytes_per_param),
-        "bytes_dense": int(dense * bytes_per_param), "bytes_total": int((dense + experts_total) * bytes_per_param),
+        "bytes_per_expert": per_expert, "bytes_experts": experts_bytes,
+        "bytes_dense": bytes_dense, "bytes_total": bytes_dense + experts_bytes,
     }

@@ -19,6 +19,8 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b.add_argument("--synthetic", choices=["small", "large"], default=None,
                    help="benchmark a random Mixtral of this preset (written once under --synthetic-dir)")
     b.add_argument("--synthetic-dir", default=str(Path.home() / ".cache" / "moespec" / "synthetic"))
+    b.add_argument("--synthetic-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype the synthetic checkpoint is written in (default bfloat16, as checkpoints ship)")
     b.add_argument("--prompts", default="random", help="prompt set: random (token ids), humaneval (code) or prose (installed packages' descriptions)")
     b.add_argument("--num-prompts", type=int, default=16)
     b.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (real prompts are cut to it)")
@@ -27,7 +29,14 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b.add_argument("--repetitions", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill test (0 = skip)")
-    b.add_argument("--peer", choices=["none", "transformers"], default="none")
+    b.add_argument("--peer", choices=["none", "transformers", "llama.cpp"], default="none",
+                   help="run a peer engine on the same prompts, greedy, side by side: transformers' generate on the "
+                        "same checkpoint, or llama.cpp (llama-cpp-python) on --peer-model")
+    b.add_argument("--peer-model", nargs="+", default=None, metavar="GGUF",
+                   help="llama.cpp: the GGUF file(s) of the same checkpoint (tools/make_gguf.py makes bf16, q8_0, "
+                        "q4_0); each is run in turn beside moespec")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads for moespec and the peer (default: torch's, i.e. the cores)")
     b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..9, 16, 32, 64 tokens (verification of k = n - 1 drafts)")
     b.add_argument("--output", default=None, help="write the JSON report here")
 
@@ -37,51 +46,60 @@ def run_bench(a) -> None:
 
     from ..assets import resolve_model
     from ..engine import LLM
-    from .runners import TransformersRunner, forward_curve, run_moespec
+    from .runners import MoespecRunner, TransformersRunner, forward_curve, run_interleaved
     from .synthetic import make_synthetic
     from .workloads import load_prompts
 
     if a.synthetic:
-        path = make_synthetic(Path(a.synthetic_dir) / a.synthetic, a.synthetic)
+        path = make_synthetic(Path(a.synthetic_dir) / f"{a.synthetic}-{a.synthetic_dtype}", a.synthetic,
+                              dtype=getattr(torch, a.synthetic_dtype))
     else:
         path = resolve_model(a.model)
     for name in ("repetitions", "num_prompts", "max_new_tokens"):
         if getattr(a, name) < 1:
             raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
-    from ..cli import offload_config, spec_config
-    llm = LLM(path, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a))
+    from ..cli import offload_config, quant_config, spec_config
+    if a.threads is not None:
+        if a.threads < 1:
+            raise MoespecError(f"--threads {a.threads} is out of range (at least 1)")
+        torch.set_num_threads(a.threads)
+    if a.peer == "llama.cpp" and not a.peer_model:
+        raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
+    if a.peer_model and a.peer != "llama.cpp":
+        raise MoespecError("--peer-model is the GGUF file of --peer llama.cpp")
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
+              show_progress=False)
+    load_s = time.perf_counter() - t0
+    load_rss = peak_rss_bytes()           # before any peer is loaded: what loading moespec took
     prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size, llm.tokenizer)
-    peer = TransformersRunner(path, llm.model.dtype) if a.peer == "transformers" else None
-    report = {"model": str(path), "dtype": a.dtype, "prompts": a.prompts, "prompt_len": a.prompt_len,
+    peers = []
+    if a.peer == "transformers":
+        peers = [TransformersRunner(path, llm.model.dtype)]
+    elif a.peer == "llama.cpp":
+        from .llamacpp import LlamaCppRunner
+        ctx = max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 8
+        peers = [LlamaCppRunner(f, torch.get_num_threads(), max(a.batch_size), ctx) for f in a.peer_model]
+    report = {"model": str(path), "dtype": llm.dtype, "quantize": llm.quant.tag if llm.quant else "none",
+              "prompts": a.prompts, "prompt_len": a.prompt_len,
               "max_new_tokens": a.max_new_tokens, "repetitions": a.repetitions, "warmup": a.warmup,
-              "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+              "machine": machine(), "load_s": load_s, "load_peak_rss_bytes": load_rss,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": []}
     jobs = [("tg", b, prompts, a.max_new_tokens) for b in a.batch_size]
     if a.prefill_len:
         jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
     for kind, batch, ps, new in jobs:
-        # Alternate engines per job so a noisy neighbour hits both alike.
         before = {}
         snap = (lambda: before.update(llm.expert_stats())) if llm.offload is not None else None
-        results = [run_moespec(llm, ps, batch, new, a.repetitions, a.warmup, on_measure=snap)]
+        results = run_interleaved([MoespecRunner(llm), *peers], ps, batch, new, a.repetitions, a.warmup, snap)
         if before:
             results[0]["experts"] = expert_delta(before, llm.expert_stats(), results[0])
-        if peer is not None:
-            results.append(peer.run(ps, batch, new, a.repetitions, a.warmup))
         for r in results:
             r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
             _log(r)
-        if peer is not None:
-            mine, theirs = results
-            same = sum(x == y for bm, bp in zip(mine["_tokens"], theirs["_tokens"]) for x, y in zip(bm, bp))
-            total = sum(len(bm) for bm in mine["_tokens"])
-            key = "decode_tok_s" if kind == "tg" else "ttft_s"
-            ratio = (mine[key]["mean"] / theirs[key]["mean"]) if kind == "tg" else \
-                (theirs[key]["mean"] / mine[key]["mean"])
-            results[0]["vs_transformers"] = {"speedup": ratio, "identical_sequences": f"{same}/{total}"}
-            print(f"  moespec / transformers ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): "
-                  f"{ratio:.2f}x; identical sequences {same}/{total}", file=sys.stderr)
+        mine = results[0]
+        for theirs in results[1:]:
+            compare(mine, theirs, kind)
         for r in results:
             r.pop("_tokens")
         report["runs"].extend(results)
@@ -99,8 +117,48 @@ def run_bench(a) -> None:
     print(text)
 
 
+def compare(mine: dict, theirs: dict, kind: str) -> None:
+    """Speed ratio (decode tokens/s, or prefill speed) and identical greedy tokens of moespec against a peer run,
+    stored in moespec's run under vs_<peer> (vs_llama.cpp:<file> for each GGUF)."""
+    pairs = [(sm, sp) for bm, bp in zip(mine["_tokens"], theirs["_tokens"]) for sm, sp in zip(bm, bp)]
+    same_seq = sum(list(sm) == list(sp) for sm, sp in pairs)
+    same = sum(x == y for sm, sp in pairs for x, y in zip(sm, sp))
+    total = sum(len(sm) for sm, _ in pairs)
+    key = "decode_tok_s" if kind == "tg" else "ttft_s"
+    ratio = (mine[key]["mean"] / theirs[key]["mean"]) if kind == "tg" else (theirs[key]["mean"] / mine[key]["mean"])
+    name = theirs["engine"] + (f":{Path(theirs['peer_model']).name}" if "peer_model" in theirs else "")
+    mine[f"vs_{name}"] = {"speedup": ratio, "identical_sequences": f"{same_seq}/{len(pairs)}",
+                          "identical_tokens": f"{same}/{total}"}
+    print(f"  moespec / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x; identical "
+          f"sequences {same_seq}/{len(pairs)}, tokens {same}/{total}", file=sys.stderr)
+
+
+def machine() -> dict:
+    """What a figure was measured on: CPU model and capability, threads, torch (reported with every figure)."""
+    import torch
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": " avx512_bf16" in flags, "amx": " amx_tile" in flags, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """This process's peak resident set size: VmHWM on Linux (ru_maxrss survives exec, so a child of a big
+    process would report its parent's size), else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024

@@ -26,34 +26,24 @@ def _batches(prompts: list[list[int]], batch: int, reps: int) -> list[list[list[
     return out
 
 
-def run_moespec(llm, prompts, batch: int, new: int, reps: int, warmup: int, on_measure=None) -> dict:
-    """on_measure(): called once, after the warm-up and before the first measured batch."""
-    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    ttft, tpot, tps, tokens, acc = [], [], [], [], []
-    for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
-        if k == warmup and on_measure is not None:
-            on_measure()
-        outs = llm.generate(b, params)
-        if k < warmup:
-            continue
-        if "acceptance_rate" in outs[0].stats:
-            acc.append({key: outs[0].stats[key] for key in ("acceptance_rate", "mean_accepted_len", "draft_steps")})
-        decode = max(o.stats["decode_s"] for o in outs)
-        ttft.append(outs[0].stats["ttft_s"])
-        if new > 1:
-            tpot.append(decode / (new - 1))
-            tps.append(len(b) * (new - 1) / decode)
-        tokens.append([o.token_ids for o in outs])
-    out = {"engine": "moespec", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
-           "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
-           "_tokens": tokens}
-    if acc:
-        out["speculation"] = {key: _summary([a[key] for a in acc]) for key in acc[0]}
-    return out
+class MoespecRunner:
+    """moespec's LLM.generate, greedy with EOS ignored."""
+    engine = "moespec"
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, batch: list[list[int]], new: int) -> tuple[list[list[int]], float, float, dict]:
+        """(tokens per sequence, TTFT s, decode s after the first token, speculation stats or {})."""
+        outs = self.llm.generate(batch, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
+        acc = {k: outs[0].stats[k] for k in ("acceptance_rate", "mean_accepted_len", "draft_steps")} \
+            if "acceptance_rate" in outs[0].stats else {}
+        return [o.token_ids for o in outs], outs[0].stats["ttft_s"], max(o.stats["decode_s"] for o in outs), acc
 
 
 class TransformersRunner:
     """transformers' own `generate` with its default (fastest on CPU) expert kernels."""
+    engine = "transformers"
 
     def __init__(self, path, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
@@ -71,25 +61,47 @@ class TransformersRunner:
                                       do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[:, width:]
 
-    def run(self, prompts, batch: int, new: int, reps: int, warmup: int) -> dict:
-        ttft, tpot, tps, tokens = [], [], [], []
-        for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
-            t0 = time.perf_counter()
-            self._generate(b, 1)
-            t1 = time.perf_counter()
-            out = self._generate(b, new)
-            t2 = time.perf_counter()
+    def generate(self, batch: list[list[int]], new: int) -> tuple[list[list[int]], float, float, dict]:
+        # TTFT from a one-token generate; decode time = the full run minus it
+        t0 = time.perf_counter()
+        self._generate(batch, 1)
+        t1 = time.perf_counter()
+        out = self._generate(batch, new)
+        t2 = time.perf_counter()
+        return out.tolist(), t1 - t0, (t2 - t1) - (t1 - t0), {}
+
+
+def run_interleaved(runners: list, prompts, batch: int, new: int, reps: int, warmup: int,
+                    on_measure=None) -> list[dict]:
+    """Each runner decodes the same batches, taking turns batch by batch (a noisy neighbour slows all alike).
+    on_measure(): called once, after the warm-up and before the first measured batch. One result per runner:
+    ttft_s, tpot_s, decode_tok_s summaries and the tokens (`_tokens`, one list per measured batch)."""
+    rec = [{"ttft": [], "tpot": [], "tps": [], "tokens": [], "acc": []} for _ in runners]
+    for k, b in enumerate(_batches(prompts, batch, warmup + reps)):
+        if k == warmup and on_measure is not None:
+            on_measure()
+        for r, runner in zip(rec, runners):
+            tokens, ttft, decode, acc = runner.generate(b, new)
             if k < warmup:
                 continue
-            first, total = t1 - t0, t2 - t1
-            ttft.append(first)
+            r["ttft"].append(ttft)
             if new > 1:
-                tpot.append((total - first) / (new - 1))
-                tps.append(len(b) * (new - 1) / (total - first))
-            tokens.append(out.tolist())
-        return {"engine": "transformers", "batch": batch, "new_tokens": new, "ttft_s": _summary(ttft),
-                "tpot_s": _summary(tpot) if tpot else None, "decode_tok_s": _summary(tps) if tps else None,
-                "_tokens": tokens}
+                r["tpot"].append(decode / (new - 1))
+                r["tps"].append(len(b) * (new - 1) / decode)
+            r["tokens"].append(tokens)
+            if acc:
+                r["acc"].append(acc)
+    out = []
+    for r, runner in zip(rec, runners):
+        res = {"engine": runner.engine, "batch": batch, "new_tokens": new, "ttft_s": _summary(r["ttft"]),
+               "tpot_s": _summary(r["tpot"]) if r["tpot"] else None,
+               "decode_tok_s": _summary(r["tps"]) if r["tps"] else None, "_tokens": r["tokens"]}
+        if getattr(runner, "path", None) is not None and runner.engine == "llama.cpp":
+            res["peer_model"] = str(runner.path)
+        if r["acc"]:
+            res["speculation"] = {key: _summary([a[key] for a in r["acc"]]) for key in r["acc"][0]}
+        out.append(res)
+    return out
 
 
 def forward_curve(model, ctx: int = 256, ns=(1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 32, 64), reps: int = 5,

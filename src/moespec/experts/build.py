@@ -14,10 +14,12 @@ from .store import DiskStore, RamStore
 
 
 def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device, offload: OffloadConfig,
-                          routers: dict[int, torch.Tensor] | None = None, auto_layout: bool = True) -> ExpertCache:
+                          routers: dict[int, torch.Tensor] | None = None, auto_layout: bool = True,
+                          quant=None, show_progress: bool | None = None) -> ExpertCache:
     """An ExpertCache with `offload.expert_cache` slots per MoE layer on `device` over the slow tier.
 
     routers {moe layer: [E, D]} feed the next-layer prefetcher (load_model passes them).
+    quant (QuantConfig): experts stay quantized in the store, the packed file and the cache slots.
     """
     from ..loading import Checkpoint
     from ..loading.build import expert_layout, load_expert_pool
@@ -26,11 +28,11 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
         raise MoespecError(f"expert offloading needs a Mixture-of-Experts model; {path} has no routed experts")
     ck = Checkpoint(path)
     layers = cfg.moe_layer_ids
-    layout = expert_layout(cfg, dtype, device, auto_layout)
+    layout = expert_layout(cfg, dtype, device, auto_layout, quant)
     if offload.offload == "disk":
-        store = DiskStore(ck, cfg, dtype, offload.resolved_dir(), layout, offload.direct_io)
+        store = DiskStore(ck, cfg, offload.resolved_dir(), layout, offload.direct_io, show_progress)
     else:
-        store = RamStore({i: load_expert_pool(ck, cfg, i, dtype, layout["t13"], layout["t2"]) for i in layers})
+        store = RamStore({i: load_expert_pool(ck, cfg, i, layout) for i in layers})
     try:
         slot_bytes = round_up(store.blob_bytes, PAGE) if torch.device(device).type == "cpu" else store.blob_bytes
         slots = parse_capacity(offload.expert_cache, cfg.num_experts, len(layers), slot_bytes)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import MoespecError
 from .policy import hot_set
-from .pool import PAGE, ExpertPool
+from .pool import PAGE, ExpertPool, make_pool
 from .prefetch import Load, Loader, NextLayer
 from .slots import LayerSlots, check_layer, totals
 
@@ -42,10 +42,8 @@ class ExpertCache:
         self.device = torch.device(device)
         self.expert_bytes = store.blob_bytes
         self.slot_of = torch.full((max(moe_layers) + 1, self.E), -1, dtype=torch.long)   # [layer, expert]
-        dtype = getattr(torch, lay["dtype"])
         align = PAGE if self.device.type == "cpu" else 0     # aligned CPU slots take O_DIRECT reads directly
-        self._pools = {i: ExpertPool(slots, lay["hidden"], lay["inter"], dtype, device, lay["t13"], lay["t2"], align)
-                       for i in moe_layers}
+        self._pools = {i: make_pool(lay, slots, device, align) for i in moe_layers}
         self._st = {i: LayerSlots(slots, self.E, policy) for i in moe_layers}
         self._mu = threading.RLock()
         self._ensured: dict[int, list[int]] = {}

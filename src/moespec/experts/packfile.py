@@ -1,11 +1,13 @@
 """The packed expert file of the disk tier: a 4096-byte JSON header, then every expert's blob.
 
 Layout: header (JSON padded with spaces to ALIGN bytes), then for each MoE layer in order, for each
-expert 0..E-1, its blob (gate+up then down, exactly an ExpertPool row in the run's dtype) padded
-to `stride` = blob bytes rounded up to ALIGN, so every blob starts and ends on an O_DIRECT boundary.
+expert 0..E-1, its blob (exactly a pool slot: gate+up then down in the run's dtype, or the quantized
+blob of quant/pool.py) padded to `stride` = blob bytes rounded up to ALIGN, so every blob starts and ends
+on an O_DIRECT boundary. The file is written an expert at a time: packing needs one expert's memory.
 
 The header names the checkpoint it was packed from (size, mtime and sha256 of config.json; size,
-mtime and sha256 of each safetensors file's header bytes), the shapes, dtype, storage layout, blob
+mtime and sha256 of each safetensors file's header bytes), the shapes, dtype, storage layout, the
+quantization (method, group size, the int4 kernel's packing, which differs between CPU classes), blob
 size and alignment. A file whose header does not match, or whose size is not what the header
 promises (a truncated or interrupted write), is rebuilt: a stale file can never feed wrong weights.
 Files are written to a temporary name and renamed into place, so a crash leaves no valid-looking file.
@@ -17,7 +19,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,18 +26,24 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoespecError
-from .pool import PAGE, round_up
+from .pool import PAGE, layout_blob_bytes, round_up
 
 if TYPE_CHECKING:  # loading imports models, which import experts: import it where it is used
     from ..loading import Checkpoint
 
 FORMAT, VERSION, ALIGN = "moespec-experts", 1, PAGE
+SYNC_BYTES = 64 << 20
 
 
-def pack_path(offload_dir: Path, folder: Path, dtype: torch.dtype) -> Path:
-    """One file per (checkpoint folder, dtype), so several models can share one offload dir."""
+QUANT_KEYS = ("quant", "group_size", "int4_pack")
+
+
+def pack_path(offload_dir: Path, folder: Path, layout: dict) -> Path:
+    """One file per (checkpoint folder, dtype, quantization), so several models and settings share one dir."""
     tag = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
-    return offload_dir / f"{folder.name}-{tag}-{str(dtype).removeprefix('torch.')}.experts"
+    q = layout.get("quant")
+    qtag = f"-{q}" + (f"g{layout['group_size']}" if q == "int4" else "") if q else ""
+    return offload_dir / f"{folder.name}-{tag}-{layout['dtype']}{qtag}.experts"
 
 
 def _sha(path: Path, nbytes: int | None = None) -> str:
@@ -58,15 +65,15 @@ def checkpoint_identity(ck: Checkpoint) -> dict:
     return out
 
 
-def expected_header(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, layout: dict) -> dict:
-    """The header a file packed now from `ck` would carry (layout: {"t13", "t2"} storage flags)."""
-    es = torch.empty((), dtype=dtype).element_size()
-    blob = 3 * cfg.moe_intermediate_size * cfg.hidden_size * es
+def expected_header(ck: Checkpoint, cfg: ModelConfig, layout: dict) -> dict:
+    """The header a file packed now from `ck` would carry (layout: the pools' storage layout, expert_layout)."""
+    blob = layout_blob_bytes(layout)
     stride = round_up(blob, ALIGN)
     layers = cfg.moe_layer_ids
     return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint_identity(ck), "layers": layers,
             "num_experts": cfg.num_experts, "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size,
-            "dtype": str(dtype).removeprefix("torch."), "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
+            "dtype": layout["dtype"], "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
+            **{k: layout.get(k) for k in QUANT_KEYS},
             "blob_bytes": blob, "stride": stride, "align": ALIGN, "data_offset": ALIGN,
             "file_bytes": ALIGN + len(layers) * cfg.num_experts * stride}
 
@@ -98,7 +105,7 @@ def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
         return f"format {found.get('format')!r} v{found.get('version')}, expected {FORMAT!r} v{VERSION}"
     if found.get("checkpoint") != want["checkpoint"]:
         return "checkpoint changed since packing"
-    for key in ("layers", "num_experts", "hidden", "inter", "dtype", "blob_bytes", "stride", "align",
+    for key in ("layers", "num_experts", "hidden", "inter", "dtype", *QUANT_KEYS, "blob_bytes", "stride", "align",
                 "data_offset"):
         if found.get(key) != want[key]:
             return f"header mismatch: {key} is {found.get(key)!r}, expected {want[key]!r}"
@@ -110,9 +117,10 @@ def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
     return None
 
 
-def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, header: dict) -> None:
-    """Pack every expert of `ck` into `path` (one MoE layer in memory at a time)."""
+def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_progress: bool | None = None) -> None:
+    """Pack every expert of `ck` into `path`, one expert in memory at a time."""
     from ..loading.build import load_expert_pool
+    from ..progress import progress
     d = path.parent
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -125,17 +133,24 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pad = bytes(header["stride"] - header["blob_bytes"])
     head = json.dumps(header).encode()
+    layout = {k: header[k] for k in ("hidden", "inter", "dtype", "t13", "t2", *QUANT_KEYS)}
+    what = "packing" + (f" {header['quant']}" if header.get("quant") else "")
     try:
-        with open(tmp, "wb") as f, _progress(len(header["layers"]) * header["num_experts"], path.name) as tick:
+        with open(tmp, "wb") as f, progress(len(header["layers"]) * header["num_experts"],
+                                            f"{what} experts into {path.name}", show_progress) as tick:
             f.write(head + b" " * (ALIGN - len(head)))
+            unsynced = 0
             for layer in header["layers"]:
-                pool = load_expert_pool(ck, cfg, layer, dtype, t13=header["t13"], t2=header["t2"])
-                rows = pool.blob.view(torch.uint8) if pool.blob.is_contiguous() else pool.blob.contiguous().view(torch.uint8)
                 for e in range(header["num_experts"]):
-                    f.write(memoryview(rows[e].numpy()))
+                    pool = load_expert_pool(ck, cfg, layer, layout, [e])
+                    f.write(memoryview(pool.blob.view(torch.uint8)[0].contiguous().numpy()))
                     f.write(pad)
+                    unsynced += header["stride"]
+                    if unsynced >= SYNC_BYTES:     # written pages stay cached (a memory cgroup counts them)
+                        os.fdatasync(f.fileno())   # until written back: write back and drop them as we go
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                        unsynced = 0
                     tick()
-                del pool, rows
             f.flush()
             os.fsync(f.fileno())
             # The reads that follow should come from the device, not from pages this write left behind.
@@ -147,25 +162,3 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-class _progress:
-    """A rich progress bar on an interactive stderr; silent otherwise (pipes, logs, tests)."""
-
-    def __init__(self, total: int, name: str):
-        self.total, self.name, self.bar = total, name, None
-
-    def __enter__(self):
-        if not sys.stderr.isatty():
-            return lambda: None
-        from rich.progress import Progress
-        from rich.console import Console
-        self.bar = Progress(console=Console(stderr=True), transient=True)
-        self.bar.start()
-        task = self.bar.add_task(f"packing experts into {self.name}", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

@@ -18,6 +18,19 @@ def round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
+def slot_memory(slots: int, nbytes: int, device, align: int) -> tuple[mmap.mmap | None, int, torch.Tensor]:
+    """(mmap or None, padded stride in bytes or 0, blob uint8 [slots, nbytes]) for `slots` blobs of nbytes.
+
+    With `align` (CPU only) every slot starts on an `align`-byte boundary and owns a padded stride of whole
+    pages, in anonymous mmap memory (zero filled; untouched pages cost no RSS until first written)."""
+    if align and torch.device(device).type == "cpu":
+        stride = round_up(nbytes, align)
+        mm = mmap.mmap(-1, max(slots, 1) * stride)
+        flat = torch.frombuffer(mm, dtype=torch.uint8)
+        return mm, stride, flat[:slots * stride].view(slots, stride)[:, :nbytes]
+    return None, 0, torch.zeros(slots, nbytes, dtype=torch.uint8, device=device)
+
+
 class ExpertPool:
     """`slots` blobs of one MoE layer: views w13 [S, 2I, D] and w2 [S, D, I] into one [S, blob] tensor.
 
@@ -36,15 +49,8 @@ class ExpertPool:
         self.n13 = 2 * inter * hidden
         n = self.n13 + hidden * inter
         es = torch.empty((), dtype=dtype).element_size()
-        self._mm = None
-        if align and torch.device(device).type == "cpu":
-            self.stride_bytes = round_up(n * es, align)
-            self._mm = mmap.mmap(-1, max(slots, 1) * self.stride_bytes)   # page aligned, zero filled
-            flat = torch.frombuffer(self._mm, dtype=torch.uint8).view(dtype)
-            self.blob = flat[:slots * self.stride_bytes // es].view(slots, -1)[:, :n]
-        else:
-            self.stride_bytes = 0
-            self.blob = torch.zeros(slots, n, dtype=dtype, device=device)
+        self._mm, self.stride_bytes, raw = slot_memory(slots, n * es, device, align)
+        self.blob = raw.view(dtype)
         w13, w2 = self.blob[:, :self.n13], self.blob[:, self.n13:]
         self.w13 = w13.view(slots, hidden, 2 * inter).transpose(1, 2) if t13 else w13.view(slots, 2 * inter, hidden)
         self.w2 = w2.view(slots, inter, hidden).transpose(1, 2) if t2 else w2.view(slots, hidden, inter)
@@ -74,6 +80,25 @@ class ExpertPool:
         self.w13[slot, :self.inter].copy_(gate)
         self.w13[slot, self.inter:].copy_(up)
         self.w2[slot].copy_(down)
+
+
+def make_pool(layout: dict, slots: int, device="cpu", align: int = 0):
+    """An empty pool of `slots` blobs in the storage `layout` describes (ExpertPool.layout or the quantized
+    pools' layout, which names its method)."""
+    dtype = getattr(torch, layout["dtype"])
+    if layout.get("quant"):
+        from ..quant.pool import QuantExpertPool
+        return QuantExpertPool(slots, layout["hidden"], layout["inter"], dtype, layout["quant"],
+                               layout.get("group_size") or 0, device, align)
+    return ExpertPool(slots, layout["hidden"], layout["inter"], dtype, device, layout["t13"], layout["t2"], align)
+
+
+def layout_blob_bytes(layout: dict) -> int:
+    """Bytes of one expert's blob in this storage layout."""
+    if layout.get("quant"):
+        from ..quant.pool import field_offsets
+        return field_offsets(layout["hidden"], layout["inter"], layout["quant"], layout.get("group_size") or 0)[1]
+    return 3 * layout["hidden"] * layout["inter"] * torch.empty((), dtype=getattr(torch, layout["dtype"])).element_size()
 
 
 class ExpertProvider(Protocol):

@@ -62,14 +62,15 @@ def run_profile(a) -> dict:
     if out.is_dir() or not out.parent.is_dir():
         raise MoespecError(f"cannot write the routing profile to {out}: "
                            + ("it is a directory" if out.is_dir() else f"{out.parent} does not exist"))
-    llm = LLM(a.model, dtype=a.dtype)
+    from ..cli import quant_config
+    llm = LLM(a.model, dtype=a.dtype, quantize=quant_config(a))
     cfg = llm.config
     if not cfg.is_moe:
         raise MoespecError(f"{llm.path} has no routed experts to profile")
     layers, E = cfg.moe_layer_ids, cfg.num_experts
-    from ..model_info import describe
+    from ..cli import model_sizes
     slots = parse_capacity(a.expert_cache, E, len(layers),
-                           describe(cfg, 2 if a.dtype == "bfloat16" else 4)["bytes_per_expert"])
+                           model_sizes(llm.path, cfg, llm.dtype, llm.quant)["bytes_per_expert"])
     counts, tokens = None, 0
     params = SamplingParams(max_new_tokens=max(1, a.max_new_tokens), temperature=0)
     for ids in _prompts(a, llm):

@@ -67,8 +67,8 @@ class DiskStore:
 
     tier = "disk"
 
-    def __init__(self, ck, cfg: ModelConfig, dtype: torch.dtype, offload_dir: str | Path, layout: dict,
-                 direct_io: bool = True):
+    def __init__(self, ck, cfg: ModelConfig, offload_dir: str | Path, layout: dict, direct_io: bool = True,
+                 show_progress: bool | None = None):
         d = Path(offload_dir)
         if d.exists() and not d.is_dir():
             raise MoespecError(f"offload dir {d} is not a directory")
@@ -76,19 +76,20 @@ class DiskStore:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MoespecError(f"cannot create offload dir {d}: {e.strerror or e}") from None
-        self.path = packfile.pack_path(d, ck.folder, dtype)
-        want = packfile.expected_header(ck, cfg, dtype, layout)
+        self.path = packfile.pack_path(d, ck.folder, layout)
+        want = packfile.expected_header(ck, cfg, layout)
         found = packfile.read_header(self.path)
         self.build_reason = packfile.why_stale(self.path, found, want)
         if self.build_reason is not None:
-            packfile.write_pack(self.path, ck, cfg, dtype, want)
+            packfile.write_pack(self.path, ck, cfg, want, show_progress)
             found = packfile.read_header(self.path)
             if packfile.why_stale(self.path, found, want) is not None:
                 raise MoespecError(f"packed expert file {self.path} does not validate right after writing it")
         self.header = h = found
-        self.dtype = dtype
         self.num_experts, self.blob_bytes, self.stride = h["num_experts"], h["blob_bytes"], h["stride"]
-        self.layout = {"hidden": h["hidden"], "inter": h["inter"], "dtype": h["dtype"], "t13": h["t13"], "t2": h["t2"]}
+        self.layout = {k: h[k] for k in ("hidden", "inter", "dtype", "t13", "t2")}
+        if h.get("quant"):
+            self.layout.update({k: h[k] for k in packfile.QUANT_KEYS})
         self._index = {layer: i for i, layer in enumerate(h["layers"])}
         self.bytes_read = self.io_bytes = self.reads = 0
         self._mu = threading.Lock()
@@ -127,7 +128,7 @@ class DiskStore:
                 self._read([buf], off)
                 for k, (_, s) in enumerate(run):
                     # Device path: a pinned staging buffer + copy stream would go here (prefetch.py docstring).
-                    pool.blob[s].copy_(view[k * self.stride:k * self.stride + self.blob_bytes].view(self.dtype))
+                    pool.blob[s].copy_(view[k * self.stride:k * self.stride + self.blob_bytes].view(pool.blob.dtype))
             i = j
 
     def _read(self, bufs: list, off: int) -> None:

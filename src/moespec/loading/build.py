@@ -2,7 +2,9 @@
 
 Expert tensors arrive per expert (`experts.{e}.w1/w3/w2` in Mixtral, `experts.{e}.gate_proj/up_proj/
 down_proj` in Qwen/OLMoE) or fused 3-D as transformers 5 holds them (`experts.gate_up_proj [E, 2I, D]`,
-`experts.down_proj [E, D, I]`); both end in one contiguous blob per expert.
+`experts.down_proj [E, D, I]`); both end in one contiguous blob per expert. Tensors are read one at a time
+(one expert's at a time for fused layouts), converted and, with a QuantConfig, quantized before the next is
+read, so loading peaks near the size of what it keeps.
 """
 from __future__ import annotations
 
@@ -10,22 +12,44 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoespecError
-from ..experts.pool import ExpertPool
+from ..experts.pool import ExpertPool, make_pool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
 from ..models.layout import LayoutChooser, as_layout
 from ..models.moe import MLPWeights, MoEWeights
+from ..progress import progress
+from ..quant.scheme import QuantConfig
 from .checkpoint import Checkpoint
 
 PER_EXPERT = {"mixtral": ("w1", "w3", "w2")}
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
+class DenseMatrices:
+    """Stores each dense weight matrix in its fastest layout here, or quantized when the config says so
+    (a shape the int4 kernel cannot take falls back to int8)."""
+
+    def __init__(self, lay: LayoutChooser, quant: QuantConfig | None):
+        self.lay, self.quant = lay, quant if quant is not None and quant.dense else None
+
+    def __call__(self, w: torch.Tensor, name: str = "weight"):
+        if self.quant is None:
+            return self.lay.apply(w)
+        from ..quant.weights import quantize_weight
+        method = self.quant.method
+        if method == "int4" and (w.shape[1] % self.quant.group_size or w.shape[0] % 16):
+            method = "int8"
+        return quantize_weight(w, method, self.quant.group_size, name)
+
+
 def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,
-                 experts: bool = True, pack: bool | None = None) -> tuple[Weights, dict[int, ExpertPool]]:
+                 experts: bool = True, pack: bool | None = None, quant: QuantConfig | None = None,
+                 show_progress: bool | None = None) -> tuple[Weights, dict[int, ExpertPool]]:
     """experts=False skips the routed experts (an offloading provider reads them itself): pools is {}.
-    pack: prepack bf16 weights for oneDNN (models/packed.py; None = where it is faster here)."""
+    pack: prepack bf16 weights for oneDNN (models/packed.py; None = where it is faster here).
+    quant: weight-only quantization of the experts (and, with quant.dense, of the other matrices)."""
     c = cfg
     lay = LayoutChooser(dtype, device, auto_layout, pack)
+    dense = DenseMatrices(lay, quant)
 
     def get(name, shape=None):
         return ck.get(name, shape).to(dtype=dtype, device=device)
@@ -33,35 +57,39 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
     D = c.hidden_size
     embed = as_layout(get("model.embed_tokens.weight", (c.vocab_size, D)), False)   # aligned: also the tied head
     if ck.has("lm_head.weight"):
-        lm_head = lay.apply(get("lm_head.weight", (c.vocab_size, D)))
+        lm_head = dense(get("lm_head.weight", (c.vocab_size, D)), "lm_head.weight")
     elif c.tie_word_embeddings:
-        # A prepacked head is its own copy (V x D more memory); the lookup keeps the dense embedding.
-        lm_head = lay.apply(embed) if lay.packs(tuple(embed.shape)) else embed
+        # A prepacked or quantized head is its own copy; the lookup keeps the dense embedding.
+        lm_head = dense(embed, "lm_head") if (lay.packs(tuple(embed.shape)) or dense.quant) else embed
     else:
         raise MoespecError(f"checkpoint {ck.folder} is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
     layers, pools = [], {}
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        attn = _attention(get, ck, c, p + "self_attn.", lay)
-        lw = LayerWeights(get(p + "input_layernorm.weight", (D,)), get(p + "post_attention_layernorm.weight", (D,)), attn)
-        if c.moe_layers[i]:
-            lw.moe, pool = _moe(get, ck, c, p, dtype, device, lay, experts)
-            if pool is not None:
-                pools[i] = pool
-        else:
-            lw.mlp = _mlp(get, p + "mlp.", c.intermediate_size, D, lay)
-        layers.append(lw)
+    label = "loading " + ck.folder.name + (f" ({quant.tag})" if quant is not None else "")
+    with progress(c.num_layers, label, show_progress) as tick:
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            attn = _attention(get, ck, c, p + "self_attn.", dense)
+            lw = LayerWeights(get(p + "input_layernorm.weight", (D,)), get(p + "post_attention_layernorm.weight", (D,)), attn)
+            if c.moe_layers[i]:
+                lw.moe, pool = _moe(get, ck, c, p, dtype, device, lay, dense, quant, experts)
+                if pool is not None:
+                    pools[i] = pool
+            else:
+                lw.mlp = _mlp(get, p + "mlp.", c.intermediate_size, D, dense)
+            layers.append(lw)
+            tick()
     return Weights(embed, get("model.norm.weight", (D,)), lm_head, layers), pools
 
 
-def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, lay: LayoutChooser) -> AttnWeights:
+def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices) -> AttnWeights:
     D, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     wqkv = torch.cat([get(p + "q_proj.weight", (q, D)), get(p + "k_proj.weight", (kv, D)),
                       get(p + "v_proj.weight", (kv, D))])
     bqkv = None
     if c.qkv_bias:
         bqkv = torch.cat([get(p + "q_proj.bias", (q,)), get(p + "k_proj.bias", (kv,)), get(p + "v_proj.bias", (kv,))])
-    aw = AttnWeights(lay.apply(wqkv), lay.apply(get(p + "o_proj.weight", (D, q))), bqkv, get(p + "o_proj.bias", (D,)) if c.o_bias else None)
+    aw = AttnWeights(dense(wqkv, p + "qkv_proj"), dense(get(p + "o_proj.weight", (D, q)), p + "o_proj"), bqkv,
+                     get(p + "o_proj.bias", (D,)) if c.o_bias else None)
     if c.qk_norm == "head":
         aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (c.head_dim,)), get(p + "k_norm.weight", (c.head_dim,))
         aw.qk_norm = torch.cat([aw.q_norm.expand(c.num_heads, -1), aw.k_norm.expand(c.num_kv_heads, -1)])
@@ -70,9 +98,9 @@ def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, lay: LayoutChooser) 
     return aw
 
 
-def _mlp(get, p: str, inter: int, D: int, lay: LayoutChooser) -> MLPWeights:
+def _mlp(get, p: str, inter: int, D: int, dense: DenseMatrices) -> MLPWeights:
     w13 = torch.cat([get(p + "gate_proj.weight", (inter, D)), get(p + "up_proj.weight", (inter, D))])
-    return MLPWeights(lay.apply(w13), lay.apply(get(p + "down_proj.weight", (D, inter))))
+    return MLPWeights(dense(w13, p + "gate_up_proj"), dense(get(p + "down_proj.weight", (D, inter)), p + "down_proj"))
 
 
 def _moe_block(ck: Checkpoint, p: str) -> str:
@@ -80,50 +108,63 @@ def _moe_block(ck: Checkpoint, p: str) -> str:
     return p + ("block_sparse_moe." if ck.has(p + "block_sparse_moe.gate.weight") else "mlp.")
 
 
-def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: LayoutChooser, experts: bool = True
-         ) -> tuple[MoEWeights, ExpertPool | None]:
+def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: LayoutChooser, dense: DenseMatrices,
+         quant: QuantConfig | None, experts: bool = True) -> tuple[MoEWeights, ExpertPool | None]:
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     block = _moe_block(ck, p)
-    mw = MoEWeights(get(block + "gate.weight", (E, D)))
+    mw = MoEWeights(get(block + "gate.weight", (E, D)))     # the router stays in the run's dtype: it picks experts
     if c.shared_expert_intermediate_size:
-        mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, lay)
+        mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)
         mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
     if not experts:
         return mw, None
-    pool = ExpertPool(E, D, I, dtype, device, t13=lay.colmajor((2 * I, D)), t2=lay.colmajor((D, I)))
+    pool = make_pool(expert_layout(c, dtype, device, lay.auto, quant, lay), E, device)
     _fill_experts(get, ck, c, block, pool)
-    if lay.packs((2 * I, D)) and lay.packs((D, I)):
+    if quant is None and lay.packs((2 * I, D)) and lay.packs((D, I)):
         from ..models.packed import PackedExperts
         return mw, PackedExperts(pool)
     return mw, pool
 
 
-def expert_layout(cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True) -> dict:
-    """The (t13, t2) storage flags load_weights would give this model's expert pools here."""
-    lay, D, I = LayoutChooser(dtype, device, auto_layout), cfg.hidden_size, cfg.moe_intermediate_size
-    return {"t13": lay.colmajor((2 * I, D)), "t2": lay.colmajor((D, I))}
+def expert_layout(cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,
+                  quant: QuantConfig | None = None, lay: LayoutChooser | None = None) -> dict:
+    """The storage layout load_weights gives this model's expert pools here (ExpertPool.layout's keys): the
+    (t13, t2) orders a float pool is stored in, or the quantization of a quantized one."""
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    base = {"hidden": D, "inter": I, "dtype": str(dtype).removeprefix("torch.")}
+    if quant is not None:
+        from ..quant.pool import QuantExpertPool
+        return QuantExpertPool(0, D, I, dtype, quant.method, quant.group_size, device).layout
+    lay = lay or LayoutChooser(dtype, device, auto_layout)
+    return {**base, "t13": lay.colmajor((2 * I, D)), "t2": lay.colmajor((D, I))}
 
 
-def load_expert_pool(ck: Checkpoint, cfg: ModelConfig, layer: int, dtype: torch.dtype, t13: bool = False,
-                     t2: bool = False, device="cpu") -> ExpertPool:
-    """All E experts of one MoE layer in one pool (what an expert store packs, one layer at a time)."""
+def load_expert_pool(ck: Checkpoint, cfg: ModelConfig, layer: int, layout: dict, experts: list[int] | None = None,
+                     device="cpu"):
+    """Experts of one MoE layer (all E by default) in one pool of that `layout`, slot j = experts[j] (what an
+    expert store packs: the RAM tier a layer at a time, the packed file an expert at a time)."""
     c = cfg
+    dtype = getattr(torch, layout["dtype"])
 
     def get(name, shape=None):
         return ck.get(name, shape).to(dtype=dtype, device=device)
 
-    pool = ExpertPool(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype, device, t13=t13, t2=t2)
-    _fill_experts(get, ck, c, _moe_block(ck, f"model.layers.{layer}."), pool)
+    ids = list(range(c.num_experts)) if experts is None else experts
+    pool = make_pool(layout, len(ids), device)
+    _fill_experts(get, ck, c, _moe_block(ck, f"model.layers.{layer}."), pool, ids)
     return pool
 
 
-def _fill_experts(get, ck: Checkpoint, c: ModelConfig, block: str, pool: ExpertPool) -> None:
+def _fill_experts(get, ck: Checkpoint, c: ModelConfig, block: str, pool, ids: list[int] | None = None) -> None:
+    """Expert ids[j] into slot j, one expert read at a time (quantized pools quantize each as it lands)."""
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
-    if ck.has(block + "experts.gate_up_proj"):
-        pool.w13.copy_(get(block + "experts.gate_up_proj", (E, 2 * I, D)))
-        pool.w2.copy_(get(block + "experts.down_proj", (E, D, I)))
-    else:
-        g, u, d = PER_EXPERT.get(c.model_type, QWEN_NAMES)
-        for e in range(E):
+    dtype, dev = getattr(torch, pool.layout["dtype"]), pool.blob.device
+    for j, e in enumerate(range(E) if ids is None else ids):
+        if ck.has(block + "experts.gate_up_proj"):
+            gu = ck.get_rows(block + "experts.gate_up_proj", e, e + 1, (E, 2 * I, D))[0].to(dtype=dtype, device=dev)
+            down = ck.get_rows(block + "experts.down_proj", e, e + 1, (E, D, I))[0].to(dtype=dtype, device=dev)
+            pool.pack(j, gu[:I], gu[I:], down)
+        else:
+            g, u, d = PER_EXPERT.get(c.model_type, QWEN_NAMES)
             q = f"{block}experts.{e}."
-            pool.pack(e, get(q + g + ".weight", (I, D)), get(q + u + ".weight", (I, D)), get(q + d + ".weight", (D, I)))
+            pool.pack(j, get(q + g + ".weight", (I, D)), get(q + u + ".weight", (I, D)), get(q + d + ".weight", (D, I)))

@@ -1,17 +1,30 @@
-"""Tensor lookup over a checkpoint folder: one `model.safetensors` or a sharded index."""
+"""Tensor lookup over a checkpoint folder: one `model.safetensors` or a sharded index.
+
+Tensors are read with pread straight into fresh tensors, never memory-mapped: pages of a mapped checkpoint
+count in the process's RSS for as long as the mapping lives (safetensors' reader maps each whole file, which
+made a resident run peak at 2.2x the checkpoint), while a read leaves only the copy we keep. The byte ranges
+come from the safetensors header (8-byte length, JSON of dtype / shape / data_offsets per tensor), which is
+also what lets an expert of a fused [E, ...] tensor be read on its own.
+"""
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import MoespecError
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+
 
 class Checkpoint:
-    """Maps tensor names to the safetensors file holding them; reads tensors lazily (memory-mapped)."""
+    """Maps tensor names to the safetensors file holding them; reads tensors on demand."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -20,7 +33,7 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise MoespecError(f"{index} is not a valid safetensors index: {e}") from None
             self.files = {name: self.folder / f for name, f in weight_map.items()}
         elif single.is_file():
@@ -28,18 +41,37 @@ class Checkpoint:
             self._single = single
         else:
             raise MoespecError(f"no model.safetensors or model.safetensors.index.json in {self.folder}")
-        self._handles: dict[Path, object] = {}
-        self.names = set(self.files) if self.files is not None else set(self._open(single).keys())
+        self._files: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self.names = set(self.files) if self.files is not None else set(self._header(single)[1])
 
-    def _open(self, path: Path):
-        if path not in self._handles:
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of one safetensors file."""
+        if path not in self._headers:
+            f = self._file(path)
+            try:
+                (n,) = struct.unpack("<Q", os.pread(f.fileno(), 8, 0))
+                if n > MAX_HEADER:
+                    raise ValueError(f"header length {n} is implausible")
+                raw = os.pread(f.fileno(), n, 8)
+                if len(raw) != n:
+                    raise ValueError("file ends inside its header")
+                entries = json.loads(raw)
+                entries.pop("__metadata__", None)
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                raise MoespecError(f"cannot read {path}: not a safetensors file ({e})") from None
+            self._headers[path] = (8 + n, entries)
+        return self._headers[path]
+
+    def _file(self, path: Path):
+        if path not in self._files:
             if not path.is_file():
                 raise MoespecError(f"checkpoint shard {path} is missing")
             try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise MoespecError(f"cannot read {path}: {e}") from None
-        return self._handles[path]
+                self._files[path] = open(path, "rb", buffering=0)    # closed when the Checkpoint is dropped
+            except OSError as e:
+                raise MoespecError(f"cannot open {path}: {e.strerror or e}") from None
+        return self._files[path]
 
     def file_of(self, name: str) -> Path:
         return self.files[name] if self.files is not None else self._single
@@ -47,18 +79,75 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.names
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor as stored."""
+        dtype, shape, _, _ = self._entry(name)
+        return dtype, shape
+
+    def _entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, Path]:
         if name not in self.names:
             raise MoespecError(f"checkpoint {self.folder} is missing tensor {name!r}")
+        path = self.file_of(name)
+        start, entries = self._header(path)
+        e = entries.get(name)
+        if e is None:
+            raise MoespecError(f"checkpoint {self.folder}: the index puts tensor {name!r} in {path.name}, "
+                               "which does not hold it")
+        if e.get("dtype") not in DTYPES:
+            raise MoespecError(f"tensor {name!r} in {path} has dtype {e.get('dtype')!r}, which moespec cannot read")
+        dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+        b, end = e["data_offsets"]
+        if end - b != _numel(shape) * torch.empty((), dtype=dtype).element_size():
+            raise MoespecError(f"tensor {name!r} in {path}: its byte range does not match its shape {shape}")
+        return dtype, shape, start + b, path
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor, read into fresh memory. shape: what config.json implies (checked)."""
+        dtype, stored, off, path = self._entry(name)
+        if shape is not None and stored != tuple(shape):
+            raise MoespecError(f"tensor {name!r} has shape {stored}, expected {tuple(shape)} from config.json")
+        return self._read(path, off, dtype, stored, name)
+
+    def get_rows(self, name: str, start: int, stop: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's first dimension (one expert of a fused [E, ...] tensor)."""
+        dtype, stored, off, path = self._entry(name)
+        if shape is not None and stored != tuple(shape):
+            raise MoespecError(f"tensor {name!r} has shape {stored}, expected {tuple(shape)} from config.json")
+        row = _numel(stored[1:]) * torch.empty((), dtype=dtype).element_size()
+        return self._read(path, off + start * row, dtype, (stop - start, *stored[1:]), name)
+
+    def _read(self, path: Path, off: int, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel() == 0:
+            return t
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+        fd, done = self._file(path).fileno(), 0
         try:
-            t = self._open(self.file_of(name)).get_tensor(name)
-        except MoespecError:
-            raise
-        except Exception as e:
-            raise MoespecError(f"cannot read tensor {name!r} from {self.file_of(name)}: {e}") from None
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise MoespecError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json")
+            while done < len(buf):          # one read returns at most ~2 GiB on Linux
+                n = os.preadv(fd, [buf[done:]], off + done)
+                if n == 0:
+                    raise MoespecError(f"cannot read tensor {name!r} from {path}: the file is truncated")
+                done += n
+        except OSError as e:
+            raise MoespecError(f"cannot read tensor {name!r} from {path}: {e.strerror or e}") from None
         return t
 
     def first(self, names: list[str]) -> str | None:
         return next((n for n in names if n in self.names), None)
+
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype most of the checkpoint's bytes are stored in (None if it has none)."""
+        count: dict[torch.dtype, int] = {}
+        for path in sorted({self.file_of(n) for n in self.names}):
+            for e in self._header(path)[1].values():
+                dt = DTYPES.get(e.get("dtype"))
+                if dt is not None and dt.is_floating_point:
+                    count[dt] = count.get(dt, 0) + e["data_offsets"][1] - e["data_offsets"][0]
+        return max(count, key=count.get) if count else None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -83,6 +83,8 @@ class DecoderLM:
                  kv_dtype: torch.dtype | None = None):
         self.cfg, self.w, self.experts = cfg, weights, experts
         self.dtype, self.device = dtype, torch.device(device)
+        self.quant = None                   # QuantConfig when load_model quantized weights (lossy)
+        self.checkpoint_dtype = None        # the dtype the checkpoint is stored in, when loaded from one
         # bf16/fp16 models keep K and V in float32 on CPU: a one-query bf16 attention costs 3-8x the float32
         # one there (46 vs 15 us over 128 keys, 725 vs 92 us over 2048, 2-core Zen 5), for 2x the KV memory.
         self.kv_dtype = kv_dtype or (torch.float32 if self.device.type == "cpu" else dtype)

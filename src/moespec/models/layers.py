@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..quant.weights import QUANTIZED
 
 
 # CPUs without native bf16 (AVX2 and older) run bf16 GEMM ~8x slower than fp32 (12 vs 100 GFLOPS on a
@@ -34,6 +35,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     The bf16 upcast makes prefill and verification cost what fp32 costs instead of 8x more; the weights stay
     bf16 in memory and the result is rounded back to bf16 (more accurate than a bf16 GEMM, not bit-equal to it).
     """
+    if type(w) in QUANTIZED:            # int8 / int4 weights (quant/weights.py) run their own kernels
+        return w.linear(x, b)
     if x.device.type == "cpu":
         if w.layout == torch._mkldnn:   # a bf16 weight prepacked at load (packed.py); bit-identical to F.linear
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")

@@ -25,7 +25,7 @@ def add_plan_parser(sub, model_args) -> None:
                        "use. MODEL is a checkpoint folder, a config.json, or a bundled name: "
                        + ", ".join(known_names()) + ".")
     model_args(p)
-    # Planning defaults to the checkpoint's own precision (config.json torch_dtype), not the engine's float32.
+    # Planning defaults to the checkpoint's own precision (config.json torch_dtype), as the engine's --dtype auto.
     p.set_defaults(dtype=os.environ.get("MOESPEC_DTYPE"))
     p.add_argument("--hardware", default=os.environ.get("MOESPEC_HARDWARE", "this-machine"),
                    help=f"profile name ({', '.join(PROFILES)}) or a JSON profile file; default: this-machine")
@@ -49,7 +49,7 @@ def add_plan_parser(sub, model_args) -> None:
 
 def load_model_desc(spec: str | None, dtype: str | None = None, expert_bits: float | None = None) -> ModelDesc:
     """A ModelDesc from a folder, a config.json, a bundled name, or (None) the bundled reference model."""
-    kw = {"dtype_bytes": DTYPE_BYTES[dtype] if dtype else None, "expert_bits": expert_bits}
+    kw = {"dtype_bytes": DTYPE_BYTES[dtype] if dtype and dtype != "auto" else None, "expert_bits": expert_bits}
     if spec is None:
         if not REFERENCE_CONFIG.is_file():
             raise PerfError(f"no MODEL given and the bundled reference model ({REFERENCE_CONFIG}) is not installed "
@@ -70,7 +70,10 @@ def run_plan(args) -> dict:
     if args.expert_bits is not None and not 0 < args.expert_bits <= 32:
         raise PerfError(f"--expert-bits must be in (0, 32], got {args.expert_bits}")
     from .planner import plan
-    model = load_model_desc(args.model, args.dtype, args.expert_bits)
+    bits = args.expert_bits
+    if bits is None and getattr(args, "quantize", "none") != "none":     # scales and zeros included
+        bits = 8.0 if args.quantize == "int8" else 4 + 32 / args.quantize_group_size
+    model = load_model_desc(args.model, args.dtype, bits)
     hw = get_profile(args.hardware)
     memory = parse_size(args.memory, "--memory") if args.memory is not None else hw.fast_mem_bytes
     draft = load_model_desc(args.draft_model, args.dtype) if args.draft_model else None

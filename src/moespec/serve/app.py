@@ -74,7 +74,9 @@ def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: i
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "moespec", "root": str(llm.path),
-                                            "max_model_len": llm.max_model_len}]}
+                                            "max_model_len": llm.max_model_len, "dtype": llm.dtype,
+                                            "quantization": llm.quant.tag if llm.quant else "none",
+                                            "lossy": llm.quant is not None}]}
 
     def check_model(req) -> None:
         if req.model is not None and req.model != model_name:

@@ -47,7 +47,9 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         # On a machine with few cores, an engine using every core loses time whenever the HTTP thread runs
         # (its parallel kernels wait for the preempted worker): measured 2x slower decoding on 2 cores.
         torch.set_num_threads(threads)
-    llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec)
+    from ..cli import quant_config
+    llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec,
+              quantize=quant_config(a))
     name = a.served_model_name or llm.path.name
     app = create_app(llm, name, max_num_seqs=a.max_num_seqs, max_waiting=a.max_waiting)
     print(f"moespec serve: {name} ({llm.path}) on http://{a.host}:{a.port}/v1 ({torch.get_num_threads()} engine "
