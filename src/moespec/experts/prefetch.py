@@ -144,7 +144,7 @@ class NextLayer:
         nxt = self.next.get(layer)
         if nxt is None:
             return None
-        probs = F.softmax(F.linear(x, self.routers[nxt]), dim=-1, dtype=torch.float32)   # [N, E]
+        probs = F.softmax(F.linear(x.float(), self.routers[nxt]), dim=-1)   # [N, E] (routers are float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)                                    # [N, K]
         w = torch.where(w >= self.min_prob, w, torch.zeros_like(w))                      # confident guesses only
         mass = torch.zeros(probs.shape[-1], device=probs.device).index_add_(0, ids.reshape(-1), w.reshape(-1))

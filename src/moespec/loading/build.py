@@ -112,7 +112,7 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
          quant: QuantConfig | None, experts: bool = True) -> tuple[MoEWeights, ExpertPool | None]:
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     block = _moe_block(ck, p)
-    mw = MoEWeights(get(block + "gate.weight", (E, D)))     # the router stays in the run's dtype: it picks experts
+    mw = MoEWeights(ck.get(block + "gate.weight", (E, D)).to(dtype=torch.float32, device=device))  # moe.route_probs
     if c.shared_expert_intermediate_size:
         mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)
         mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))

@@ -126,18 +126,21 @@ def _yarn(rp: dict, dim: int, base: float, max_pos: int) -> tuple[torch.Tensor, 
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_len, hd], indexed by position."""
+    """cos, signed sin tables [max_len, hd], indexed by position (apply_rope's form: the sin table's first half
+    negated, so rotate_half(x) * sin is roll(x) * signed sin, bit for bit)."""
     inv, scale = rope_inv_freq(cfg)
     freqs = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scale).to(dtype=dtype, device=device), (emb.sin() * scale).to(dtype=dtype, device=device)
+    cos, sin = (emb.cos() * scale).to(dtype=dtype, device=device), (emb.sin() * scale).to(dtype=dtype, device=device)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, heads, T, hd]; cos/sin [B, 1, T, hd]
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    """HF's x * cos + rotate_half(x) * sin, with sin signed (rope_tables): rotate_half(x) = cat(-x2, x1), and
+    cat(-x2, x1) * sin == roll(x, half) * cat(-sin1, sin2) exactly (negation is exact), in one op fewer ways.
+    x [B, heads, T, hd]; cos/sin [B, 1, T, hd]."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -95,6 +95,26 @@ def unpack_int4(packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Ten
 
 
 # -- the weights the model reads -----------------------------------------------------------------------
+# Decode multiplies one row at a time, where every torch call costs about a microsecond: the helpers skip the
+# conversions a bf16 row does not need (checked in Python, which is cheaper than a no-op call).
+def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., I] as the contiguous bf16 [M, I] the kernels take."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype is not torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, out: int) -> torch.Tensor:
+    """The kernel's bf16 [M, O] back in x's dtype and leading shape, plus the bias."""
+    if y.dtype is not x.dtype:
+        y = y.to(x.dtype)
+    if b is not None:
+        y = y + b
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], out)
+
+
 class Int8Weight:
     """An [O, I] int8 weight with bf16 per-row scales; `layers.linear` calls `.linear(x, b)`."""
     __slots__ = ("q", "scale", "shape", "fast")
@@ -108,15 +128,10 @@ class Int8Weight:
         return Int8Weight(*quantize_int8(w))
 
     def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.shape[1])
-        if self.fast:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.q, self.scale)
-        else:   # shapes (or devices) the kernel does not take: the same quantized weight, dequantized per call
-            y = F.linear(x2.float(), self.q.float()) * self.scale.float()
-        y = y.to(x.dtype)
-        if b is not None:
-            y = y + b
-        return y.view(*x.shape[:-1], self.shape[0])
+        if not self.fast:   # shapes (or devices) the kernel does not take: the same weight, dequantized per call
+            y = (F.linear(x.reshape(-1, self.shape[1]).float(), self.q.float()) * self.scale.float()).to(x.dtype)
+            return _finish(y, x, b, self.shape[0])
+        return _finish(torch._weight_int8pack_mm(_bf16_rows(x), self.q, self.scale), x, b, self.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.q, self.scale)
@@ -141,11 +156,8 @@ class Int4Weight:
         return Int4Weight(*pack_int4(*quantize_int4(w, group)), group, tuple(w.shape))
 
     def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, self.shape[1]).to(torch.bfloat16).contiguous()
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz).to(x.dtype)
-        if b is not None:
-            y = y + b
-        return y.view(*x.shape[:-1], self.shape[0])
+        return _finish(torch._weight_int4pack_mm_for_cpu(_bf16_rows(x), self.packed, self.group, self.sz), x, b,
+                       self.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         return unpack_int4(self.packed, self.sz, self.group)
