@@ -204,6 +204,24 @@ def _routing(rt: dict) -> str:
     return "\n".join(rows)
 
 
+def quantization_section(q: dict) -> str:
+    """The card's quantization section from tools/eval_quant.py's report (eval.json "quantization")."""
+    rows = ["| weights | bytes per expert | held-out stdlib loss (nats/token) | vs bf16 | greedy agreement | "
+            "mean first divergence (tokens) | identical sequences |", "|---|---|---|---|---|---|---|"]
+    for r in q["settings"]:
+        rows.append(f"| {r['setting']} | {r['expert_bytes']:,} | {r['heldout_nats_per_token']:.4f} | "
+                    f"{r['delta_vs_bf16']:+.4f} | {r['greedy_agreement']:.1%} | {r['mean_first_divergence']:.1f} | "
+                    f"{r['identical_sequences']} |")
+    return ("## Quantization\n\n`--quantize int8` (per output channel) and `--quantize int4` (groups of 64 or 32 "
+            "inputs) quantize the experts at load; `--quantize-dense` also the attention projections and the tied LM "
+            "head. Measured with `tools/eval_quant.py`, in float32 so that only the weights differ: held-out loss "
+            f"over every token of the stdlib set ({q['heldout_tokens']:,} tokens, the Evaluation section's set), and "
+            f"greedy agreement with the unquantized weights over {q['new_tokens']} new tokens of "
+            f"{q['prompts']} prompts, one prompt at a time (share of positions with the same token; a sequence that "
+            "diverged once rarely agrees again, so the share falls with the first divergence).\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats: dict, vocab: int) -> None:
     log, cfg, step = info[name]["log"], info[name]["cfg"], info[name]["step"]
     plot(log, folder / "loss_curve.png", TITLES[name])
@@ -270,6 +288,8 @@ def write_card(folder: Path, name: str, specs: dict, info: dict, ev: dict, stats
                  f"window; for uniformly random routing it would share at least one expert {rt['reuse_uniform_random']:.1%} "
                  "of the time, and the shuffled baseline pairs tokens at random under the measured shares. Full "
                  f"per-expert shares are in `eval.json`.\n\n{_routing(rt)}\n")
+    if "quantization" in ev:
+        s.append(quantization_section(ev["quantization"]))
     s.append("## Samples\n\nGreedy, up to 96 new tokens, generated with `moespec.LLM` in float32. End prompts "
              "where a line ends, not after its newline: the tokenizer merges a newline with the next line's "
              "indentation, so a prompt ending in a bare newline tells the model that the next line starts at "
