@@ -67,12 +67,18 @@ def quantize(src: Path, out: Path, kind: str, threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
+    ap.add_argument("--fetch-only", action="store_true", help="only download and unpack the converter's source")
     ap.add_argument("--outtype", nargs="+", default=["bf16", "q8_0", "q4_0"], choices=["f32", "bf16", "q8_0", "q4_0"])
     ap.add_argument("--out-dir", type=Path, default=None, help="default: the model folder")
     ap.add_argument("--llama-cpp-src", default=None, help="unpacked llama-cpp-python (or llama.cpp) source")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if a.fetch_only:
+        print(converter_dir(a.llama_cpp_src))
+        return
+    if a.model is None:
+        ap.error("MODEL is required")
     out_dir = a.out_dir or a.model
     out_dir.mkdir(parents=True, exist_ok=True)
     d = converter_dir(a.llama_cpp_src)
