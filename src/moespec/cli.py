@@ -304,7 +304,7 @@ def cmd_inspect(a) -> None:
         print(json.dumps(info))
         return
     for k, v in info.items():
-        print(f"{k:>26}: {v:,}" if isinstance(v, int) else f"{k:>26}: {v}")
+        print(f"{k:>27}: {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:>27}: {v}")
 
 
 def main(argv: list[str] | None = None) -> int:
