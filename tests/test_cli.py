@@ -82,12 +82,15 @@ def test_generate_with_disk_offload_matches_resident(text_model, tmp_path):
 
 
 def test_inspect_shows_what_fits_in_a_budget(text_model):
-    e = 3 * 64 * 48 * 4                               # bytes per expert (fp32)
-    info = json.loads(run("inspect", text_model, "--json").stdout)
-    budget = info["bytes_dense"] + 2 * 2 * e + 100    # room for 2 experts in each of the 2 MoE layers
-    fit = json.loads(run("inspect", text_model, "--json", "--memory", str(budget)).stdout)
-    assert fit["experts_per_layer_in_budget"] == 2 and fit["fits_entirely"] is False
+    """inspect --memory shows the plan a run with that --memory would make (moespec/memory.py)."""
     big = json.loads(run("inspect", text_model, "--json", "--memory", "1GiB").stdout)
     assert big["experts_per_layer_in_budget"] == 6 and big["fits_entirely"] is True
+    plan = big["memory_plan"]
+    slot = -(-3 * 64 * 48 * 4 // 4096) * 4096          # a float32 expert's blob, page-rounded
+    assert plan["resident"] and plan["expert_bytes"] == slot and "all resident" in plan["summary"]
+    budget = plan["fixed"] + 2 * 2 * slot + 100        # the same fixed part, room for 2 experts in each MoE layer
+    fit = json.loads(run("inspect", text_model, "--json", "--memory", str(budget)).stdout)
+    assert fit["experts_per_layer_in_budget"] == 2 and fit["fits_entirely"] is False
+    assert "2 of 6 per MoE layer cached over the disk tier" in fit["memory_plan"]["summary"]
     r = run("inspect", text_model, "--memory", "lots")
     assert r.returncode == 2 and "--memory: cannot read 'lots' as a size" in r.stderr

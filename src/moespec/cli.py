@@ -22,9 +22,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations: auto = the checkpoint's own (float16 runs as bfloat16 on a CPU); "
                         "float32 for exact comparisons")
     q = p.add_argument_group("quantization (LOSSY: weights are rounded; speculation stays exact for the quantized model)")
-    q.add_argument("--quantize", choices=["none", "int8", "int4"], default=_env("quantize", "none"),
+    q.add_argument("--quantize", choices=["none", "int8", "int4", "auto"], default=_env("quantize", "none"),
                    help="weight-only quantization of the experts at load: int8 per output channel, int4 in groups "
-                        "(in RAM, in expert-cache slots and in the packed disk file)")
+                        "(in RAM, in expert-cache slots and in the packed disk file); auto (with --memory): the "
+                        "most precise that keeps every expert resident, else the fastest predicted")
     q.add_argument("--quantize-group-size", type=int, default=_env("quantize_group_size", 64, int), metavar="G",
                    help="int4: inputs per scale and zero (32, 64, 128 or 256; default 64)")
     q.add_argument("--quantize-dense", action="store_true", default=_env("quantize_dense", False, _flag),
@@ -38,6 +39,10 @@ def _flag(v: str) -> bool:
 def quant_config(a):
     """A QuantConfig from --quantize/--quantize-group-size/--quantize-dense, or None."""
     from .quant.scheme import QuantConfig
+    if a.quantize == "auto":
+        if a.quantize_dense:
+            raise MoespecError("--quantize-dense needs --quantize int8 or int4 (auto quantizes experts only)")
+        return "auto"
     if a.quantize == "none":
         if a.quantize_dense:
             raise MoespecError("--quantize-dense needs --quantize int8 or int4")
@@ -46,10 +51,15 @@ def quant_config(a):
 
 
 def load_llm(a, **kw):
-    """The LLM a command's model, dtype, quantization, offload and speculation flags describe."""
+    """The LLM a command's model, dtype, quantization, memory, offload and speculation flags describe; with
+    --memory, prints the plan it chose on stderr (one line)."""
     from .engine import LLM
-    return LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
-               show_progress=not getattr(a, "json", False), **kw)
+    kw.setdefault("max_model_len", getattr(a, "max_model_len", None))
+    llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
+              show_progress=not getattr(a, "json", False), memory=getattr(a, "memory", None), **kw)
+    if llm.memory_plan is not None:
+        print(llm.memory_plan.summary(), file=sys.stderr)
+    return llm
 
 
 def _offload_args(p: argparse.ArgumentParser) -> None:
@@ -70,11 +80,22 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
                    help="next-layer prefetch: load only experts the next router gives at least this probability "
                         "(default 0.2; 0 = every top-k guess)")
     g.add_argument("--no-direct-io", action="store_true", help="read the disk tier through the page cache")
+    g.add_argument("--memory", default=_env("memory"), metavar="LIMIT",
+                   help="the whole process's memory budget (e.g. 0.8GB, 1.5GiB): sizes the expert cache (disk tier "
+                        "when not every expert fits), the KV cache (--max-model-len when not given) and, with "
+                        "--quantize auto, the precision; prints what it chose")
 
 
 def offload_config(a):
-    """An OffloadConfig when any offload flag was given, else None (every expert resident)."""
+    """An OffloadConfig when any offload flag was given, else None (every expert resident); with --memory the plan
+    fills in the cache size (and an OffloadConfig given here only carries the other settings)."""
     if a.expert_cache is None and a.offload is None:
+        if getattr(a, "memory", None) is not None:
+            from .config import OffloadConfig
+            return OffloadConfig(offload_dir=a.offload_dir, policy=a.expert_policy,
+                                 prefetch=a.prefetch if a.prefetch != "none" else "next-layer",
+                                 prefetch_cutoff=a.prefetch_cutoff, prefetch_min_prob=a.prefetch_min_prob,
+                                 hot_profile=a.hot_profile)
         if a.prefetch != "none":
             raise MoespecError(f"--prefetch {a.prefetch} needs offloaded experts: add --expert-cache N|N%|SIZE")
         return None
@@ -199,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    g.add_argument("--max-model-len", type=int, default=_env("max_model_len", None, int),
+                   help="context limit, prompt and new tokens (default: the model's; with --memory, what fits)")
     _sampling_args(g)
     _offload_args(g)
     _spec_args(g)
     c = sub.add_parser("chat", help="chat in the terminal (empty line or Ctrl-D to quit)")
     _model_args(c)
     c.add_argument("--system", default=None)
+    c.add_argument("--max-model-len", type=int, default=_env("max_model_len", None, int),
+                   help="context limit of the conversation (default: the model's; with --memory, what fits)")
     _sampling_args(c)
     _offload_args(c)
     _spec_args(c)
@@ -266,40 +291,28 @@ def cmd_chat(a) -> None:
         messages.append({"role": "assistant", "content": reply.text})
 
 
-def model_sizes(path, cfg, dtype: str, quant) -> dict:
-    """describe() at the precision a run would use: the resolved dtype, quantized experts and dense matrices."""
-    from .model_info import describe
-    from .models import checkpoint_dtype, resolve_dtype
-    dt = resolve_dtype(dtype, path)
-    es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
-    expert_bytes = matrix = None
-    if quant is not None:
-        from .experts.pool import layout_blob_bytes
-        from .loading.build import expert_layout
-        expert_bytes = layout_blob_bytes(expert_layout(cfg, dt, quant=quant)) if cfg.is_moe else None
-        if quant.dense:
-            matrix = 1.0 if quant.method == "int8" else 0.5 + 4 / quant.group_size
-    ck = checkpoint_dtype(path)
-    return {**describe(cfg, es, expert_bytes, matrix), "checkpoint_dtype": str(ck).removeprefix("torch.") if ck else None,
-            "dtype": str(dt).removeprefix("torch."), **(quant.describe() if quant else {"quantize": "none"}),
-            "lossy": quant is not None}
-
-
 def cmd_inspect(a) -> None:
     from .assets import resolve_model
     from .config import ModelConfig
     path = resolve_model(a.model)
     cfg = ModelConfig.from_folder(path)
+    from .model_info import model_sizes
     info = {"path": str(path.resolve()), **model_sizes(path, cfg, a.dtype, quant_config(a))}
     if a.memory is not None:
+        from .memory import RUNTIME_BYTES, plan_for_model
         from .perf.units import parse_size
         budget = parse_size(a.memory, "--memory")
-        spare = budget - info["bytes_dense"]
-        per_layer = info["bytes_per_expert"] * max(1, info["moe_layers"])
-        fit = max(0, min(cfg.num_experts, spare // per_layer)) if per_layer else 0
         info["memory_budget"] = budget
-        info["experts_per_layer_in_budget"] = int(fit)
-        info["fits_entirely"] = budget >= info["bytes_total"]
+        info["fits_entirely"] = False
+        try:       # what `--memory` would choose (runtime: the usual Python + torch footprint)
+            plan = plan_for_model(budget, path, cfg, a.dtype, quant_config(a), max_model_len=None,
+                                  runtime=RUNTIME_BYTES)
+            info["experts_per_layer_in_budget"] = plan.slots
+            info["fits_entirely"] = plan.resident
+            info["memory_plan"] = {**plan.describe(), "summary": plan.summary()}
+        except MoespecError as e:
+            info["experts_per_layer_in_budget"] = 0
+            info["memory_plan"] = f"does not fit: {e}"
     if a.json:
         print(json.dumps(info))
         return
@@ -309,6 +322,7 @@ def cmd_inspect(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.argv = argv           # what was given (None: sys.argv), for commands that re-run themselves (bench --memory-cap)
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect, "plan": _plan,
          "calibrate": _calibrate, "profile": _profile, "serve": _serve}.get(a.command, _bench)(a)
@@ -339,8 +353,23 @@ def _profile(a) -> None:
 
 
 def _plan(a) -> None:
+    from pathlib import Path
+
     from .perf.cli import run_plan
-    run_plan(a)
+    runtime = None
+    if a.memory is not None and not getattr(a, "published", False) and (a.model is None or Path(a.model).is_dir()):
+        from .assets import resolve_model
+        from .config import ModelConfig
+        from .memory import RUNTIME_BYTES, plan_for_model
+        from .perf.units import parse_size
+        path = resolve_model(a.model)
+        try:
+            p = plan_for_model(parse_size(a.memory, "--memory"), path, ModelConfig.from_folder(path), a.dtype or "auto",
+                               quant_config(a), max_model_len=None, batch=a.batch, runtime=RUNTIME_BYTES)
+            runtime = {**p.describe(), "summary": p.summary()}
+        except MoespecError as e:
+            runtime = {"error": str(e)}
+    run_plan(a, runtime)
 
 
 def _bench(a) -> None:

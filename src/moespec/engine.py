@@ -38,7 +38,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, offload: OffloadConfig | None = None,
                  speculative: SpecConfig | dict | None = None, quantize: QuantConfig | str | dict | None = None,
-                 show_progress: bool | None = None):
+                 show_progress: bool | None = None, memory: str | int | None = None, max_batch: int = 1):
         """dtype: "auto" (the checkpoint's own; float32 for exactness tests), "float32", "bfloat16", "float16".
         offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
         speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)
@@ -46,14 +46,25 @@ class LLM:
         quantize: "int8" / "int4" weight-only quantization of the experts (QuantConfig or its dict form for
             group_size and dense). LOSSY with respect to the checkpoint; speculation stays lossless with
             respect to the quantized model.
-        show_progress: progress bars while loading, quantizing and packing (None: when stderr is a terminal)."""
+        show_progress: progress bars while loading, quantizing and packing (None: when stderr is a terminal).
+        memory: the whole process's resident-memory budget ("2GB", "1.5GiB", bytes): the expert cache, the KV cache
+            (max_model_len, chosen when not given) and, with quantize="auto", the precision are sized from it
+            (moespec/memory.py); `memory_plan` says what was chosen. max_batch: the sequences decoded at once that
+            the plan leaves KV room for (a generate call with more prompts is refused)."""
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
         self.path = resolve_model(model)
+        self.memory_plan = None
+        if memory is not None:
+            from .memory import plan_for_run
+            self.memory_plan, quantize, offload, max_model_len = plan_for_run(
+                memory, self.path, dtype, quantize, offload, self.spec, max_model_len, max_batch, device)
+        elif quantize == "auto":
+            raise MoespecError("--quantize auto picks the precision that fits --memory: give --memory too")
         self.offload = offload = _resolve_prefetch(offload, self.spec)
         self.quant = QuantConfig.parse(quantize)
         self.model = load_model(self.path, dtype, device, offload=offload, quant=self.quant,
-                                show_progress=show_progress)
+                                show_progress=show_progress, budgeted=memory is not None)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
         gc = self.path / "generation_config.json"
@@ -181,6 +192,9 @@ class LLM:
         (continuous batching); they are numbered after the prompts given, and their Outputs follow.
         """
         seqs = self._sequences(prompts, sampling_params)
+        if self.memory_plan is not None and len(seqs) > self.memory_plan.batch:
+            raise MoespecError(f"{len(seqs)} prompts at once, but the --memory plan left KV room for "
+                               f"{self.memory_plan.batch} (max_batch / --max-num-seqs / --batch-size)")
         more = None
         if admit is not None:
             def more(n_live: int) -> list[Sequence]:
@@ -269,6 +283,8 @@ class LLM:
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
         stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
         stats.update(self._lossy())
+        if self.memory_plan is not None:
+            stats["memory_plan"] = self.memory_plan.describe()
         if self.budget is not None:
             stats.update({k: v for k, v in (("verify_budget", self.spec.verify_budget),
                                             ("verify_budget_mass", self.spec.verify_budget_mass)) if v is not None})

@@ -42,3 +42,22 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
         "bytes_per_expert": per_expert, "bytes_experts": experts_bytes,
         "bytes_dense": bytes_dense, "bytes_total": bytes_dense + experts_bytes,
     }
+
+
+def model_sizes(path, cfg: ModelConfig, dtype: str, quant) -> dict:
+    """describe() at the precision a run would use: the resolved dtype, quantized experts and dense matrices, plus
+    the checkpoint's dtype and the quantization (what `moespec inspect` prints)."""
+    from .models import checkpoint_dtype, resolve_dtype
+    dt = resolve_dtype(dtype, path)
+    es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
+    expert_bytes = matrix = None
+    if quant is not None:
+        from .experts.pool import layout_blob_bytes
+        from .loading.build import expert_layout
+        expert_bytes = layout_blob_bytes(expert_layout(cfg, dt, quant=quant)) if cfg.is_moe else None
+        if quant.dense:
+            matrix = 1.0 if quant.method == "int8" else 0.5 + 4 / quant.group_size
+    ck = checkpoint_dtype(path)
+    return {**describe(cfg, es, expert_bytes, matrix), "checkpoint_dtype": str(ck).removeprefix("torch.") if ck else None,
+            "dtype": str(dt).removeprefix("torch."), **(quant.describe() if quant else {"quantize": "none"}),
+            "lossy": quant is not None}

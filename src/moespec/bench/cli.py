@@ -39,6 +39,13 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
                    help="threads for moespec and the peer (default: torch's, i.e. the cores)")
     b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..9, 16, 32, 64 tokens (verification of k = n - 1 drafts)")
     b.add_argument("--output", default=None, help="write the JSON report here")
+    b.add_argument("--memory-cap", nargs="+", default=None, metavar="LIMIT",
+                   help="run moespec (with --memory LIMIT) and each peer in a fresh memory cgroup of each size, from a "
+                        "cold page cache, and report peak usage and failcnt (Linux, root or a delegated cgroup)")
+    b.add_argument("--read-limit", default=None, metavar="RATE",
+                   help="with --memory-cap: throttle reads from the model's disk to RATE bytes/s (e.g. 200MB), "
+                        "O_DIRECT included, to emulate a slower tier")
+    b.add_argument("--prompts-file", default=None, help="a JSON list of token-id lists to use as the prompts")
 
 
 def run_bench(a) -> None:
@@ -46,7 +53,8 @@ def run_bench(a) -> None:
 
     from ..assets import resolve_model
     from ..engine import LLM
-    from .runners import MoespecRunner, TransformersRunner, forward_curve, run_interleaved
+    from .loop import run_interleaved
+    from .runners import MoespecRunner, TransformersRunner, forward_curve
     from .synthetic import make_synthetic
     from .workloads import load_prompts
 
@@ -58,6 +66,28 @@ def run_bench(a) -> None:
     for name in ("repetitions", "num_prompts", "max_new_tokens"):
         if getattr(a, name) < 1:
             raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.read_limit and not a.memory_cap:
+        raise MoespecError("--read-limit throttles the runs of --memory-cap: give --memory-cap too")
+    if a.memory_cap:
+        if a.peer == "transformers":
+            raise MoespecError("--memory-cap compares with --peer llama.cpp (transformers has no memory budget)")
+        if a.peer == "llama.cpp" and not a.peer_model:
+            raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
+        from ..config import ModelConfig
+        from ..tokenizer import Tokenizer
+        from .capped import run_capped
+        tok = Tokenizer.from_folder(path) if (path / "tokenizer.json").is_file() else None
+        prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, ModelConfig.from_folder(path).vocab_size, tok)
+        report = run_capped(a, path, prompts, sys.argv[1:] if a.argv is None else a.argv)
+        text = json.dumps(report, indent=1)
+        if a.output:
+            Path(a.output).write_text(text)
+        print(text)
+        return
+    prompts_file = None
+    if a.prompts_file:
+        prompts_file = json.loads(Path(a.prompts_file).read_text())
+        a.prompt_len = max(map(len, prompts_file))
     from ..cli import offload_config, quant_config, spec_config
     if a.threads is not None:
         if a.threads < 1:
@@ -69,10 +99,14 @@ def run_bench(a) -> None:
         raise MoespecError("--peer-model is the GGUF file of --peer llama.cpp")
     t0 = time.perf_counter()
     llm = LLM(path, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
-              show_progress=False)
+              show_progress=False, memory=a.memory, max_batch=max(a.batch_size),
+              max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if a.memory else None)
+    if llm.memory_plan is not None:
+        print(llm.memory_plan.summary(), file=sys.stderr)
     load_s = time.perf_counter() - t0
     load_rss = peak_rss_bytes()           # before any peer is loaded: what loading moespec took
-    prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size, llm.tokenizer)
+    prompts = prompts_file or load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size,
+                                           llm.tokenizer)
     peers = []
     if a.peer == "transformers":
         peers = [TransformersRunner(path, llm.model.dtype)]
@@ -81,6 +115,8 @@ def run_bench(a) -> None:
         ctx = max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 8
         peers = [LlamaCppRunner(f, torch.get_num_threads(), max(a.batch_size), ctx) for f in a.peer_model]
     report = {"model": str(path), "dtype": llm.dtype, "quantize": llm.quant.tag if llm.quant else "none",
+              "quantize_dense": bool(llm.quant and llm.quant.dense),
+              "memory_plan": llm.memory_plan.describe() if llm.memory_plan is not None else None,
               "prompts": a.prompts, "prompt_len": a.prompt_len,
               "max_new_tokens": a.max_new_tokens, "repetitions": a.repetitions, "warmup": a.warmup,
               "machine": machine(), "load_s": load_s, "load_peak_rss_bytes": load_rss,

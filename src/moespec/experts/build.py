@@ -15,7 +15,8 @@ from .store import DiskStore, RamStore
 
 def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device, offload: OffloadConfig,
                           routers: dict[int, torch.Tensor] | None = None, auto_layout: bool = True,
-                          quant=None, show_progress: bool | None = None) -> ExpertCache:
+                          quant=None, show_progress: bool | None = None, drop_cache: bool = False,
+                          sample_bytes: int = 64 << 20) -> ExpertCache:
     """An ExpertCache with `offload.expert_cache` slots per MoE layer on `device` over the slow tier.
 
     routers {moe layer: [E, D]} feed the next-layer prefetcher (load_model passes them).
@@ -26,7 +27,7 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
     offload.validate()
     if not cfg.is_moe:
         raise MoespecError(f"expert offloading needs a Mixture-of-Experts model; {path} has no routed experts")
-    ck = Checkpoint(path)
+    ck = Checkpoint(path, drop_cache=drop_cache)
     layers = cfg.moe_layer_ids
     layout = expert_layout(cfg, dtype, device, auto_layout, quant)
     if offload.offload == "disk":
@@ -39,7 +40,15 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
         hot = load_profile(offload.hot_profile, layers, cfg.num_experts) if offload.policy == "static" else None
         return ExpertCache(store, layers, slots, cfg.top_k, device, offload.policy, offload.prefetch, routers, hot,
                            offload.io_threads, offload.io_timeout_s,
-                           offload.prefetch_min_prob)
+                           offload.prefetch_min_prob, prepack=quant is None and _packs(cfg, dtype, device, auto_layout, sample_bytes))
     except BaseException:
         store.close()
         raise
+
+
+def _packs(cfg: ModelConfig, dtype: torch.dtype, device, auto_layout: bool, sample_bytes: int) -> bool:
+    """Whether resident experts of this model would be prepacked here (models/layout.py decides per shape)."""
+    from ..models.layout import LayoutChooser
+    lay = LayoutChooser(dtype, device, auto_layout, sample_bytes=sample_bytes)
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return bool(lay.packs((2 * I, D)) and lay.packs((D, I)))

@@ -35,7 +35,7 @@ class ExpertCache:
     def __init__(self, store, moe_layers: list[int], slots: int, top_k: int, device="cpu", policy: str = "lru",
                  prefetch: str = "none", routers: dict[int, torch.Tensor] | None = None,
                  hot_profile: dict[int, list[float]] | None = None, io_threads: int = 1, io_timeout_s: float = 60.0,
-                 prefetch_min_prob: float = 0.0):
+                 prefetch_min_prob: float = 0.0, prepack: bool = False):
         lay = store.layout
         self.store, self.S, self.E, self.top_k = store, slots, store.num_experts, top_k
         self.policy_name, self.prefetch_name = policy, prefetch
@@ -44,6 +44,9 @@ class ExpertCache:
         self.slot_of = torch.full((max(moe_layers) + 1, self.E), -1, dtype=torch.long)   # [layer, expert]
         align = PAGE if self.device.type == "cpu" else 0     # aligned CPU slots take O_DIRECT reads directly
         self._pools = {i: make_pool(lay, slots, device, align) for i in moe_layers}
+        if prepack:                  # bf16 slots computed from prepacked copies (ExpertPool.prepack)
+            for pool in self._pools.values():
+                pool.prepack()
         self._st = {i: LayerSlots(slots, self.E, policy) for i in moe_layers}
         self._mu = threading.RLock()
         self._ensured: dict[int, list[int]] = {}

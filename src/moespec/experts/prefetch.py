@@ -82,7 +82,10 @@ class Loader:
             try:
                 layer = batch[0].layer
                 t = time.perf_counter()
-                self.store.load(layer, [x.expert for x in batch], self.pools[layer], [x.slot for x in batch])
+                pool = self.pools[layer]
+                self.store.load(layer, [x.expert for x in batch], pool, [x.slot for x in batch])
+                if hasattr(pool, "after_load"):      # e.g. prepack bf16 weights, before the load is marked done
+                    pool.after_load([x.slot for x in batch])
                 with self._cv:
                     self.batches += 1
                     self.loaded += len(batch)

@@ -68,7 +68,7 @@ def run_profile(a) -> dict:
     if not cfg.is_moe:
         raise MoespecError(f"{llm.path} has no routed experts to profile")
     layers, E = cfg.moe_layer_ids, cfg.num_experts
-    from ..cli import model_sizes
+    from ..model_info import model_sizes
     slots = parse_capacity(a.expert_cache, E, len(layers),
                            model_sizes(llm.path, cfg, llm.dtype, llm.quant)["bytes_per_expert"])
     counts, tokens = None, 0

@@ -43,12 +43,12 @@ class DenseMatrices:
 
 def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,
                  experts: bool = True, pack: bool | None = None, quant: QuantConfig | None = None,
-                 show_progress: bool | None = None) -> tuple[Weights, dict[int, ExpertPool]]:
+                 show_progress: bool | None = None, sample_bytes: int = 64 << 20) -> tuple[Weights, dict[int, ExpertPool]]:
     """experts=False skips the routed experts (an offloading provider reads them itself): pools is {}.
     pack: prepack bf16 weights for oneDNN (models/packed.py; None = where it is faster here).
     quant: weight-only quantization of the experts (and, with quant.dense, of the other matrices)."""
     c = cfg
-    lay = LayoutChooser(dtype, device, auto_layout, pack)
+    lay = LayoutChooser(dtype, device, auto_layout, pack, sample_bytes)
     dense = DenseMatrices(lay, quant)
 
     def get(name, shape=None):

@@ -26,8 +26,11 @@ MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
 class Checkpoint:
     """Maps tensor names to the safetensors file holding them; reads tensors on demand."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, drop_cache: bool = False):
+        """drop_cache: tell the kernel to drop each tensor's pages from the page cache once read (a memory cgroup
+        counts page cache; under a budget, pages left behind would be reclaimed later, in the middle of decoding)."""
         self.folder = Path(folder)
+        self.drop_cache = drop_cache
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
@@ -130,6 +133,8 @@ class Checkpoint:
                 done += n
         except OSError as e:
             raise MoespecError(f"cannot read tensor {name!r} from {path}: {e.strerror or e}") from None
+        if self.drop_cache:
+            os.posix_fadvise(fd, off, len(buf), os.POSIX_FADV_DONTNEED)
         return t
 
     def first(self, names: list[str]) -> str | None:

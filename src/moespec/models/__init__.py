@@ -48,7 +48,8 @@ def resolve_dtype(dtype: str | torch.dtype, path: str | Path, device="cpu", ck: 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
                auto_layout: bool = True, offload: OffloadConfig | None = None, pack: bool | None = None,
-               quant: QuantConfig | str | None = None, show_progress: bool | None = None) -> DecoderLM:
+               quant: QuantConfig | str | None = None, show_progress: bool | None = None,
+               budgeted: bool = False) -> DecoderLM:
     """Load a Hugging Face checkpoint folder with every expert resident in memory.
 
     dtype: "auto" (the checkpoint's; resolve_dtype), "float32", "bfloat16", "float16" or a torch.dtype.
@@ -58,6 +59,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     pack: prepack bf16 weights for oneDNN (packed.py): None where it is faster here, True / False force it.
     quant: weight-only int8 / int4 quantization (quant/; "int8", "int4" or a QuantConfig). LOSSY.
     show_progress: progress bars while loading and packing (None: when stderr is a terminal).
+    budgeted: loading under a --memory budget (moespec/memory.py): drop the checkpoint's pages from the page cache
+    as they are read (a cgroup counts them, and reclaiming them later would slow decoding), and time layouts on
+    16 MiB of samples instead of 64.
     """
     path = Path(path)
     if not path.is_dir():
@@ -67,19 +71,34 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if quant is not None and not cfg.is_moe and not quant.dense:
         raise MoespecError(f"{path} has no routed experts to quantize; add --quantize-dense to quantize its "
                            "other weights")
-    ck = Checkpoint(path)
+    ck = Checkpoint(path, drop_cache=budgeted)
+    samples = (16 if budgeted else 64) << 20
     dt = resolve_dtype(dtype, path, device, ck)
     weights, pools = load_weights(ck, cfg, dt, device, auto_layout, experts=offload is None, pack=pack,
-                                  quant=quant, show_progress=show_progress)
+                                  quant=quant, show_progress=show_progress, sample_bytes=samples)
     if offload is None:
         experts = ResidentExperts(pools, cfg.num_experts)
     else:
         from ..experts.build import build_expert_provider
         routers = {i: lw.moe.router for i, lw in enumerate(weights.layers) if lw.moe is not None}
-        experts = build_expert_provider(path, cfg, dt, device, offload, routers, auto_layout, quant, show_progress)
+        experts = build_expert_provider(path, cfg, dt, device, offload, routers, auto_layout, quant, show_progress,
+                                        budgeted, samples)
     model = DecoderLM(cfg, weights, experts, dt, device)
     model.quant, model.checkpoint_dtype = quant, checkpoint_dtype(path, ck)
+    release_free_memory()
     return model
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim): loading frees many transient buffers (the
+    layout timing's samples, unquantized tensors) that glibc would otherwise keep in the process's RSS."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc (macOS, musl): nothing to do
+        pass
 
 
 __all__ = ["DecoderLM", "ForwardOutput", "ForwardPlan", "load_model", "parse_dtype", "resolve_dtype", "ModelConfig",

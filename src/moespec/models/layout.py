@@ -71,9 +71,12 @@ class LayoutChooser:
     bf16 weights on CPUs with native bf16 may also be prepacked for oneDNN (packed.py) where that is faster:
     `pack` None times it per shape, True / False force it (True only where packing is supported)."""
 
-    def __init__(self, dtype: torch.dtype, device, auto: bool = True, pack: bool | None = None):
+    def __init__(self, dtype: torch.dtype, device, auto: bool = True, pack: bool | None = None,
+                 sample_bytes: int = 64 << 20):
+        """sample_bytes: memory the timing may hold (under a --memory budget a smaller sample than the default,
+        which is sized to defeat a 32 MB L3)."""
         from .packed import packing_supported
-        self.dtype, self.device, self.auto = dtype, device, auto
+        self.dtype, self.device, self.auto, self.sample_bytes = dtype, device, auto, sample_bytes
         self.choice: dict[tuple[int, int], bool] = {}
         self._pack: dict[tuple[int, int], bool] = {}
         able = (dtype is torch.bfloat16 and torch.device(device).type == "cpu" and packing_supported())
@@ -83,7 +86,7 @@ class LayoutChooser:
         if not self.auto:
             return False
         if shape not in self.choice:
-            self.choice[shape] = faster_colmajor(shape, self.dtype, self.device)
+            self.choice[shape] = faster_colmajor(shape, self.dtype, self.device, self.sample_bytes)
         return self.choice[shape]
 
     def packs(self, shape: tuple[int, int]) -> bool:
@@ -92,7 +95,7 @@ class LayoutChooser:
             return self.pack
         if shape not in self._pack:
             from .packed import faster_packed
-            self._pack[shape] = faster_packed(shape, self.colmajor(shape))
+            self._pack[shape] = faster_packed(shape, self.colmajor(shape), self.sample_bytes)
         return self._pack[shape]
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,9 @@ def load_model_desc(spec: str | None, dtype: str | None = None, expert_bits: flo
     return known_model(spec, **kw)
 
 
-def run_plan(args) -> dict:
+def run_plan(args, runtime_plan: dict | None = None) -> dict:
+    """runtime_plan: what `--memory` would make a run choose (moespec.memory, computed by the CLI, which may import
+    torch), shown beside the prediction."""
     if getattr(args, "published", False):
         return run_published(args.json)
     if args.batch < 1 or args.context < 0 or args.prompt_len < 1:
@@ -79,6 +81,8 @@ def run_plan(args) -> dict:
     draft = load_model_desc(args.draft_model, args.dtype) if args.draft_model else None
     result = plan(model, hw, memory, args.batch, args.acceptance, context=args.context, prompt_len=args.prompt_len,
                   draft=draft, overlap=args.overlap)
+    if runtime_plan is not None:
+        result["runtime_memory_plan"] = runtime_plan
     if args.plot and "error" not in result:
         from .plots import write_plots
         result["plots"] = [str(p) for p in write_plots(model, hw, memory, args.batch, args.plot,
@@ -134,6 +138,10 @@ def print_plan(r: dict, file=None) -> None:
                   if m["experts"] else "n/a")]:
         t.add_row(k, v)
     con.print(t)
+    rp = r.get("runtime_memory_plan")
+    if rp is not None:
+        con.print(f"a run with this --memory chooses: {rp['summary']}" if "summary" in rp else
+                  f"[red]a run with this --memory would stop:[/] {rp['error']}")
     if "error" in r:
         con.print(f"[red]cannot run:[/] {r['error']}")
         return

@@ -49,7 +49,9 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         torch.set_num_threads(threads)
     from ..cli import quant_config
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec,
-              quantize=quant_config(a))
+              quantize=quant_config(a), memory=a.memory, max_batch=a.max_num_seqs)
+    if llm.memory_plan is not None:
+        print(llm.memory_plan.summary(), file=sys.stderr)
     name = a.served_model_name or llm.path.name
     app = create_app(llm, name, max_num_seqs=a.max_num_seqs, max_waiting=a.max_waiting)
     print(f"moespec serve: {name} ({llm.path}) on http://{a.host}:{a.port}/v1 ({torch.get_num_threads()} engine "
