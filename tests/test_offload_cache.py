@@ -210,3 +210,33 @@ def test_next_layer_prefetch_loads_only_confident_guesses():
     assert NextLayer({1: router, 3: router}, top_k=3).predict(3, x) is None           # no next MoE layer
     with pytest.raises(MoespecError, match=r"prefetch_min_prob=1.5 must be a probability"):
         OffloadConfig(expert_cache=2, prefetch="next-layer", prefetch_min_prob=1.5).validate()
+
+
+def test_hot_bf16_slots_are_prepacked_and_reset_on_reload():
+    """ExpertPool.prepack: a slot is computed from a prepacked copy from its Nth use on (bit-identical products);
+    a new load into the slot goes back to the dense view of the new bytes."""
+    from moespec.experts.pool import PAGE, ExpertPool
+    from moespec.models.layers import linear
+    from moespec.models.packed import packing_supported
+    if not packing_supported():                   # (the engine never prepacks on such a CPU: nothing to test)
+        assert not packing_supported()
+        return
+    g = torch.Generator().manual_seed(0)
+    pool = ExpertPool(2, 64, 32, torch.bfloat16, align=PAGE)
+    experts = [[torch.randn(32, 64, generator=g).bfloat16(), torch.randn(32, 64, generator=g).bfloat16(),
+                torch.randn(64, 32, generator=g).bfloat16()] for _ in range(2)]
+    pool.pack(0, *experts[0])
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    dense = linear(x, pool.w13[0])
+    pool.prepack(after_uses=3)
+    pool.after_load([0])
+    for _ in range(2):
+        pool.hit(0)
+    assert pool.w13[0].layout == torch.strided
+    pool.hit(0)                                   # the 3rd use packs it
+    assert pool.w13[0].layout == torch._mkldnn and torch.equal(linear(x, pool.w13[0]), dense)
+    assert torch.equal(pool.flat()[0][:64 * 64], torch.cat([experts[0][0], experts[0][1]]).reshape(-1))
+    pool.pack(0, *experts[1])                     # a new expert lands in the slot (the loader writes the bytes)
+    pool.after_load([0])
+    assert pool.w13[0].layout == torch.strided
+    assert torch.equal(pool.w13[0], torch.cat([experts[1][0], experts[1][1]]))

@@ -53,10 +53,12 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for n in names:
+        for n in names:            # one colour per precision: moespec solid, llama.cpp dashed, "+ dense" lighter
             pts = sorted((c / 1e9, r["tok_s"]) for c, r in table[n].items() if r["tok_s"])
+            colour = "tab:blue" if "bf16" in n else "tab:red" if ("int8" in n or "q8_0" in n) else "tab:green"
             if pts:
-                ax.plot(*zip(*pts), marker="o" if n.startswith("moespec") else "s",
+                ax.plot(*zip(*pts), marker="o" if n.startswith("moespec") else "s", color=colour,
+                        alpha=0.55 if "dense" in n else 1.0,
                         linestyle="-" if n.startswith("moespec") else "--", label=n)
         ax.set_xlabel("memory cap (GB, cgroup limit; page cache counted)")
         ax.set_ylabel("decode tokens/s (batch 1)")

@@ -9,7 +9,7 @@ The budget is split, in this order (`plan_memory`):
                 models), doubled for the self drafter's own cache, plus a draft model and its cache
     reserve     activations of the largest forward (a prefill of max_model_len x batch tokens), allocator
                 slack and the layout timing's samples at load (16 MiB under a budget), and two expert slots (a
-                slot being prepacked exists twice for a moment): 128 MiB + 2 slots +
+                slot being prepacked exists twice for a moment): 96 MiB + 2 slots +
                 tokens x (24 hidden + 8 expert width x top_k / experts) bytes
     experts     the rest: every expert resident if they all fit, else a cache of S slots per MoE layer over the
                 disk tier (O_DIRECT reads, so the page cache holds none of them), S >= 1
@@ -28,7 +28,7 @@ from .errors import MoespecError
 MiB = 1024 ** 2
 PAGE = 4096
 RUNTIME_BYTES = 300 * MiB       # Python + torch + moespec imported, measured 265-290 MB on the 2-core machines
-RESERVE_BASE = 128 * MiB        # code pages of the libraries touched once computing starts (40-90 MB measured), allocator
+RESERVE_BASE = 96 * MiB         # code pages of the libraries touched once computing starts (40-90 MB measured), allocator
                                 # slack, the layout timing's samples at load
 
 

@@ -44,9 +44,11 @@ class ExpertCache:
         self.slot_of = torch.full((max(moe_layers) + 1, self.E), -1, dtype=torch.long)   # [layer, expert]
         align = PAGE if self.device.type == "cpu" else 0     # aligned CPU slots take O_DIRECT reads directly
         self._pools = {i: make_pool(lay, slots, device, align) for i in moe_layers}
-        if prepack:                  # bf16 slots computed from prepacked copies (ExpertPool.prepack)
+        if prepack:                  # bf16 slots computed from prepacked copies once hot (ExpertPool.prepack)
+            from ..models import return_large_frees
+            return_large_frees()     # packed copies come and go with evictions: freed ones must leave the RSS
             for pool in self._pools.values():
-                pool.prepack()
+                pool.prepack(after_uses=1)    # offered only when nothing is ever evicted: pack on first use
         self._st = {i: LayerSlots(slots, self.E, policy) for i in moe_layers}
         self._mu = threading.RLock()
         self._ensured: dict[int, list[int]] = {}
@@ -200,6 +202,8 @@ class ExpertCache:
                     s = int(self.slot_of[layer, e])
                     if s >= 0:
                         st.n.hits += 1
+                        if st.loads[s] is None:           # loaded: a prepacking pool may pack it now
+                            self._pools[layer].hit(s)
                         if s in st.prefetched:
                             st.n.prefetch_used += 1
                             st.prefetched.discard(s)

@@ -12,6 +12,8 @@ from typing import Iterator, Protocol
 import torch
 
 PAGE = 4096
+PREPACK_AFTER_USES = 64     # (ExpertPool.prepack's default; the cache, which prepacks only when it holds every
+                            # expert, packs on first use)
 
 
 def round_up(n: int, align: int) -> int:
@@ -67,10 +69,10 @@ class ExpertPool:
 
     def flat(self) -> torch.Tensor:
         """[S, 3 I D] every slot's weights flattened in logical order (gate+up then down)."""
-        if hasattr(self, "_views"):           # prepacked slots (never loaded ones are zero)
-            n = 3 * self.hidden * self.inter
-            return torch.stack([torch.cat([a.to_dense().reshape(-1), b.to_dense().reshape(-1)]) if a is not None
-                                else torch.zeros(n, dtype=self.dtype) for a, b in zip(self.w13, self.w2)])
+        if hasattr(self, "_views"):           # some slots prepacked (their own pages released)
+            return torch.stack([torch.cat([(a.to_dense() if a.layout == torch._mkldnn else a).reshape(-1),
+                                           (b.to_dense() if b.layout == torch._mkldnn else b).reshape(-1)])
+                                for a, b in zip(self.w13, self.w2)])
         return torch.cat([self.w13.reshape(self.slots, -1), self.w2.reshape(self.slots, -1)], dim=1)
 
     def raw(self, slot: int) -> memoryview | None:
@@ -79,30 +81,42 @@ class ExpertPool:
             return None
         return memoryview(self._mm)[slot * self.stride_bytes:(slot + 1) * self.stride_bytes]
 
-    def prepack(self) -> None:
-        """From now on compute from bf16 weights prepacked for oneDNN (models/packed.py): w13 / w2 become lists,
-        filled by after_load as slots are loaded. A cached expert then multiplies as fast as a resident one
-        (a dense bf16 weight is reordered on every call: 1.6-2.2x slower on the expert shapes), and the slot's
-        own pages are released once packed, so the cache holds about one copy of each expert."""
+    def prepack(self, after_uses: int = PREPACK_AFTER_USES) -> None:
+        """Compute a slot's expert from bf16 weights prepacked for oneDNN (models/packed.py) once it has been used
+        `after_uses` times since it was loaded: a dense bf16 weight is reordered on every call (1.6-2.2x slower on
+        the expert shapes), but packing one costs ~17 ms (1.15B model's expert, Zen 5), which only an expert that
+        stays cached repays: the cache prepacks only when it holds every expert (experts/build.py). The slot's own pages are released once packed, so the cache still holds about one copy
+        of each expert. w13 / w2 become per-slot lists of dense views or packed copies."""
         self._views = (self.w13, self.w2)
-        self.w13, self.w2 = [None] * self.slots, [None] * self.slots
+        self.w13, self.w2 = list(self.w13), list(self.w2)
+        self._uses, self._after = [0] * self.slots, after_uses
 
     def after_load(self, slots: list[int]) -> None:
         """Called by the loader once these slots hold new experts (before anyone may compute with them)."""
         if not hasattr(self, "_views"):
             return
-        from ..models.packed import pack
         d13, d2 = self._views
         for s in slots:
-            self.w13[s], self.w2[s] = pack(d13[s]), pack(d2[s])
+            self.w13[s], self.w2[s], self._uses[s] = d13[s], d2[s], 0
+
+    def hit(self, slot: int) -> None:
+        """The cache hands this slot to a forward (which holds its lock); pack it on its `after_uses`-th use."""
+        if not hasattr(self, "_views"):
+            return
+        self._uses[slot] += 1
+        if self._uses[slot] == self._after:
+            from ..models.packed import pack
+            d13, d2 = self._views
+            self.w13[slot], self.w2[slot] = pack(d13[slot]), pack(d2[slot])
             if self._mm is not None:          # the bytes now live in the packed copies: give the pages back
-                self._mm.madvise(mmap.MADV_DONTNEED, s * self.stride_bytes, self.stride_bytes)
+                self._mm.madvise(mmap.MADV_DONTNEED, slot * self.stride_bytes, self.stride_bytes)
 
     def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """gate/up [I, D], down [D, I] (HF per-expert layout) into one slot."""
-        self.w13[slot, :self.inter].copy_(gate)
-        self.w13[slot, self.inter:].copy_(up)
-        self.w2[slot].copy_(down)
+        w13, w2 = getattr(self, "_views", (self.w13, self.w2))      # the blob's views (prepacking pools keep lists)
+        w13[slot, :self.inter].copy_(gate)
+        w13[slot, self.inter:].copy_(up)
+        w2[slot].copy_(down)
 
 
 def make_pool(layout: dict, slots: int, device="cpu", align: int = 0):

@@ -71,6 +71,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if quant is not None and not cfg.is_moe and not quant.dense:
         raise MoespecError(f"{path} has no routed experts to quantize; add --quantize-dense to quantize its "
                            "other weights")
+    if budgeted:
+        return_large_frees()
     ck = Checkpoint(path, drop_cache=budgeted)
     samples = (16 if budgeted else 64) << 20
     dt = resolve_dtype(dtype, path, device, ck)
@@ -87,6 +89,19 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     model.quant, model.checkpoint_dtype = quant, checkpoint_dtype(path, ck)
     release_free_memory()
     return model
+
+
+def return_large_frees() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mmap and unmap it when freed. By default the
+    threshold rises to the largest block freed so far, after which such blocks come from the heap and freed ones stay
+    in RSS: a cache that repacks evicted experts (ExpertPool.prepack) then grows past any budget."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def release_free_memory() -> None:
