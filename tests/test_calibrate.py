@@ -139,3 +139,12 @@ def test_verify_tokens_counts_each_verification_width(one_thread):
     s = llm.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0].stats
     # batch 1, chains: each verification runs the pending token and its draft
     assert s["verify_tokens"] == s["draft_steps"] + s["draft_tokens"] and s["row_steps"] == s["draft_steps"]
+
+
+def test_validation_of_a_quantized_model_prices_its_expert_bytes(one_thread):
+    v = validate(PROFILES["this-machine"], batches=(1,), new_tokens=6, repetitions=1, warmup=0, forwards=4,
+                 quantize="int4")
+    assert v["quantize"] == "int4" and len(v["points"]) == 1 and v["points"][0]["measured_s"] > 0
+    plain = validate(PROFILES["this-machine"], batches=(1,), new_tokens=6, repetitions=1, warmup=0, forwards=4)
+    # a quarter of the bytes and a bit (scales): the model predicts a faster step than for the float32 experts
+    assert v["points"][0]["predicted_s"] < plain["points"][0]["predicted_s"]

@@ -40,6 +40,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--validate-cache", nargs="+", default=["none"], metavar="CACHE",
                    help="with --validate: expert caches to check, 'none' (every expert resident) or a size "
                         "such as 25%% over the SSD tier in --offload-dir (default: none)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="with --validate: run the model with quantized experts (priced by their bytes)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
@@ -89,7 +91,7 @@ def run_calibrate(a) -> dict:
         out["validation"] = validate(hw, a.model, tuple(a.batch_size), a.max_new_tokens,
                                      repetitions=a.repetitions, log=say, draft_lens=tuple(a.draft_len),
                                      caches=caches, offload_dir=a.offload_dir,
-                                     prompt_set=a.prompts)
+                                     prompt_set=a.prompts, quantize=None if a.quantize == "none" else a.quantize)
     if a.json:
         print(json.dumps(out))
     else:

@@ -40,7 +40,7 @@ from ..perf.hardware import Hardware
 def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1, 4), new_tokens: int = 32,
              prompt_len: int = 16, repetitions: int = 3, warmup: int = 1, forwards: int = 20,
              log=None, draft_lens=(0,), caches=(None,), offload_dir: str | None = None,
-             prompt_set: str | None = None) -> dict:
+             prompt_set: str | None = None, quantize: str | None = None) -> dict:
     """Points {batch, k, cache, predicted_s, measured_s, rel_error, ...} and their mean absolute percentage
     error (overall, and per cache / plain / speculative in `mape_by`)."""
     from ..bench.workloads import load_prompts
@@ -61,9 +61,15 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
             offload = None if cache is None else OffloadConfig(expert_cache=cache, offload="disk",
                                                                offload_dir=offload_dir)
             spec = {"method": "ngram", "num_speculative_tokens": k} if k else None
-            llm = LLM(model_path, dtype="float32", offload=offload, speculative=spec)
+            llm = LLM(model_path, dtype="float32", offload=offload, speculative=spec, quantize=quantize)
             try:
-                desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0)
+                # quantized experts are priced by their bytes (blob bits per weight); their kernels' own rates
+                # are not in the profile, which measures float products
+                bits = None if llm.quant is None else 8 * llm.model.experts.expert_bytes() / \
+                    (3 * llm.config.hidden_size * llm.config.moe_intermediate_size) \
+                    if cache is None else 8 * llm.expert_stats()["expert_bytes"] / \
+                    (3 * llm.config.hidden_size * llm.config.moe_intermediate_size)
+                desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0, expert_bits=bits)
                 prompts = load_prompts(kind, max(batches), prompt_len, llm.config.vocab_size, llm.tokenizer)
                 for b in batches:
                     say(f"batch {b}, draft length {k}, {'all experts resident' if cache is None else cache + ' cache'}")
@@ -77,7 +83,8 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
                                                                         and (p["k"] > 0) == (k > 0)])
               for c in caches for k in {min(k, 1) for k in draft_lens}}
     fwd = [p for p in points if "forward_error" in p]
-    return {"model": model, "dtype": "float32", "new_tokens": new_tokens, "prompt_len": prompt_len,
+    return {"model": model, "dtype": "float32", "quantize": quantize or "none", "new_tokens": new_tokens,
+            "prompt_len": prompt_len,
             "prompts": kind,
             "context": context, "repetitions": repetitions, "hardware": profile.name, "points": points,
             "mape": mape, "mape_by": groups,
