@@ -178,7 +178,7 @@ def test_self_drafting_with_offloading_reads_nothing_while_drafting(text_model, 
     from moespec.spec.drafters import SelfDrafter
     off = OffloadConfig(expert_cache=3, offload="disk", offload_dir=str(tmp_path))
     llm = LLM(text_model, offload=off, speculative={"method": "self", "num_speculative_tokens": 3,
-                                                    "draft_routing": routing})
+                                                    "draft_routing": routing, "draft_kv": "own"})
     assert llm.drafter.routing == routing
     assert isinstance(llm.drafter, SelfDrafter) and llm.drafter.n == 3
     p = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)

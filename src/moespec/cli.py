@@ -112,8 +112,14 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec", choices=["none", "ngram", "draft_model", "self"], default=_env("spec", "none"),
                    help="drafter: ngram = prompt lookup, draft_model = --draft-model, self = the target with "
                         "fewer experts (SpecMoE)")
-    g.add_argument("--draft-experts", type=int, default=_env("draft_experts", None, int),
-                   help="self drafter: experts per layer while drafting (default: the resident ones, or E/2)")
+    g.add_argument("--draft-experts", default=_env("draft_experts", None),
+                   help="self drafter: experts per layer while drafting (default: the resident ones, or E/2), or "
+                        "shadow-int4 / shadow-int8: draft through low-bit copies of every expert held for drafting "
+                        "(the router's own picks, nothing read from the slow tier)")
+    g.add_argument("--draft-kv", choices=["auto", "shared", "own"], default=_env("draft_kv", None),
+                   help="self drafter: draft on the target's KV cache, every row in one forward per position "
+                        "(shared, SpecMoE), or keep its own (own: needed by trees, draft prefetch, substitution); "
+                        "auto (default): shared unless one of those is asked for")
     g.add_argument("--draft-top-k", type=int, default=_env("draft_top_k", None, int),
                    help="self drafter: experts per token while drafting (fewer = cheaper drafts; default the model's)")
     g.add_argument("--draft-layers", type=int, default=_env("draft_layers", None, int),
@@ -176,8 +182,10 @@ def spec_config(a):
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
         if tree is not None:
             raise MoespecError("--tree needs a drafter: add --spec ngram, self or draft_model")
-        if a.draft_top_k is not None or a.draft_layers is not None or a.draft_routing is not None:
-            raise MoespecError("--draft-top-k, --draft-layers and --draft-routing shape self-drafting: add --spec self")
+        if a.draft_top_k is not None or a.draft_layers is not None or a.draft_routing is not None \
+                or a.draft_kv is not None or a.draft_experts is not None:
+            raise MoespecError("--draft-experts, --draft-kv, --draft-top-k, --draft-layers and --draft-routing shape "
+                               "self-drafting: add --spec self")
         if budget:
             flag = "--" + next(iter(budget)).replace("_", "-")
             raise MoespecError(f"{flag} needs speculative decoding (it limits the experts of verification): "
@@ -190,6 +198,7 @@ def spec_config(a):
             raise MoespecError("--draft-len and --tree both set the draft length: a tree's depth is its draft length")
         cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
                          draft_experts=a.draft_experts, tree=tree, draft_top_k=a.draft_top_k,
+                         draft_kv=a.draft_kv or "auto",
                          draft_layers=a.draft_layers, draft_routing=a.draft_routing or "reroute",
                          **budget).validate()
     if cfg.budget() is not None:

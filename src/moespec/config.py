@@ -226,6 +226,9 @@ class OffloadConfig:
         return Path(base) / "moespec" / "experts"
 
 
+SHADOW_KINDS = ("shadow-int4", "shadow-int8")
+
+
 @dataclass
 class SpecConfig:
     """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
@@ -253,7 +256,10 @@ class SpecConfig:
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     model: str | None = None
-    draft_experts: int | None = None        # self: experts per layer while drafting (default: resident / E/2)
+    draft_experts: int | str | None = None  # self: experts per layer while drafting (default: resident / E/2), or
+                                            # "shadow-int4" / "shadow-int8": low-bit copies of every expert
+    draft_kv: str = "auto"                  # self: "shared" (drafts on the target's KV, every row in one forward
+                                            # per position: spec/self_shared.py), "own" (its own KV cache), "auto"
     draft_top_k: int | None = None          # self: experts per token while drafting (default: the model's K)
     draft_layers: int | None = None         # self: draft with the first L decoder layers only (default: all)
     draft_routing: str = "reroute"          # self: a token takes its top-K inside the draft set ("reroute"), or
@@ -270,7 +276,7 @@ class SpecConfig:
     def from_dict(d: dict) -> "SpecConfig":
         known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
                  "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree",
-                 "draft_top_k", "draft_layers", "draft_routing"}
+                 "draft_top_k", "draft_layers", "draft_routing", "draft_kv"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -280,10 +286,23 @@ class SpecConfig:
         if self.method not in self.METHODS:
             raise MoespecError(f"speculative method {self.method!r} is not available; choose one of: "
                                f"{', '.join(self.METHODS)}")
+        if isinstance(self.draft_experts, str):
+            d = self.draft_experts.strip()
+            self.draft_experts = int(d) if d.isdigit() else d
+            if isinstance(self.draft_experts, str) and self.draft_experts not in SHADOW_KINDS:
+                raise MoespecError(f"draft_experts={d!r} must be a number of experts or one of: "
+                                   f"{', '.join(SHADOW_KINDS)}")
         for name in ("draft_experts", "draft_top_k", "draft_layers"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and not (name == "draft_experts" and isinstance(v, str)) and \
+                    (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise MoespecError(f"{name}={v!r} must be a positive integer")
+        if self.draft_kv not in ("auto", "shared", "own"):
+            raise MoespecError(f"draft_kv={self.draft_kv!r} is not one of: auto, shared, own")
+        if self.draft_kv != "auto" and self.method != "self":
+            raise MoespecError("draft_kv chooses the self drafter's KV cache: it needs method 'self' (--spec self)")
+        if self.shadow is not None and self.method != "self":
+            raise MoespecError("shadow draft experts are the self drafter's: they need method 'self' (--spec self)")
         if self.draft_routing not in ("substitute", "reroute"):
             raise MoespecError(f"draft_routing={self.draft_routing!r} is not one of: substitute, reroute")
         if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":
@@ -314,6 +333,12 @@ class SpecConfig:
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         self._validate_budget()
         return self
+
+    @property
+    def shadow(self) -> str | None:
+        """"int4" / "int8" when the self drafter drafts through low-bit copies of every expert, else None."""
+        d = self.draft_experts
+        return d.removeprefix("shadow-") if isinstance(d, str) else None
 
     @property
     def adaptive(self) -> bool:

@@ -91,6 +91,14 @@ class LLM:
             if not self.config.is_moe:
                 raise MoespecError("the self drafter needs an MoE model (it drafts with fewer experts)")
             E = self.config.num_experts
+            shared = self._shared_kv()
+            if shared:                  # SpecMoE as published: the target's KV, all rows in one forward per position
+                from .spec.self_shared import SharedSelfDrafter, shadow_experts
+                if self.spec.shadow:
+                    return SharedSelfDrafter(self.model, shadow=shadow_experts(
+                        self.path, self.config, self.model.dtype, self.spec.shadow), kind=self.spec.draft_experts)
+                n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
+                return SharedSelfDrafter(self.model, n)
             n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
             prefetch = None
             if self.offload is not None and self.offload.prefetch == "draft":
@@ -113,6 +121,26 @@ class LLM:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "
                                f"{self.config.vocab_size}: a draft model must share the target's tokenizer")
         return DraftModelDrafter(draft, capacity=self.max_model_len + 128)
+
+    def _shared_kv(self) -> bool:
+        """Whether the self drafter drafts on the target's KV (spec/self_shared.py): draft_kv "shared", or "auto"
+        when nothing asks for the own-KV drafter's extras (trees, draft-guided prefetch, substitution, fewer
+        experts per token or fewer layers)."""
+        s = self.spec
+        extras = [name for name, on in (("a draft tree", s.tree is not None),
+                                        ("draft-guided prefetch", self.offload is not None
+                                         and self.offload.prefetch == "draft"),
+                                        ("draft_routing 'substitute'", s.draft_routing != "reroute"),
+                                        ("draft_top_k", s.draft_top_k is not None),
+                                        ("draft_layers", s.draft_layers is not None)) if on]
+        if s.draft_kv == "own" or (s.draft_kv == "auto" and extras and not s.shadow):
+            if s.shadow:
+                raise MoespecError("shadow draft experts draft on the target's KV cache: drop draft_kv 'own'")
+            return False
+        if extras:
+            raise MoespecError(f"the shared-KV self drafter (draft_kv 'shared'{', shadow experts' if s.shadow else ''})"
+                               f" drafts chains with the router's picks; it does not combine with {', '.join(extras)}")
+        return True
 
     def _budget(self):
         """The spec's VerifyBudget, checked against the model (it needs experts, and B >= top_k)."""
@@ -301,6 +329,9 @@ class LLM:
                           "accepted_per_position": [spec["accepted_per_pos"].get(i, 0)
                                                     for i in range(self.spec.k_max)],
                           "draft_len": self.spec.num_speculative_tokens,
+                          "draft_kv": ("shared" if getattr(self.drafter, "batched", False) else "own")
+                          if self.spec.method == "self" else None,
+                          "draft_experts": getattr(self.drafter, "kind", None) if self.spec.method == "self" else None,
                           "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
                           if spec["verify_layers"] else 0.0,
                           "verify_experts": spec["verify_experts"], "verify_layers": spec["verify_layers"]})

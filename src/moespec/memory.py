@@ -6,7 +6,8 @@ The budget is split, in this order (`plan_memory`):
                 plan is made; `moespec plan`, which imports no torch, uses RUNTIME_BYTES)
     dense       every weight but the routed experts, at the run's precision (quantized with --quantize-dense)
     kv          the KV cache for `batch` sequences of `max_model_len` tokens (float32 on a CPU for bf16
-                models), doubled for the self drafter's own cache, plus a draft model and its cache
+                models), doubled for a self drafter with its own cache, plus a draft model and its cache
+                (and a self drafter's shadow experts, with the weights)
     reserve     activations of the largest forward (a prefill of max_model_len x batch tokens), allocator
                 slack and the layout timing's samples at load (16 MiB under a budget), and two expert slots (a
                 slot being prepacked exists twice for a moment): 96 MiB + 2 slots +
@@ -124,8 +125,11 @@ def plan_for_model(limit: int, path, cfg, dtype: str, quant, *, max_model_len: i
     kv_elem = 4 if str(device).startswith("cpu") else (4 if sizes["dtype"] == "float32" else 2)
     kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_elem
     extra, copies = 0, 1.0
-    if spec is not None and spec.method == "self":
-        copies = 2.0                                       # the self drafter keeps its own KV cache
+    if spec is not None and spec.method == "self" and spec.draft_kv == "own":
+        copies = 2.0                                       # this self drafter keeps its own KV cache
+    if spec is not None and spec.shadow and cfg.is_moe:   # low-bit copies of every expert, for drafting
+        from .quant.scheme import QuantConfig
+        extra += model_sizes(path, cfg, dtype, QuantConfig(spec.shadow))["bytes_experts"]
     if spec is not None and spec.method == "draft_model" and spec.model:
         from .config import ModelConfig
         dcfg = ModelConfig.from_folder(spec.model)

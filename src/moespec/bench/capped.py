@@ -70,7 +70,10 @@ def run_capped(a, path: Path, prompts: list[list[int]], argv: list[str]) -> dict
         for n, (engine, gguf) in enumerate(engines):
             out = work / f"{engine}-{cap}-{n}.json"
             if engine == "moespec":
-                cmd = [sys.executable, "-m", "moespec.cli", *base, "--memory", str(cap), "--prompts-file",
+                # --expert-cache given: the cache is the user's, the cap only limits the group (e.g. to throttle
+                # reads with --read-limit); else moespec plans with --memory equal to the cap
+                budget = [] if any(x.split("=")[0] == "--expert-cache" for x in base) else ["--memory", str(cap)]
+                cmd = [sys.executable, "-m", "moespec.cli", *base, *budget, "--prompts-file",
                        str(work / "prompts.json"), "--output", str(out)]
             else:
                 cmd = [sys.executable, "-m", "moespec.bench.peer", "--gguf", gguf, "--prompts-file",

@@ -40,8 +40,9 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
     b.add_argument("--curve", action="store_true", help="also time one forward over n = 1..9, 16, 32, 64 tokens (verification of k = n - 1 drafts)")
     b.add_argument("--output", default=None, help="write the JSON report here")
     b.add_argument("--memory-cap", nargs="+", default=None, metavar="LIMIT",
-                   help="run moespec (with --memory LIMIT) and each peer in a fresh memory cgroup of each size, from a "
-                        "cold page cache, and report peak usage and failcnt (Linux, root or a delegated cgroup)")
+                   help="run moespec (with --memory LIMIT, unless --expert-cache sizes the cache) and each peer in a "
+                        "fresh memory cgroup of each size, from a cold page cache, and report peak usage and failcnt "
+                        "(Linux, root or a delegated cgroup)")
     b.add_argument("--read-limit", default=None, metavar="RATE",
                    help="with --memory-cap: throttle reads from the model's disk to RATE bytes/s (e.g. 200MB), "
                         "O_DIRECT included, to emulate a slower tier")

@@ -68,6 +68,8 @@ class ForwardPlan:
     # experts; depth [B*T] long is each flattened token's draft depth (0 = pending, < 0 = padding).
     budget: VerifyBudget | None = None
     depth: torch.Tensor | None = None
+    # The expert provider for this forward's MoE layers (default the model's): a self drafter's shadow copies.
+    experts: object | None = None
 
 
 @dataclass
@@ -122,16 +124,17 @@ class DecoderLM:
         h = F.embedding(tokens, self.w.embed)                                      # [B, T, D]
         top_k = plan.top_k if plan is not None and plan.top_k else c.top_k
         n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
+        experts = plan.experts if plan is not None and plan.experts is not None else self.experts
         for i, lw in enumerate(self.w.layers[:n_layers]):
             h = h + self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
             x = rms_norm(h, lw.ln2, c.rms_norm_eps)
             if lw.moe is not None:
                 x2 = x.reshape(B * T, -1)
-                self.experts.observe(i, x2)     # lets a prefetcher guess later layers' experts early
+                experts.observe(i, x2)          # lets a prefetcher guess later layers' experts early
                 emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
                 eset = plan.expert_sets.get(i) if plan is not None and plan.expert_sets is not None else None
                 rec = record if record is not None or plan is None or plan.after_moe is None else []
-                y = moe_block(x2, lw.moe, i, self.experts, top_k, c.norm_topk_prob, rec, emap,
+                y = moe_block(x2, lw.moe, i, experts, top_k, c.norm_topk_prob, rec, emap,
                               budget, kept, eset)
                 h = h + y.view(B, T, -1)
                 if plan is not None and plan.after_moe is not None:

@@ -33,7 +33,10 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     if prefetch is not None:
         prefetch.begin_step()
     t0 = time.perf_counter()
-    proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
+    if getattr(drafter, "batched", False):          # every row in one draft forward per position (self_shared.py)
+        proposals = drafter.propose_batch(kv, pending, params, gens, k)
+    else:
+        proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
     t1 = time.perf_counter()
     drafts = [d.tokens for d in proposals]
     width = 1 + max(map(len, drafts))
