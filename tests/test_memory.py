@@ -97,12 +97,13 @@ def test_memory_cap_runs_in_a_cgroup_or_says_why_not(tmp_path):
     """The budget holds: a run with --memory equal to a cgroup's limit is never killed and never hits it."""
     from moespec.bench.cgroup import version
     from moespec.bench.synthetic import make_synthetic
-    # 2 layers x 32 experts of 3 MiB (200 MB of experts): under 420 MB, after the runtime, only a part fits
+    # 2 layers x 32 experts of 3 MiB (200 MB of experts): under 520 MB, after the runtime (0.24-0.30 GB seen), only
+    # a part fits
     folder = make_synthetic(tmp_path / "m", "small", num_hidden_layers=2, num_local_experts=32)
     out = tmp_path / "capped.json"
     cmd = [sys.executable, "-m", "moespec.cli", "bench", str(folder), "--max-new-tokens", "8", "--num-prompts", "1",
            "--repetitions", "1", "--warmup", "0", "--prefill-len", "0", "--offload-dir", str(tmp_path / "off"),
-           "--memory-cap", "420MB", "--output", str(out)]
+           "--memory-cap", "520MB", "--output", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if version() == 0:
         assert r.returncode == 2 and "error: --memory-cap needs cgroups" in r.stderr
@@ -115,7 +116,7 @@ def test_memory_cap_runs_in_a_cgroup_or_says_why_not(tmp_path):
     assert r.returncode == 0, r.stderr
     run = json.loads(out.read_text())["runs"][0]
     assert run["engine"] == "moespec" and run["exit_code"] == 0 and not run["killed"], run
-    assert run["cgroup"]["peak_bytes"] <= 420 * MB and run["cgroup"]["failcnt"] == 0, run["cgroup"]
+    assert run["cgroup"]["peak_bytes"] <= 520 * MB and run["cgroup"]["failcnt"] == 0, run["cgroup"]
     plan = run["memory_plan"]
-    assert plan["limit"] == 420 * MB and not plan["resident"] and 1 <= plan["slots"] < 32
+    assert plan["limit"] == 520 * MB and not plan["resident"] and 1 <= plan["slots"] < 32
     assert run["runs"][0]["decode_tok_s"]["mean"] > 0

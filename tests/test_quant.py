@@ -154,3 +154,19 @@ def test_dense_model_quantizes_only_with_dense(tmp_path):
         load_model(tmp_path / "d", quant="int8")
     m = load_model(tmp_path / "d", quant=QuantConfig("int8", dense=True))
     assert isinstance(m.w.layers[0].mlp.w13, Int8Weight)
+
+
+def test_large_int8_products_may_dequantize_but_stay_close():
+    """Prefill-sized products (dequant_rows or more rows) may run dequantize-then-GEMM where that is faster here;
+    below 256 rows the kernel always runs, so verification and decoding agree bit for bit."""
+    from moespec.quant.weights import DEQUANT_MIN_ROWS
+    g = torch.Generator().manual_seed(6)
+    qw = Int8Weight.from_float(torch.randn(256, 512, generator=g) * 0.05)
+    assert qw.dequant_rows is None or qw.dequant_rows >= DEQUANT_MIN_ROWS
+    x = torch.randn(600, 512, generator=g).to(torch.bfloat16)
+    big = qw.linear(x)
+    rows = torch.cat([qw.linear(x[i:i + 100]) for i in range(0, 600, 100)])   # 100-row products: the kernel
+    assert torch.equal(rows[:100], qw.linear(x[:100]))
+    assert torch.allclose(big.float(), rows.float(), rtol=2 ** -6, atol=1e-2)
+    qw.dequant_rows = 300                                                       # force the other path
+    assert torch.allclose(qw.linear(x).float(), rows.float(), rtol=2 ** -6, atol=1e-2)

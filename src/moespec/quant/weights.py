@@ -15,6 +15,9 @@ recorded wherever packed weights are stored (`int4_pack_format`).
 """
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -116,12 +119,18 @@ def _finish(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, out: int) 
 
 
 class Int8Weight:
-    """An [O, I] int8 weight with bf16 per-row scales; `layers.linear` calls `.linear(x, b)`."""
-    __slots__ = ("q", "scale", "shape", "fast")
+    """An [O, I] int8 weight with bf16 per-row scales; `layers.linear` calls `.linear(x, b)`.
+
+    Products of `dequant_rows` rows or more (prefill) dequantize the weight to bf16 and run one GEMM, where that is
+    faster on this machine (dequant_rows_for, measured once per shape): the int8 kernel converts every weight for
+    every 4 rows. Row results then differ in rounding from the kernel's, so exactness between a verification and
+    plain decoding holds for products under that many rows (256 or more: batch x (draft length + 1) below it)."""
+    __slots__ = ("q", "scale", "shape", "fast", "dequant_rows")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         self.q, self.scale, self.shape = q, scale, tuple(q.shape)
         self.fast = q.device.type == "cpu" and q.shape[1] % INT8_MIN_K == 0
+        self.dequant_rows = dequant_rows_for(self.shape) if self.fast else None
 
     @staticmethod
     def from_float(w: torch.Tensor) -> "Int8Weight":
@@ -131,7 +140,10 @@ class Int8Weight:
         if not self.fast:   # shapes (or devices) the kernel does not take: the same weight, dequantized per call
             y = (F.linear(x.reshape(-1, self.shape[1]).float(), self.q.float()) * self.scale.float()).to(x.dtype)
             return _finish(y, x, b, self.shape[0])
-        return _finish(torch._weight_int8pack_mm(_bf16_rows(x), self.q, self.scale), x, b, self.shape[0])
+        x2 = _bf16_rows(x)
+        if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
+            return _finish(F.linear(x2, self.q.to(torch.bfloat16) * self.scale[:, None]), x, b, self.shape[0])
+        return _finish(torch._weight_int8pack_mm(x2, self.q, self.scale), x, b, self.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.q, self.scale)
@@ -168,6 +180,33 @@ class Int4Weight:
 
 
 QUANTIZED = (Int8Weight, Int4Weight)
+DEQUANT_MIN_ROWS = 256      # below this many rows the kernel's own rounding always applies (decode, verification)
+
+
+@functools.lru_cache(maxsize=None)
+def dequant_rows_for(shape: tuple[int, int]) -> int | None:
+    """The row count from which dequantize-then-GEMM beats torch's int8 kernel for an [O, I] weight on this machine
+    (256 or 512), or None (never). Timed once per shape and process on a random weight."""
+    w = Int8Weight.__new__(Int8Weight)
+    w.q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    w.scale = torch.full((shape[0],), 0.01, dtype=torch.bfloat16)
+    for m in (DEQUANT_MIN_ROWS, 2 * DEQUANT_MIN_ROWS):
+        x = torch.randn(m, shape[1]).to(torch.bfloat16)
+        kernel = _best_of(lambda: torch._weight_int8pack_mm(x, w.q, w.scale))
+        dequant = _best_of(lambda: F.linear(x, w.q.to(torch.bfloat16) * w.scale[:, None]))
+        if dequant < 0.8 * kernel:
+            return m
+    return None
+
+
+def _best_of(fn, n: int = 2) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def quantize_weight(w: torch.Tensor, method: str, group: int, name: str = "weight"):
