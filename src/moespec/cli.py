@@ -326,6 +326,8 @@ def cmd_inspect(a) -> None:
         print(json.dumps(info))
         return
     for k, v in info.items():
+        if isinstance(v, dict) and "summary" in v:       # the memory plan: its one-line summary (--json has it all)
+            v = v["summary"]
         print(f"{k:>27}: {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:>27}: {v}")
 
 
