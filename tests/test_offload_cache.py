@@ -213,22 +213,21 @@ def test_next_layer_prefetch_loads_only_confident_guesses():
 
 
 def test_hot_bf16_slots_are_prepacked_and_reset_on_reload():
-    """ExpertPool.prepack: a slot is computed from a prepacked copy from its Nth use on (bit-identical products);
+    """PrepackingPool: a slot is computed from a prepacked copy from its Nth use on (bit-identical products);
     a new load into the slot goes back to the dense view of the new bytes."""
-    from moespec.experts.pool import PAGE, ExpertPool
+    from moespec.experts.pool import PAGE, PrepackingPool
     from moespec.models.layers import linear
     from moespec.models.packed import packing_supported
     if not packing_supported():                   # (the engine never prepacks on such a CPU: nothing to test)
         assert not packing_supported()
         return
     g = torch.Generator().manual_seed(0)
-    pool = ExpertPool(2, 64, 32, torch.bfloat16, align=PAGE)
+    pool = PrepackingPool(2, 64, 32, torch.bfloat16, align=PAGE, after_uses=3)
     experts = [[torch.randn(32, 64, generator=g).bfloat16(), torch.randn(32, 64, generator=g).bfloat16(),
                 torch.randn(64, 32, generator=g).bfloat16()] for _ in range(2)]
     pool.pack(0, *experts[0])
     x = torch.randn(3, 64, generator=g).bfloat16()
     dense = linear(x, pool.w13[0])
-    pool.prepack(after_uses=3)
     pool.after_load([0])
     for _ in range(2):
         pool.hit(0)

@@ -83,7 +83,7 @@ def test_packed_quantized_experts_read_back_bit_identical(method, qmodel, tmp_pa
         assert h["quant"] == method and h["group_size"] == (32 if method == "int4" else None)
         assert (h["int4_pack"] is not None) == (method == "int4")
         assert store.path.name.endswith(f"-{q.tag}.experts")
-        from moespec.experts.pool import make_pool
+        from moespec.experts.pools import make_pool
         pool = make_pool(store.layout, 8, align=4096)
         for layer in (1, 3):
             store.load(layer, list(range(8)), pool, list(range(8)))

@@ -6,7 +6,6 @@ import torch
 import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import OffloadConfig
-from moespec.spec.drafters import SelfDrafter
 from moespec.spec.prefetch import DraftPrefetch, auto_cutoff
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(",

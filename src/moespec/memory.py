@@ -22,7 +22,7 @@ bare G / M) powers of 1024.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import MoespecError
 
@@ -194,12 +194,10 @@ def plan_for_run(memory, path, dtype: str, quantize, offload, spec, max_model_le
                               device=device)
     if plan.resident:
         return plan, q, None, plan.max_model_len
-    base = offload or OffloadConfig()
-    off = OffloadConfig(expert_cache=plan.slots, offload="disk", offload_dir=base.offload_dir, policy=base.policy,
-                        prefetch=base.prefetch if offload is not None else "next-layer",
-                        prefetch_cutoff=base.prefetch_cutoff, prefetch_min_prob=base.prefetch_min_prob,
-                        direct_io=True, hot_profile=base.hot_profile, io_threads=base.io_threads,
-                        io_timeout_s=base.io_timeout_s)
+    # the budget counts no page cache for experts: the disk tier with O_DIRECT (the config given keeps its other
+    # settings; none given: next-layer prefetch)
+    off = replace(offload or OffloadConfig(prefetch="next-layer"), expert_cache=plan.slots, offload="disk",
+                  direct_io=True)
     return plan, q, off, plan.max_model_len
 
 

@@ -52,7 +52,7 @@ def model_sizes(path, cfg: ModelConfig, dtype: str, quant) -> dict:
     es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
     expert_bytes = matrix = None
     if quant is not None:
-        from .experts.pool import layout_blob_bytes
+        from .experts.pools import layout_blob_bytes
         from .loading.build import expert_layout
         expert_bytes = layout_blob_bytes(expert_layout(cfg, dt, quant=quant)) if cfg.is_moe else None
         if quant.dense:

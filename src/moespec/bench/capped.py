@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from ..errors import MoespecError
+from .cgroup import Group, device_of, drop_page_cache, version
+from .machine import machine
 
 CAP_FLAGS = {"--memory-cap": "+", "--read-limit": 1, "--peer": 1, "--peer-model": "+", "--output": 1, "--memory": 1,
              "--prompts": 1, "--num-prompts": 1, "--prompt-len": 1}
@@ -43,8 +45,6 @@ def strip_flags(argv: list[str], flags: dict) -> list[str]:
 
 def run_capped(a, path: Path, prompts: list[list[int]], argv: list[str]) -> dict:
     from ..perf.units import parse_size
-    from .cgroup import Group, device_of, drop_page_cache, version
-    from .cli import machine
     try:
         caps = [parse_size(c, "--memory-cap") for c in a.memory_cap]
         rate = parse_size(a.read_limit, "--read-limit") if a.read_limit else None

@@ -3,12 +3,12 @@ with transformers' `generate` on the same checkpoint, plus the cost curve of one
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 from ..errors import MoespecError
+from .machine import machine, peak_rss_bytes
 
 
 def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
@@ -89,7 +89,7 @@ def run_bench(a) -> None:
     if a.prompts_file:
         prompts_file = json.loads(Path(a.prompts_file).read_text())
         a.prompt_len = max(map(len, prompts_file))
-    from ..cli import offload_config, quant_config, spec_config
+    from ..flags import offload_config, quant_config, spec_config
     if a.threads is not None:
         if a.threads < 1:
             raise MoespecError(f"--threads {a.threads} is out of range (at least 1)")
@@ -168,37 +168,6 @@ def compare(mine: dict, theirs: dict, kind: str) -> None:
                           "identical_tokens": f"{same}/{total}"}
     print(f"  moespec / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x; identical "
           f"sequences {same_seq}/{len(pairs)}, tokens {same}/{total}", file=sys.stderr)
-
-
-def machine() -> dict:
-    """What a figure was measured on: CPU model and capability, threads, torch (reported with every figure)."""
-    import torch
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512_bf16": " avx512_bf16" in flags, "amx": " amx_tile" in flags, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size: VmHWM on Linux (ru_maxrss survives exec, so a child of a big
-    process would report its parent's size), else ru_maxrss (KiB on Linux, bytes on macOS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def expert_delta(before: dict, after: dict, run: dict) -> dict:

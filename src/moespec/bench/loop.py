@@ -41,7 +41,7 @@ def run_interleaved(runners: list, prompts, batch: int, new: int, reps: int, war
         res = {"engine": runner.engine, "batch": batch, "new_tokens": new, "ttft_s": _summary(r["ttft"]),
                "tpot_s": _summary(r["tpot"]) if r["tpot"] else None,
                "decode_tok_s": _summary(r["tps"]) if r["tps"] else None, "_tokens": r["tokens"]}
-        if getattr(runner, "path", None) is not None and runner.engine == "llama.cpp":
+        if runner.engine == "llama.cpp":
             res["peer_model"] = str(runner.path)
         if r["acc"]:
             res["speculation"] = {key: _summary([a[key] for a in r["acc"]]) for key in r["acc"][0]}

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoespecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .cli import peak_rss_bytes
+    from .machine import peak_rss_bytes
     Path(a.output).write_text(json.dumps({"runs": runs, "peak_rss_bytes": peak_rss_bytes()}))
     return 0
 

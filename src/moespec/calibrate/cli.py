@@ -72,7 +72,8 @@ def run_calibrate(a) -> dict:
     if a.hardware is not None:
         hw = get_profile(a.hardware)
     else:
-        from .measure import QUICK, Knobs, calibrate, default_output
+        from .measure import QUICK, Knobs, default_output
+        from .run import calibrate
         path = Path(a.output).expanduser() if a.output else default_output()
         check_writable(path)
         if a.offload_dir is not None:

@@ -5,11 +5,17 @@ packed file read with O_DIRECT); cache.py: slots in fast memory, slot table, loc
 policy.py: LRU / LFU / static hot set, routing profiles, capacity parsing; prefetch.py: loader
 threads and the next-layer predictor; build.py: OffloadConfig -> provider.
 """
-from .build import build_expert_provider
-from .cache import ExpertCache
-from .policy import load_profile, parse_capacity, profile_from_routing, save_profile
-from .pool import ExpertPool, ResidentExperts
-from .store import DiskStore, RamStore
-
 __all__ = ["ExpertPool", "ResidentExperts", "ExpertCache", "RamStore", "DiskStore", "build_expert_provider",
            "parse_capacity", "load_profile", "save_profile", "profile_from_routing"]
+_WHERE = {"ExpertPool": "pool", "ResidentExperts": "pool", "ExpertCache": "cache", "RamStore": "store",
+          "DiskStore": "store", "build_expert_provider": "build", "parse_capacity": "policy", "load_profile": "policy",
+          "save_profile": "policy", "profile_from_routing": "policy"}
+
+
+def __getattr__(name):
+    # Imported on first use: the layers below (models, loading, quant) import pools from here, and an eager import of
+    # the cache and the stores would loop back through them.
+    if name in _WHERE:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,9 @@ import torch
 
 from ..errors import MoespecError
 from .policy import hot_set
-from .pool import PAGE, ExpertPool, make_pool
+from ..heap import return_large_frees
+from .pool import PAGE, ExpertPool
+from .pools import make_pool
 from .prefetch import Load, Loader, NextLayer
 from .slots import LayerSlots, check_layer, totals
 
@@ -43,12 +45,9 @@ class ExpertCache:
         self.expert_bytes = store.blob_bytes
         self.slot_of = torch.full((max(moe_layers) + 1, self.E), -1, dtype=torch.long)   # [layer, expert]
         align = PAGE if self.device.type == "cpu" else 0     # aligned CPU slots take O_DIRECT reads directly
-        self._pools = {i: make_pool(lay, slots, device, align) for i in moe_layers}
-        if prepack:                  # bf16 slots computed from prepacked copies once hot (ExpertPool.prepack)
-            from ..models import return_large_frees
-            return_large_frees()     # packed copies come and go with evictions: freed ones must leave the RSS
-            for pool in self._pools.values():
-                pool.prepack(after_uses=1)    # offered only when nothing is ever evicted: pack on first use
+        if prepack:                  # bf16 slots computed from prepacked copies (models/packed.PrepackingPool)
+            return_large_frees()     # packed copies come and go: freed ones must leave the RSS
+        self._pools = {i: make_pool(lay, slots, device, align, prepack) for i in moe_layers}
         self._st = {i: LayerSlots(slots, self.E, policy) for i in moe_layers}
         self._mu = threading.RLock()
         self._ensured: dict[int, list[int]] = {}

@@ -26,7 +26,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoespecError
-from .pool import PAGE, layout_blob_bytes, round_up
+from .pool import PAGE, round_up
+from .pools import layout_blob_bytes
 
 if TYPE_CHECKING:  # loading imports models, which import experts: import it where it is used
     from ..loading import Checkpoint

@@ -11,9 +11,9 @@ from typing import Iterator, Protocol
 
 import torch
 
+from ..prepack import pack
+
 PAGE = 4096
-PREPACK_AFTER_USES = 64     # (ExpertPool.prepack's default; the cache, which prepacks only when it holds every
-                            # expert, packs on first use)
 
 
 def round_up(n: int, align: int) -> int:
@@ -69,10 +69,6 @@ class ExpertPool:
 
     def flat(self) -> torch.Tensor:
         """[S, 3 I D] every slot's weights flattened in logical order (gate+up then down)."""
-        if hasattr(self, "_views"):           # some slots prepacked (their own pages released)
-            return torch.stack([torch.cat([(a.to_dense() if a.layout == torch._mkldnn else a).reshape(-1),
-                                           (b.to_dense() if b.layout == torch._mkldnn else b).reshape(-1)])
-                                for a, b in zip(self.w13, self.w2)])
         return torch.cat([self.w13.reshape(self.slots, -1), self.w2.reshape(self.slots, -1)], dim=1)
 
     def raw(self, slot: int) -> memoryview | None:
@@ -81,61 +77,58 @@ class ExpertPool:
             return None
         return memoryview(self._mm)[slot * self.stride_bytes:(slot + 1) * self.stride_bytes]
 
-    def prepack(self, after_uses: int = PREPACK_AFTER_USES) -> None:
-        """Compute a slot's expert from bf16 weights prepacked for oneDNN (models/packed.py) once it has been used
-        `after_uses` times since it was loaded: a dense bf16 weight is reordered on every call (1.6-2.2x slower on
-        the expert shapes), but packing one costs ~17 ms (1.15B model's expert, Zen 5), which only an expert that
-        stays cached repays: the cache prepacks only when it holds every expert (experts/build.py). The slot's own pages are released once packed, so the cache still holds about one copy
-        of each expert. w13 / w2 become per-slot lists of dense views or packed copies."""
+    def after_load(self, slots: list[int]) -> None:
+        """Called by the loader once these slots hold new experts, before anyone computes with them (a hook:
+        models/packed.py's PrepackingPool repacks there)."""
+
+    def hit(self, slot: int) -> None:
+        """Called by the cache when it hands a loaded slot to a forward (a hook, as after_load)."""
+
+    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """gate/up [I, D], down [D, I] (HF per-expert layout) into one slot."""
+        self.w13[slot, :self.inter].copy_(gate)
+        self.w13[slot, self.inter:].copy_(up)
+        self.w2[slot].copy_(down)
+
+
+class PrepackingPool(ExpertPool):
+    """An expert cache's bf16 pool whose slots are computed from prepacked copies from their `after_uses`-th use
+    since loading: a dense bf16 weight is reordered on every call (1.6-2.2x slower on the expert shapes), but
+    packing one costs ~17 ms (1.15B model's expert, Zen 5), which only an expert that stays cached repays, so the
+    cache uses this pool only when it holds every expert (build.py) and packs on first use. The slot's own
+    pages are released once packed, so it still holds about one copy of each expert. w13 / w2 are per-slot lists
+    of dense views or packed copies; the blob's views stay in _views for I/O and packing."""
+
+    def __init__(self, *args, after_uses: int = 1, **kw):
+        super().__init__(*args, **kw)
         self._views = (self.w13, self.w2)
         self.w13, self.w2 = list(self.w13), list(self.w2)
         self._uses, self._after = [0] * self.slots, after_uses
 
+    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        d13, d2 = self._views
+        d13[slot, :self.inter].copy_(gate)
+        d13[slot, self.inter:].copy_(up)
+        d2[slot].copy_(down)
+
     def after_load(self, slots: list[int]) -> None:
-        """Called by the loader once these slots hold new experts (before anyone may compute with them)."""
-        if not hasattr(self, "_views"):
-            return
         d13, d2 = self._views
         for s in slots:
             self.w13[s], self.w2[s], self._uses[s] = d13[s], d2[s], 0
 
     def hit(self, slot: int) -> None:
-        """The cache hands this slot to a forward (which holds its lock); pack it on its `after_uses`-th use."""
-        if not hasattr(self, "_views"):
-            return
         self._uses[slot] += 1
         if self._uses[slot] == self._after:
-            from ..models.packed import pack
             d13, d2 = self._views
             self.w13[slot], self.w2[slot] = pack(d13[slot]), pack(d2[slot])
             if self._mm is not None:          # the bytes now live in the packed copies: give the pages back
                 self._mm.madvise(mmap.MADV_DONTNEED, slot * self.stride_bytes, self.stride_bytes)
 
-    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        """gate/up [I, D], down [D, I] (HF per-expert layout) into one slot."""
-        w13, w2 = getattr(self, "_views", (self.w13, self.w2))      # the blob's views (prepacking pools keep lists)
-        w13[slot, :self.inter].copy_(gate)
-        w13[slot, self.inter:].copy_(up)
-        w2[slot].copy_(down)
-
-
-def make_pool(layout: dict, slots: int, device="cpu", align: int = 0):
-    """An empty pool of `slots` blobs in the storage `layout` describes (ExpertPool.layout or the quantized
-    pools' layout, which names its method)."""
-    dtype = getattr(torch, layout["dtype"])
-    if layout.get("quant"):
-        from ..quant.pool import QuantExpertPool
-        return QuantExpertPool(slots, layout["hidden"], layout["inter"], dtype, layout["quant"],
-                               layout.get("group_size") or 0, device, align)
-    return ExpertPool(slots, layout["hidden"], layout["inter"], dtype, device, layout["t13"], layout["t2"], align)
-
-
-def layout_blob_bytes(layout: dict) -> int:
-    """Bytes of one expert's blob in this storage layout."""
-    if layout.get("quant"):
-        from ..quant.pool import field_offsets
-        return field_offsets(layout["hidden"], layout["inter"], layout["quant"], layout.get("group_size") or 0)[1]
-    return 3 * layout["hidden"] * layout["inter"] * torch.empty((), dtype=getattr(torch, layout["dtype"])).element_size()
+    def flat(self) -> torch.Tensor:
+        """[S, 3 I D] every slot's weights (packed ones read back from their copies)."""
+        return torch.stack([torch.cat([(a.to_dense() if a.layout == torch._mkldnn else a).reshape(-1),
+                                       (b.to_dense() if b.layout == torch._mkldnn else b).reshape(-1)])
+                            for a, b in zip(self.w13, self.w2)])
 
 
 class ExpertProvider(Protocol):

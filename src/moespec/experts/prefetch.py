@@ -84,8 +84,7 @@ class Loader:
                 t = time.perf_counter()
                 pool = self.pools[layer]
                 self.store.load(layer, [x.expert for x in batch], pool, [x.slot for x in batch])
-                if hasattr(pool, "after_load"):      # e.g. prepack bf16 weights, before the load is marked done
-                    pool.after_load([x.slot for x in batch])
+                pool.after_load([x.slot for x in batch])     # a pool's hook, before the load is marked done
                 with self._cv:
                     self.batches += 1
                     self.loaded += len(batch)

@@ -62,7 +62,7 @@ def run_profile(a) -> dict:
     if out.is_dir() or not out.parent.is_dir():
         raise MoespecError(f"cannot write the routing profile to {out}: "
                            + ("it is a directory" if out.is_dir() else f"{out.parent} does not exist"))
-    from ..cli import quant_config
+    from ..flags import quant_config
     llm = LLM(a.model, dtype=a.dtype, quantize=quant_config(a))
     cfg = llm.config
     if not cfg.is_moe:

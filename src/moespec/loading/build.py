@@ -12,7 +12,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoespecError
-from ..experts.pool import ExpertPool, make_pool
+from ..experts.pool import ExpertPool
+from ..experts.pools import make_pool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
 from ..models.layout import LayoutChooser, as_layout
 from ..models.moe import MLPWeights, MoEWeights

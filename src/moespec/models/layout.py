@@ -15,6 +15,9 @@ import time
 
 import torch
 
+from .layers import linear
+from .packed import pack, packing_supported
+
 
 def as_layout(w: torch.Tensor, colmajor: bool) -> torch.Tensor:
     """The same [out, in] matrix, stored column-major (its transpose contiguous) if asked."""
@@ -35,7 +38,6 @@ def sample_matrices(shape: tuple[int, int], dtype: torch.dtype, budget_bytes: in
 def product_time(ws: list[torch.Tensor], rows: tuple[int, ...] = (1, 4)) -> float:
     """Best of 3 of the summed seconds of `layers.linear` over every weight in `ws` at each row count (after a
     warm-up on two of them): the cost decode (1 row) and verification (a few rows) would see."""
-    from .layers import linear
     xs = [torch.randn(m, ws[0].shape[1]).to(ws[0].dtype) for m in rows]
     for x in xs:
         for w in ws[:2]:
@@ -65,6 +67,21 @@ def faster_colmajor(shape: tuple[int, int], dtype: torch.dtype, device, budget_b
     return product_time(cols, rows) < 0.9 * t_row    # keep the usual layout unless the other clearly wins
 
 
+def faster_packed(shape: tuple[int, int], colmajor: bool, budget_bytes: int = 64 << 20,
+                  rows: tuple[int, ...] = (1, 4)) -> bool:
+    """True if bf16 products of 1 and 4 rows (decode, verification) are clearly faster on the prepacked
+    weight than through layers.linear on the layout the chooser picked, timed on matrices too many to stay
+    in cache."""
+    if not packing_supported():
+        return False
+    dense = [as_layout(w, colmajor) for w in sample_matrices(shape, torch.bfloat16, budget_bytes)]
+    t_dense = product_time(dense, rows)
+    packed = []
+    while dense:            # one copy at a time: loading should not peak at twice the timing samples
+        packed.append(pack(dense.pop()))
+    return product_time(packed, rows) < 0.9 * t_dense
+
+
 class LayoutChooser:
     """Caches one decision per (shape, dtype) for a load; `auto=False` keeps HF's row-major layout.
 
@@ -75,7 +92,6 @@ class LayoutChooser:
                  sample_bytes: int = 64 << 20):
         """sample_bytes: memory the timing may hold (under a --memory budget a smaller sample than the default,
         which is sized to defeat a 32 MB L3)."""
-        from .packed import packing_supported
         self.dtype, self.device, self.auto, self.sample_bytes = dtype, device, auto, sample_bytes
         self.choice: dict[tuple[int, int], bool] = {}
         self._pack: dict[tuple[int, int], bool] = {}
@@ -94,12 +110,10 @@ class LayoutChooser:
         if self.pack is not None:
             return self.pack
         if shape not in self._pack:
-            from .packed import faster_packed
             self._pack[shape] = faster_packed(shape, self.colmajor(shape), self.sample_bytes)
         return self._pack[shape]
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         if self.packs(tuple(w.shape)):
-            from .packed import pack
             return pack(w)
         return as_layout(w, self.colmajor(tuple(w.shape)))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..experts.pool import ExpertPool
+from ..prepack import pack
+from .layers import SLOW_BF16_GEMM, linear
 
 _SUPPORTED: bool | None = None
 
@@ -24,7 +26,6 @@ def packing_supported() -> bool:
     multi-row bf16 products through fp32 instead, layers.SLOW_BF16_GEMM, which needs dense weights)."""
     global _SUPPORTED
     if _SUPPORTED is None:
-        from .layers import SLOW_BF16_GEMM, linear
         ok = not SLOW_BF16_GEMM and torch.backends.mkldnn.is_available()
         if ok:
             try:
@@ -35,27 +36,6 @@ def packing_supported() -> bool:
                 ok = False
         _SUPPORTED = ok
     return _SUPPORTED
-
-
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] bf16 (any storage order) -> the same matrix prepacked for oneDNN."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
-
-
-def faster_packed(shape: tuple[int, int], colmajor: bool, budget_bytes: int = 64 << 20,
-                  rows: tuple[int, ...] = (1, 4)) -> bool:
-    """True if bf16 products of 1 and 4 rows (decode, verification) are clearly faster on the prepacked
-    weight than through layers.linear on the layout the chooser picked, timed on matrices too many to stay
-    in cache."""
-    from .layout import as_layout, product_time, sample_matrices
-    if not packing_supported():
-        return False
-    dense = [as_layout(w, colmajor) for w in sample_matrices(shape, torch.bfloat16, budget_bytes)]
-    t_dense = product_time(dense, rows)
-    packed = []
-    while dense:            # one copy at a time: loading should not peak at twice the timing samples
-        packed.append(pack(dense.pop()))
-    return product_time(packed, rows) < 0.9 * t_dense
 
 
 class PackedExperts:

@@ -82,8 +82,11 @@ class QuantExpertPool:
             return None
         return memoryview(self._mm)[slot * self.stride_bytes:(slot + 1) * self.stride_bytes]
 
+    def after_load(self, slots: list[int]) -> None:
+        """(The loader's hook: quantized slots are already in their kernel's layout.)"""
+
     def hit(self, slot: int) -> None:
-        """(The cache's per-use hook: quantized slots are already in their kernel's layout.)"""
+        """(The cache's per-use hook, as after_load.)"""
 
     def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Quantize one expert (HF per-expert layout: gate/up [I, D], down [D, I]) into a slot."""

@@ -187,13 +187,12 @@ DEQUANT_MIN_ROWS = 256      # below this many rows the kernel's own rounding alw
 def dequant_rows_for(shape: tuple[int, int]) -> int | None:
     """The row count from which dequantize-then-GEMM beats torch's int8 kernel for an [O, I] weight on this machine
     (256 or 512), or None (never). Timed once per shape and process on a random weight."""
-    w = Int8Weight.__new__(Int8Weight)
-    w.q = torch.randint(-127, 128, shape, dtype=torch.int8)
-    w.scale = torch.full((shape[0],), 0.01, dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scale = torch.full((shape[0],), 0.01, dtype=torch.bfloat16)
     for m in (DEQUANT_MIN_ROWS, 2 * DEQUANT_MIN_ROWS):
         x = torch.randn(m, shape[1]).to(torch.bfloat16)
-        kernel = _best_of(lambda: torch._weight_int8pack_mm(x, w.q, w.scale))
-        dequant = _best_of(lambda: F.linear(x, w.q.to(torch.bfloat16) * w.scale[:, None]))
+        kernel = _best_of(lambda: torch._weight_int8pack_mm(x, q, scale))
+        dequant = _best_of(lambda: F.linear(x, q.to(torch.bfloat16) * scale[:, None]))
         if dequant < 0.8 * kernel:
             return m
     return None

@@ -47,7 +47,7 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         # On a machine with few cores, an engine using every core loses time whenever the HTTP thread runs
         # (its parallel kernels wait for the preempted worker): measured 2x slower decoding on 2 cores.
         torch.set_num_threads(threads)
-    from ..cli import quant_config
+    from ..flags import quant_config
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec,
               quantize=quant_config(a), memory=a.memory, max_batch=a.max_num_seqs)
     if llm.memory_plan is not None:

@@ -1,0 +1,26 @@
+"""Pools by storage layout: the one place that knows every kind of expert pool (float, quantized, prepacked bf16),
+so the cache, the stores and the packed file build and size them from a pool's `layout` dict alone."""
+from __future__ import annotations
+
+import torch
+
+from ..quant.pool import QuantExpertPool, field_offsets
+from .pool import ExpertPool, PrepackingPool
+
+
+def make_pool(layout: dict, slots: int, device="cpu", align: int = 0, prepack: bool = False):
+    """An empty pool of `slots` blobs in the storage `layout` describes (ExpertPool.layout or the quantized pools'
+    layout, which names its method). prepack: a bf16 pool computed from prepacked copies (pool.PrepackingPool)."""
+    dtype = getattr(torch, layout["dtype"])
+    if layout.get("quant"):
+        return QuantExpertPool(slots, layout["hidden"], layout["inter"], dtype, layout["quant"],
+                               layout.get("group_size") or 0, device, align)
+    kind = PrepackingPool if prepack else ExpertPool
+    return kind(slots, layout["hidden"], layout["inter"], dtype, device, layout["t13"], layout["t2"], align)
+
+
+def layout_blob_bytes(layout: dict) -> int:
+    """Bytes of one expert's blob in this storage layout."""
+    if layout.get("quant"):
+        return field_offsets(layout["hidden"], layout["inter"], layout["quant"], layout.get("group_size") or 0)[1]
+    return 3 * layout["hidden"] * layout["inter"] * torch.empty((), dtype=getattr(torch, layout["dtype"])).element_size()
