@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
@@ -235,3 +236,27 @@ def test_a_dropped_model_stops_its_loader_threads(ckpt, tmp_path):
     del m
     gc.collect()
     assert not loader.alive()
+
+
+def test_a_prefetch_never_waits_on_a_load_in_flight(ckpt, tmp_path):
+    """Draft-guided prefetch runs on the drafting thread: when every evictable slot is still loading, it skips
+    instead of stalling there (a demand load would wait)."""
+    m = disk(ckpt, tmp_path, expert_cache=2, io_timeout_s=10)
+    store, cache = m.experts.store, m.experts
+    real = store.load
+    gate = threading.Event()
+
+    def slow(*a):
+        gate.wait(5.0)
+        return real(*a)
+    store.load = slow
+    layer = m.cfg.moe_layer_ids[0]
+    assert cache.prefetch(layer, [0, 1]) == 2           # both slots now hold loads in flight
+    t = time.perf_counter()
+    assert cache.prefetch(layer, [2, 3]) == 0           # no slot has landed: skipped, not waited for
+    assert time.perf_counter() - t < 1.0
+    assert sorted(cache.cached(layer).tolist()) == [0, 1]
+    gate.set()
+    store.load = real
+    assert torch.equal(logits(m), logits(load_model(ckpt, auto_layout=False)))
+    m.experts.close()

@@ -28,16 +28,17 @@ def plain(moe3):
     return [o.token_ids for o in LLM(moe3).generate(PROMPTS, GREEDY)]
 
 
-def _llm(moe3, tmp_path, cache, cutoff="auto", k=3, n=None, prefetch="draft"):
+def _llm(moe3, tmp_path, cache, cutoff="auto", k=3, n=None, prefetch="draft", kv="auto"):
     off = OffloadConfig(expert_cache=cache, offload="disk", offload_dir=str(tmp_path), prefetch=prefetch,
                         prefetch_cutoff=cutoff)
-    spec = {"method": "self", "num_speculative_tokens": k, **({"draft_experts": n} if n else {})}
+    spec = {"method": "self", "num_speculative_tokens": k, "draft_kv": kv, **({"draft_experts": n} if n else {})}
     return LLM(moe3, offload=off, speculative=spec)
 
 
+@pytest.mark.parametrize("kv", ["shared", "own"])
 @pytest.mark.parametrize("cutoff", [0, 1, 3, "auto"])
-def test_prefetch_never_changes_tokens(moe3, plain, tmp_path, cutoff):
-    llm = _llm(moe3, tmp_path, 4, cutoff)
+def test_prefetch_never_changes_tokens(moe3, plain, tmp_path, cutoff, kv):
+    llm = _llm(moe3, tmp_path, 4, cutoff, kv=kv)
     assert isinstance(llm.drafter.prefetcher, DraftPrefetch) and llm.drafter.n == 2   # half the cache drafts
     outs = llm.generate(PROMPTS[:2], GREEDY)
     assert [o.token_ids for o in outs] == plain[:2]
@@ -116,7 +117,7 @@ def test_oracle_prediction_leaves_no_demand_miss_up_to_the_cutoff(moe3, plain, t
     # 7 of 8 slots, a 1-expert draft set, k=2: verification needs at most 3 x 2 experts per layer,
     # which always fit next to the draft set, so an exact prediction prefetches all of them.
     # Sampled (seeded) so the tokens and hence the routing vary; greedy output of a random model loops.
-    llm = _llm(moe3, tmp_path, 7, cutoff=2, k=2, n=1)
+    llm = _llm(moe3, tmp_path, 7, cutoff=2, k=2, n=1, kv="own")      # the Probe wraps per-row propose()
     probe = Probe(llm, oracle=LLM(moe3))
     llm.drafter = probe
     out = llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=1.0, seed=0, ignore_eos=True))[0]
@@ -128,7 +129,7 @@ def test_oracle_prediction_leaves_no_demand_miss_up_to_the_cutoff(moe3, plain, t
 
 
 def test_drafting_with_prefetch_reads_nothing_on_demand(moe3, tmp_path):
-    llm = _llm(moe3, tmp_path, 4, cutoff=3, k=3)
+    llm = _llm(moe3, tmp_path, 4, cutoff=3, k=3, kv="own")
     llm.generate(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))  # warm
     probe = Probe(llm)
     llm.drafter = probe

@@ -229,6 +229,9 @@ class OffloadConfig:
 SHADOW_KINDS = ("shadow-int4", "shadow-int8")
 
 
+DRAFT_REFRESH = ("hot-temporal", "hot-global", "random")    # the self drafter's draft-set policies (SpecMoE)
+
+
 @dataclass
 class SpecConfig:
     """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
@@ -262,6 +265,11 @@ class SpecConfig:
                                             # per position: spec/self_shared.py), "own" (its own KV cache), "auto"
     draft_top_k: int | None = None          # self: experts per token while drafting (default: the model's K)
     draft_layers: int | None = None         # self: draft with the first L decoder layers only (default: all)
+    draft_refresh: str = "hot-temporal"     # self, shared KV: how the N draft experts are chosen: "hot-temporal"
+                                            # (last verification's), "hot-global" (a routing profile's, pinned),
+                                            # "random" (spec/self_shared.py)
+    draft_profile: str | None = None        # the routing profile JSON "hot-global" ranks experts by
+    draft_pin: bool = False                 # self, shared KV: pin the draft set in the expert cache
     draft_routing: str = "reroute"          # self: a token takes its top-K inside the draft set ("reroute"), or
                                             # an expert outside becomes its nearest one inside ("substitute")
     verify_budget: int | None = None        # lossy: experts per MoE layer per verification forward
@@ -276,7 +284,8 @@ class SpecConfig:
     def from_dict(d: dict) -> "SpecConfig":
         known = {"method", "num_speculative_tokens", "max_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "draft_experts",
                  "verify_budget", "verify_budget_mass", "budget_mode", "budget_decay", "tree",
-                 "draft_top_k", "draft_layers", "draft_routing", "draft_kv"}
+                 "draft_top_k", "draft_layers", "draft_routing", "draft_kv", "draft_refresh", "draft_profile",
+                 "draft_pin"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MoespecError(f"speculative config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -303,6 +312,15 @@ class SpecConfig:
             raise MoespecError("draft_kv chooses the self drafter's KV cache: it needs method 'self' (--spec self)")
         if self.shadow is not None and self.method != "self":
             raise MoespecError("shadow draft experts are the self drafter's: they need method 'self' (--spec self)")
+        if self.draft_refresh not in DRAFT_REFRESH:
+            raise MoespecError(f"draft_refresh={self.draft_refresh!r} is not one of: {', '.join(DRAFT_REFRESH)}")
+        if (self.draft_refresh == "hot-global") != (self.draft_profile is not None):
+            raise MoespecError("draft_refresh 'hot-global' ranks experts by a routing profile: give draft_profile "
+                               "(--draft-profile, from `moespec profile`)" if self.draft_profile is None else
+                               "draft_profile is what draft_refresh 'hot-global' ranks experts by: add it")
+        if (self.draft_refresh != "hot-temporal" or self.draft_pin) and (self.method != "self" or self.shadow):
+            raise MoespecError("draft_refresh and draft_pin choose the self drafter's cached draft experts: they need "
+                               "method 'self' without shadow experts")
         if self.draft_routing not in ("substitute", "reroute"):
             raise MoespecError(f"draft_routing={self.draft_routing!r} is not one of: substitute, reroute")
         if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":

@@ -91,22 +91,33 @@ class LLM:
             if not self.config.is_moe:
                 raise MoespecError("the self drafter needs an MoE model (it drafts with fewer experts)")
             E = self.config.num_experts
-            shared = self._shared_kv()
-            if shared:                  # SpecMoE as published: the target's KV, all rows in one forward per position
-                from .spec.self_shared import SharedSelfDrafter, shadow_experts
-                if self.spec.shadow:
-                    return SharedSelfDrafter(self.model, shadow=shadow_experts(
-                        self.path, self.config, self.model.dtype, self.spec.shadow), kind=self.spec.draft_experts)
-                n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
-                return SharedSelfDrafter(self.model, n)
-            n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
+            draft_prefetch = self.offload is not None and self.offload.prefetch == "draft"
             prefetch = None
-            if self.offload is not None and self.offload.prefetch == "draft":
-                # Prefetch fills the slots outside the draft set: by default half the cache drafts.
-                n = self.spec.draft_experts or max(1, self.model.experts.S // 2)
+            if draft_prefetch:
                 cut = self.offload.prefetch_cutoff
                 prefetch = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
                                          None if cut == "auto" else int(cut))
+            if self._shared_kv():       # SpecMoE as published: the target's KV, all rows in one forward per position
+                from .spec.self_shared import SharedSelfDrafter, shadow_experts
+                if self.spec.shadow:
+                    return SharedSelfDrafter(self.model, shadow=shadow_experts(
+                        self.path, self.config, self.model.dtype, self.spec.shadow), kind=self.spec.draft_experts,
+                        prefetcher=prefetch)
+                # With prefetch, the slots outside the draft set take its loads: by default half the cache drafts.
+                n = self.spec.draft_experts or (max(1, self.model.experts.S // 2) if draft_prefetch else
+                                                self.model.experts.S if self.offload is not None else E // 2)
+                profile = None
+                if self.spec.draft_profile is not None:
+                    from .experts.policy import load_profile
+                    profile = load_profile(self.spec.draft_profile, self.config.moe_layer_ids, E)
+                return SharedSelfDrafter(self.model, n, refresh=self.spec.draft_refresh, profile=profile,
+                                         pin=self.spec.draft_pin, prefetcher=prefetch)
+            if self.spec.draft_refresh != "hot-temporal" or self.spec.draft_pin:
+                raise MoespecError("draft_refresh and draft_pin shape the shared-KV self drafter: drop draft_kv "
+                                   "'own' and what needs it")
+            n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
+            if draft_prefetch:          # prefetch fills the slots outside the draft set: half the cache drafts
+                n = self.spec.draft_experts or max(1, self.model.experts.S // 2)
             c = self.config
             if self.spec.draft_top_k is not None and self.spec.draft_top_k > c.top_k:
                 raise MoespecError(f"draft_top_k={self.spec.draft_top_k} exceeds the model's experts per token "
@@ -120,16 +131,23 @@ class LLM:
         if draft.cfg.vocab_size != self.config.vocab_size:
             raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "
                                f"{self.config.vocab_size}: a draft model must share the target's tokenizer")
-        return DraftModelDrafter(draft, capacity=self.max_model_len + 128)
+        drafter = DraftModelDrafter(draft, capacity=self.max_model_len + 128)
+        if self.offload is not None and self.offload.prefetch == "draft":      # SP-MoE with a draft model
+            if self.spec.tree is not None:
+                raise MoespecError("draft-guided prefetch from a draft model drafts chains: drop the tree")
+            from .spec.router_proj import projection_for
+            cut = self.offload.prefetch_cutoff
+            drafter.prefetcher = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
+                                               None if cut == "auto" else int(cut))
+            drafter.projection = projection_for(self.model, draft, self.spec.model, self.tokenizer)
+        return drafter
 
     def _shared_kv(self) -> bool:
         """Whether the self drafter drafts on the target's KV (spec/self_shared.py): draft_kv "shared", or "auto"
-        when nothing asks for the own-KV drafter's extras (trees, draft-guided prefetch, substitution, fewer
-        experts per token or fewer layers)."""
+        when nothing asks for the own-KV drafter's extras (trees, substitution, fewer experts per token or fewer
+        layers)."""
         s = self.spec
         extras = [name for name, on in (("a draft tree", s.tree is not None),
-                                        ("draft-guided prefetch", self.offload is not None
-                                         and self.offload.prefetch == "draft"),
                                         ("draft_routing 'substitute'", s.draft_routing != "reroute"),
                                         ("draft_top_k", s.draft_top_k is not None),
                                         ("draft_layers", s.draft_layers is not None)) if on]
@@ -343,15 +361,16 @@ class LLM:
 
 
 def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) -> OffloadConfig | None:
-    """prefetch "auto" becomes "draft" when self-speculating, else "next-layer"; "draft" needs the self
-    drafter (its router picks are the prediction)."""
+    """prefetch "auto" becomes "draft" when drafting with the target itself or a draft model, else "next-layer";
+    "draft" needs one of those (the self draft's router picks, or a draft model's hidden states through a fitted
+    projection to the target's routers, are the prediction)."""
     if offload is None:
         return None
     offload.validate()
-    self_spec = spec is not None and spec.method == "self"
+    guided = spec is not None and spec.method in ("self", "draft_model")
     if offload.prefetch == "auto":
-        offload = replace(offload, prefetch="draft" if self_spec else "next-layer")
-    if offload.prefetch == "draft" and not self_spec:
-        raise MoespecError("prefetch 'draft' needs the self drafter (--spec self): the draft's router picks are "
-                           "what it prefetches")
+        offload = replace(offload, prefetch="draft" if guided else "next-layer")
+    if offload.prefetch == "draft" and not guided:
+        raise MoespecError("prefetch 'draft' needs the self drafter or a draft model (--spec self | draft_model): "
+                           "the draft's guesses of the target's experts are what it prefetches")
     return offload

@@ -116,8 +116,18 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                         "(the router's own picks, nothing read from the slow tier)")
     g.add_argument("--draft-kv", choices=["auto", "shared", "own"], default=_env("draft_kv", None),
                    help="self drafter: draft on the target's KV cache, every row in one forward per position "
-                        "(shared, SpecMoE), or keep its own (own: needed by trees, draft prefetch, substitution); "
+                        "(shared, SpecMoE), or keep its own (own: needed by trees, substitution, --draft-top-k, --draft-layers); "
                         "auto (default): shared unless one of those is asked for")
+    g.add_argument("--draft-refresh", choices=["hot-temporal", "hot-global", "random"],
+                   default=_env("draft_refresh", None),
+                   help="self drafter (shared KV, N cached experts): the draft set is what the last verification "
+                        "routed to most (hot-temporal, default), the hottest of --draft-profile, pinned (hot-global), "
+                        "or a random draw each step (random)")
+    g.add_argument("--draft-profile", default=_env("draft_profile", None),
+                   help="routing profile JSON (moespec profile) that --draft-refresh hot-global ranks experts by")
+    g.add_argument("--draft-pin", action="store_true", default=_env("draft_pin", "0").lower() in ("1", "true", "yes"),
+                   help="self drafter (shared KV): pin the draft set in the expert cache so verification's loads "
+                        "cannot evict it")
     g.add_argument("--draft-top-k", type=int, default=_env("draft_top_k", None, int),
                    help="self drafter: experts per token while drafting (fewer = cheaper drafts; default the model's)")
     g.add_argument("--draft-layers", type=int, default=_env("draft_layers", None, int),
@@ -181,9 +191,10 @@ def spec_config(a):
         if tree is not None:
             raise MoespecError("--tree needs a drafter: add --spec ngram, self or draft_model")
         if a.draft_top_k is not None or a.draft_layers is not None or a.draft_routing is not None \
-                or a.draft_kv is not None or a.draft_experts is not None:
-            raise MoespecError("--draft-experts, --draft-kv, --draft-top-k, --draft-layers and --draft-routing shape "
-                               "self-drafting: add --spec self")
+                or a.draft_kv is not None or a.draft_experts is not None or a.draft_refresh is not None \
+                or a.draft_profile is not None or a.draft_pin:
+            raise MoespecError("--draft-experts, --draft-kv, --draft-refresh, --draft-profile, --draft-pin, "
+                               "--draft-top-k, --draft-layers and --draft-routing shape self-drafting: add --spec self")
         if budget:
             flag = "--" + next(iter(budget)).replace("_", "-")
             raise MoespecError(f"{flag} needs speculative decoding (it limits the experts of verification): "
@@ -196,7 +207,8 @@ def spec_config(a):
             raise MoespecError("--draft-len and --tree both set the draft length: a tree's depth is its draft length")
         cfg = SpecConfig(method=a.spec, num_speculative_tokens=a.draft_len or 4, model=a.draft_model,
                          draft_experts=a.draft_experts, tree=tree, draft_top_k=a.draft_top_k,
-                         draft_kv=a.draft_kv or "auto",
+                         draft_kv=a.draft_kv or "auto", draft_refresh=a.draft_refresh or "hot-temporal",
+                         draft_profile=a.draft_profile, draft_pin=a.draft_pin,
                          draft_layers=a.draft_layers, draft_routing=a.draft_routing or "reroute",
                          **budget).validate()
     if cfg.budget() is not None:

@@ -262,14 +262,16 @@ class ExpertCache:
         """A slot to (re)fill: empty first, else the policy's pick among evictable slots (None, or an
         error when wait, if every slot is locked, pinned or protected).
 
-        A slot whose load is still in flight is a candidate like any other; if picked, we wait for the
-        load to land before reusing it. Skipping it instead would make the choice (and so which experts
-        stay cached, and what a self drafter drafts with) depend on I/O timing."""
+        For a demand load (wait) a slot whose load is still in flight is a candidate like any other; if
+        picked, we wait for the load to land before reusing it: skipping it would make which experts stay
+        cached depend on I/O timing. A prefetch (not wait) never waits: it runs on the drafting thread, and a
+        prefetch that would stall drafting is worth less than the drafting it holds up, so slots still loading
+        are not candidates (which prefetches land may then depend on I/O timing; what is computed never does)."""
         st = self._st[layer]
         self._reap(layer)
         fixed = st.pinned | st.hot
         free = [s for s in range(self.S) if st.locks[s] == 0 and st.expert_in[s] not in fixed
-                and st.expert_in[s] not in protect]
+                and st.expert_in[s] not in protect and (wait or st.loads[s] is None)]
         if not free:
             if not wait:
                 return None

@@ -113,6 +113,10 @@ class DraftModelDrafter:
     capacity: int = 4096
     _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
     tree: list[int] | None = None                # static tree shape (branching per depth); None = chains
+    # Draft-guided prefetch (SP-MoE, spec/prefetch.py) from a draft model: `projection` (spec/router_proj.py)
+    # turns each draft position's hidden state into guesses of the target's experts, `prefetcher` loads them.
+    prefetcher: object | None = None
+    projection: object | None = None
     _frontier = 1                                # rows of the running draft forward that are new nodes
 
     def plan(self):
@@ -129,9 +133,11 @@ class DraftModelDrafter:
         common = min(common, len(context) - 1)      # always re-feed at least the last token for its logits
         kv.rollback(len(held) - common)
         feed = context[common:]
-        logits = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]]),
-                                    plan=self.plan()).logits[0, 0]
+        out = self.model.forward(torch.tensor([feed]), kv, logits_at=torch.tensor([[len(feed) - 1]]),
+                                 plan=self.plan())
+        logits = out.logits[0, 0]
         kv.advance(len(feed))
+        self._guess(out)
         if self.tree is not None and any(b > 1 for b in self.tree[:k]):
             self._state[key] = (kv, list(context))
             return self._propose_tree(kv, logits, self.tree[:k], params, generator)
@@ -146,13 +152,22 @@ class DraftModelDrafter:
                 tok = int(torch.multinomial(q, 1, generator=generator))
                 qs.append(q)
             tokens.append(tok)
-            if i + 1 < k:
-                logits = self.model.forward(torch.tensor([[tok]]), kv, plan=self.plan()).logits[0, 0]
+            # The last draft needs no logits, but verification routes it too: fed for its guesses when prefetching.
+            if i + 1 < k or (self.prefetcher is not None and kv.lens[0] + 1 < self.capacity):
+                out = self.model.forward(torch.tensor([[tok]]), kv, plan=self.plan())
+                logits = out.logits[0, 0]
                 kv.advance(1)
                 fed.append(tok)
+                self._guess(out)
         # The cache holds the context and the drafts fed back; the next call rolls back what was rejected.
         self._state[key] = (kv, context + fed)
         return Draft(tokens, torch.stack(qs) if qs else None)
+
+    def _guess(self, out) -> None:
+        """Queue the target experts the projection guesses for the position just drafted from."""
+        if self.prefetcher is not None and self.projection is not None:
+            for layer, ids in self.projection.picks(out.hidden[0, -1:]).items():     # ids [1, K]
+                self.prefetcher.observe(layer, ids[0].tolist())
 
     def _propose_tree(self, kv, logits: torch.Tensor, shape: list[int], params: SamplingParams,
                       generator) -> Draft:
