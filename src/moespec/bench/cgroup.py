@@ -87,6 +87,15 @@ class Group:
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(os.getpid()))
 
+    def leave(self) -> None:
+        """Move the calling process back to the root groups (before the group is removed)."""
+        roots = [ROOT / "memory", ROOT / "blkio"] if self.v == 1 else [ROOT]
+        for r in roots[:len(self.dirs)]:
+            try:
+                (r / "cgroup.procs").write_text(str(os.getpid()))
+            except OSError:
+                pass
+
     def stats(self) -> dict:
         """Peak memory of the group (page cache included), how often the limit was hit, OOM kills."""
         if self.v == 1:

@@ -47,6 +47,12 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
                    help="with --memory-cap: throttle reads from the model's disk to RATE bytes/s (e.g. 200MB), "
                         "O_DIRECT included, to emulate a slower tier")
     b.add_argument("--prompts-file", default=None, help="a JSON list of token-id lists to use as the prompts")
+    b.add_argument("--variant", action="append", default=None, metavar="NAME=FLAGS",
+                   help="compare settings side by side in one run: each variant is this command's flags plus FLAGS "
+                        "(repeat it; e.g. --variant plain= --variant 'shadow=--spec self --draft-experts shadow-int4'); "
+                        "the variants take turns on the same batches, each reports its ratio to the first and whether "
+                        "its tokens are identical")
+    b.set_defaults(bench_parser=b)
 
 
 def run_bench(a) -> None:
@@ -67,8 +73,8 @@ def run_bench(a) -> None:
     for name in ("repetitions", "num_prompts", "max_new_tokens"):
         if getattr(a, name) < 1:
             raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.read_limit and not a.memory_cap:
-        raise MoespecError("--read-limit throttles the runs of --memory-cap: give --memory-cap too")
+    if a.memory_cap and a.variant:
+        raise MoespecError("--variant compares settings in one process; --memory-cap runs each in its own: use one")
     if a.memory_cap:
         if a.peer == "transformers":
             raise MoespecError("--memory-cap compares with --peer llama.cpp (transformers has no memory budget)")
@@ -98,14 +104,20 @@ def run_bench(a) -> None:
         raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
     if a.peer_model and a.peer != "llama.cpp":
         raise MoespecError("--peer-model is the GGUF file of --peer llama.cpp")
+    def build(ns):
+        llm = LLM(path, dtype=ns.dtype, offload=offload_config(ns), speculative=spec_config(ns),
+                  quantize=quant_config(ns), show_progress=False, memory=ns.memory, max_batch=max(a.batch_size),
+                  max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if ns.memory else None)
+        if llm.memory_plan is not None:
+            print(llm.memory_plan.summary(), file=sys.stderr)
+        return llm
+    from .variants import parse_variants, read_throttle
     t0 = time.perf_counter()
-    llm = LLM(path, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
-              show_progress=False, memory=a.memory, max_batch=max(a.batch_size),
-              max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if a.memory else None)
-    if llm.memory_plan is not None:
-        print(llm.memory_plan.summary(), file=sys.stderr)
+    variants = [(name, build(ns)) for name, ns in parse_variants(a)] if a.variant else [(None, build(a))]
+    llm = variants[0][1]
     load_s = time.perf_counter() - t0
     load_rss = peak_rss_bytes()           # before any peer is loaded: what loading moespec took
+    throttle = read_throttle(a, [v.offload for _, v in variants])
     prompts = prompts_file or load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size,
                                            llm.tokenizer)
     peers = []
@@ -125,21 +137,44 @@ def run_bench(a) -> None:
     jobs = [("tg", b, prompts, a.max_new_tokens) for b in a.batch_size]
     if a.prefill_len:
         jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
-    for kind, batch, ps, new in jobs:
-        before = {}
-        snap = (lambda: before.update(llm.expert_stats())) if llm.offload is not None else None
-        results = run_interleaved([MoespecRunner(llm), *peers], ps, batch, new, a.repetitions, a.warmup, snap)
-        if before:
-            results[0]["experts"] = expert_delta(before, llm.expert_stats(), results[0])
-        for r in results:
-            r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
-            _log(r)
-        mine = results[0]
-        for theirs in results[1:]:
-            compare(mine, theirs, kind)
-        for r in results:
-            r.pop("_tokens")
-        report["runs"].extend(results)
+    if a.variant:
+        report["variants"] = {name: {"flags": flags, "quantize": v.quant.tag if v.quant else "none",
+                                     "speculative": v.spec.__dict__ if v.spec else None,
+                                     "offload": v.offload.__dict__ if v.offload else None}
+                              for (name, v), flags in zip(variants, [f for _, f in (x.split("=", 1)
+                                                                                   for x in a.variant)])}
+    if throttle is not None:
+        report["read_limit_bps"] = throttle.read_bps
+    n = len(variants)
+    try:
+        for kind, batch, ps, new in jobs:
+            before: list[dict] = [{} for _ in variants]
+
+            def snap():
+                for b, (_, v) in zip(before, variants):
+                    if v.offload is not None:
+                        b.update(v.expert_stats())
+            runners = [MoespecRunner(v) for _, v in variants]
+            results = run_interleaved([*runners, *peers], ps, batch, new, a.repetitions, a.warmup, snap)
+            for r, b, (name, v) in zip(results, before, variants):
+                if b:
+                    r["experts"] = expert_delta(b, v.expert_stats(), r)
+                if name is not None:
+                    r["engine"], r["variant"] = f"moespec[{name}]", name
+            for r in results:
+                r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
+                _log(r)
+            for mine in results[1:n]:           # each variant against the first
+                compare(mine, results[0], kind)
+            for theirs in results[n:]:          # the first against each peer
+                compare(results[0], theirs, kind)
+            for r in results:
+                r.pop("_tokens")
+            report["runs"].extend(results)
+    finally:
+        if throttle is not None:
+            throttle.leave()
+            throttle.__exit__()
     if a.curve:
         report["forward_curve"] = forward_curve(llm.model)
         for row in report["forward_curve"]:
