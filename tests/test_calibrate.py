@@ -148,3 +148,20 @@ def test_validation_of_a_quantized_model_prices_its_expert_bytes(one_thread):
     plain = validate(PROFILES["this-machine"], batches=(1,), new_tokens=6, repetitions=1, warmup=0, forwards=4)
     # a quarter of the bytes and a bit (scales): the model predicts a faster step than for the float32 experts
     assert v["points"][0]["predicted_s"] < plain["points"][0]["predicted_s"]
+
+
+@pytest.mark.parametrize("drafter", ["shadow-int4", "self", "draft_model", "oracle:0.8"])
+def test_validation_of_each_drafter_reports_predicted_and_measured_speedups(drafter, tmp_path, one_thread):
+    v = validate(PROFILES["this-machine"], batches=(1, 2), new_tokens=10, repetitions=1, warmup=0, forwards=4,
+                 draft_lens=(0, 3), caches=("25%",), offload_dir=str(tmp_path), prompt_set="prose", drafter=drafter)
+    assert v["drafter"] == drafter and [(s["batch"], s["k"]) for s in v["speedups"]] == [(1, 3), (2, 3)]
+    pts = {(p["batch"], p["k"]): p for p in v["points"]}
+    for s in v["speedups"]:
+        plain, spec = pts[(s["batch"], 0)], pts[(s["batch"], 3)]
+        assert s["measured_speedup"] == plain["measured_s"] / spec["measured_s"]
+        assert s["predicted_speedup"] == plain["predicted_s"] / spec["predicted_s"] > 0
+        assert spec["drafter"] == drafter and plain["drafter"] is None
+    if drafter == "oracle:0.8":       # free drafts of acceptance 0.8 (10 tokens: a coarse but real estimate)
+        assert all(0.4 <= s["acceptance"] <= 1.0 for s in v["speedups"])
+    if drafter == "shadow-int4":      # the shadow copies draft almost exactly what verification accepts
+        assert all(s["acceptance"] >= 0.8 for s in v["speedups"])

@@ -183,7 +183,8 @@ def test_draft_model_guided_prefetch_equals_plain_and_predicts_the_experts(plain
     from moespec.assets import REFERENCE_DRAFT
     from moespec.spec.router_proj import FILE, load_projection
     batch, single = plain
-    off = OffloadConfig(expert_cache=4, offload="disk", offload_dir=str(tmp_path), prefetch="auto")
+    # cutoff: every layer (the automatic one follows measured times, and may choose none on a fast disk)
+    off = OffloadConfig(expert_cache=4, offload="disk", offload_dir=str(tmp_path), prefetch="auto", prefetch_cutoff=6)
     llm = LLM(REFERENCE_MODEL, dtype="float32", offload=off,
               speculative={"method": "draft_model", "model": str(REFERENCE_DRAFT), "num_speculative_tokens": 3})
     assert llm.drafter.projection is not None and llm.offload.prefetch == "draft"

@@ -19,10 +19,10 @@ class Scripted:
     def __init__(self, ks):
         self.ks, self.i, self.told = ks, 0, []
 
-    def next_k(self):
+    def next_step(self):
         k = self.ks[self.i % len(self.ks)]
         self.i += 1
-        return k
+        return None, k
 
     def record_spec(self, k, draft_s, verify_s, accepted, rows=1, lens=()):
         self.told.append(("spec", k, accepted, rows, draft_s >= 0 and verify_s > 0, tuple(lens)))

@@ -236,8 +236,11 @@ DRAFT_REFRESH = ("hot-temporal", "hot-global", "random")    # the self drafter's
 class SpecConfig:
     """Speculative decoding settings, vLLM style (`--speculative-config '{"method": "ngram", ...}'`).
 
-    method: "ngram" (prompt lookup), "draft_model" (a small model with the same tokenizer, `model`) or
-        "self" (the target drafts with `draft_experts` experts per layer: the resident ones when offloading).
+    method: "ngram" (prompt lookup), "draft_model" (a small model with the same tokenizer, `model`; the bundled
+        model's own draft when not given), "self" (the target drafts with `draft_experts` experts per layer: the
+        resident ones when offloading, or shadow copies), or "auto": each step the controller picks among the self
+        drafter (MoE models; shadow-int4 unless `draft_experts` says otherwise), the draft model (when `model` is
+        given, or the bundled one) and prompt lookup, and the draft length, from what it measures (perf/chooser.py).
     num_speculative_tokens: draft length k per step, or "auto": the online controller (perf/controller.py)
         picks k in 1..max_speculative_tokens each step from measured acceptance and step costs, and
         switches to plain decoding while speculation would lose (one controller per batch size, kept
@@ -278,7 +281,7 @@ class SpecConfig:
     budget_decay: float = 1.0
     tree: list[int] | str | None = None     # static draft tree shape; validate() makes it a list
 
-    METHODS = ("ngram", "draft_model", "self")
+    METHODS = ("ngram", "draft_model", "self", "auto")
 
     @staticmethod
     def from_dict(d: dict) -> "SpecConfig":
@@ -310,7 +313,7 @@ class SpecConfig:
             raise MoespecError(f"draft_kv={self.draft_kv!r} is not one of: auto, shared, own")
         if self.draft_kv != "auto" and self.method != "self":
             raise MoespecError("draft_kv chooses the self drafter's KV cache: it needs method 'self' (--spec self)")
-        if self.shadow is not None and self.method != "self":
+        if self.shadow is not None and self.method not in ("self", "auto"):
             raise MoespecError("shadow draft experts are the self drafter's: they need method 'self' (--spec self)")
         if self.draft_refresh not in DRAFT_REFRESH:
             raise MoespecError(f"draft_refresh={self.draft_refresh!r} is not one of: {', '.join(DRAFT_REFRESH)}")
@@ -326,9 +329,17 @@ class SpecConfig:
         if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":
             raise MoespecError("draft_top_k, draft_layers and draft_routing shape the self drafter's forward: they "
                                "need method 'self' (--spec self)")
-        if self.method == "draft_model" and not self.model:
-            raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         k = self.num_speculative_tokens
+        if self.method == "auto":
+            # The drafter is chosen per step from measurements (perf/chooser.py); its k too.
+            if k not in ("auto", 4):
+                raise MoespecError("speculative method 'auto' picks the draft length as well: drop "
+                                   "num_speculative_tokens (--draft-len)")
+            if self.tree is not None:
+                raise MoespecError("speculative method 'auto' drafts chains: drop the tree")
+            self.num_speculative_tokens = k = "auto"
+            if self.draft_experts is None:
+                self.draft_experts = "shadow-int4"
         if isinstance(k, str) and k.strip().isdigit():
             self.num_speculative_tokens = k = int(k)
         if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64):

@@ -12,10 +12,9 @@ from .errors import MoespecError
 from .generate import Sequence, generate, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
-from .spec.drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+from .perf.chooser import DrafterChooser
 from .perf.controller import SpecController
 from .quant.scheme import QuantConfig
-from .spec.prefetch import DraftPrefetch
 from .tokenizer import Tokenizer
 
 
@@ -54,6 +53,12 @@ class LLM:
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
         self.path = resolve_model(model)
+        if self.spec is not None and self.spec.method in ("draft_model", "auto") and not self.spec.model:
+            from .assets import REFERENCE_DRAFT, REFERENCE_MODEL
+            if self.path.resolve() == REFERENCE_MODEL.resolve():      # the bundled model's draft ships beside it
+                self.spec = replace(self.spec, model=str(REFERENCE_DRAFT))
+            elif self.spec.method == "draft_model":
+                raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
         self.memory_plan = None
         if memory is not None:
             from .memory import plan_for_run
@@ -78,87 +83,17 @@ class LLM:
         self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
         self.dtype = str(self.model.dtype).removeprefix("torch.")
-        self._controllers: dict[int, SpecController] = {}     # batch size -> controller (draft length "auto")
+        # batch size -> controller (draft length "auto"; with method "auto" the drafter too)
+        self._controllers: dict[int, SpecController | DrafterChooser] = {}
         if self.drafter is not None and self.spec.tree is not None:
             self.drafter.tree = list(self.spec.tree)     # static draft trees (spec/tree.py)
 
     def _drafter(self, dtype: str, device: str):
         if self.spec is None:
             return None
-        if self.spec.method == "ngram":
-            return NgramDrafter(self.spec.prompt_lookup_max, self.spec.prompt_lookup_min)
-        if self.spec.method == "self":
-            if not self.config.is_moe:
-                raise MoespecError("the self drafter needs an MoE model (it drafts with fewer experts)")
-            E = self.config.num_experts
-            draft_prefetch = self.offload is not None and self.offload.prefetch == "draft"
-            prefetch = None
-            if draft_prefetch:
-                cut = self.offload.prefetch_cutoff
-                prefetch = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
-                                         None if cut == "auto" else int(cut))
-            if self._shared_kv():       # SpecMoE as published: the target's KV, all rows in one forward per position
-                from .spec.self_shared import SharedSelfDrafter, shadow_experts
-                if self.spec.shadow:
-                    return SharedSelfDrafter(self.model, shadow=shadow_experts(
-                        self.path, self.config, self.model.dtype, self.spec.shadow), kind=self.spec.draft_experts,
-                        prefetcher=prefetch)
-                # With prefetch, the slots outside the draft set take its loads: by default half the cache drafts.
-                n = self.spec.draft_experts or (max(1, self.model.experts.S // 2) if draft_prefetch else
-                                                self.model.experts.S if self.offload is not None else E // 2)
-                profile = None
-                if self.spec.draft_profile is not None:
-                    from .experts.policy import load_profile
-                    profile = load_profile(self.spec.draft_profile, self.config.moe_layer_ids, E)
-                return SharedSelfDrafter(self.model, n, refresh=self.spec.draft_refresh, profile=profile,
-                                         pin=self.spec.draft_pin, prefetcher=prefetch)
-            if self.spec.draft_refresh != "hot-temporal" or self.spec.draft_pin:
-                raise MoespecError("draft_refresh and draft_pin shape the shared-KV self drafter: drop draft_kv "
-                                   "'own' and what needs it")
-            n = self.spec.draft_experts or (self.model.experts.S if self.offload is not None else E // 2)
-            if draft_prefetch:          # prefetch fills the slots outside the draft set: half the cache drafts
-                n = self.spec.draft_experts or max(1, self.model.experts.S // 2)
-            c = self.config
-            if self.spec.draft_top_k is not None and self.spec.draft_top_k > c.top_k:
-                raise MoespecError(f"draft_top_k={self.spec.draft_top_k} exceeds the model's experts per token "
-                                   f"({c.top_k}); drafting with fewer is what makes it cheaper")
-            if self.spec.draft_layers is not None and self.spec.draft_layers > c.num_layers:
-                raise MoespecError(f"draft_layers={self.spec.draft_layers} exceeds the model's {c.num_layers} layers")
-            return SelfDrafter(self.model, n, capacity=self.max_model_len + 128, prefetcher=prefetch,
-                               top_k=self.spec.draft_top_k, layers=self.spec.draft_layers,
-                               routing=self.spec.draft_routing)
-        draft = load_model(self.spec.model, dtype, device)
-        if draft.cfg.vocab_size != self.config.vocab_size:
-            raise MoespecError(f"draft model {self.spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "
-                               f"{self.config.vocab_size}: a draft model must share the target's tokenizer")
-        drafter = DraftModelDrafter(draft, capacity=self.max_model_len + 128)
-        if self.offload is not None and self.offload.prefetch == "draft":      # SP-MoE with a draft model
-            if self.spec.tree is not None:
-                raise MoespecError("draft-guided prefetch from a draft model drafts chains: drop the tree")
-            from .spec.router_proj import projection_for
-            cut = self.offload.prefetch_cutoff
-            drafter.prefetcher = DraftPrefetch(self.model.experts, self.config.moe_layer_ids,
-                                               None if cut == "auto" else int(cut))
-            drafter.projection = projection_for(self.model, draft, self.spec.model, self.tokenizer)
-        return drafter
-
-    def _shared_kv(self) -> bool:
-        """Whether the self drafter drafts on the target's KV (spec/self_shared.py): draft_kv "shared", or "auto"
-        when nothing asks for the own-KV drafter's extras (trees, substitution, fewer experts per token or fewer
-        layers)."""
-        s = self.spec
-        extras = [name for name, on in (("a draft tree", s.tree is not None),
-                                        ("draft_routing 'substitute'", s.draft_routing != "reroute"),
-                                        ("draft_top_k", s.draft_top_k is not None),
-                                        ("draft_layers", s.draft_layers is not None)) if on]
-        if s.draft_kv == "own" or (s.draft_kv == "auto" and extras and not s.shadow):
-            if s.shadow:
-                raise MoespecError("shadow draft experts draft on the target's KV cache: drop draft_kv 'own'")
-            return False
-        if extras:
-            raise MoespecError(f"the shared-KV self drafter (draft_kv 'shared'{', shadow experts' if s.shadow else ''})"
-                               f" drafts chains with the router's picks; it does not combine with {', '.join(extras)}")
-        return True
+        from .spec.factory import make_drafter
+        return make_drafter(self.spec, self.model, self.path, self.offload, self.tokenizer,
+                            self.max_model_len + 128, dtype, device)
 
     def _budget(self):
         """The spec's VerifyBudget, checked against the model (it needs experts, and B >= top_k)."""
@@ -251,8 +186,11 @@ class LLM:
         # batch; what it learned about acceptance and costs carries over to the next request).
         controller = None
         if self.spec is not None and self.spec.adaptive:
-            controller = self._controllers.setdefault(
-                len(seqs), SpecController(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max)))
+            if len(seqs) not in self._controllers:
+                kw = dict(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max))
+                self._controllers[len(seqs)] = DrafterChooser(list(self.drafter.members), **kw) \
+                    if self.spec.method == "auto" else SpecController(**kw)
+            controller = self._controllers[len(seqs)]
         done = None if on_finish is None else (lambda i: on_finish(i, self._early_output(seqs[i])))
         timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
                           budget=self.budget, controller=controller, aborted=aborted, on_finish=done,
@@ -272,7 +210,8 @@ class LLM:
                                  "cache_capacity": after["capacity"],
                                  **{k: after[k] - before[k] for k in ("prefetch_issued", "prefetch_used",
                                                                       "prefetch_wasted")}}
-            pf = getattr(self.drafter, "prefetcher", None)
+            members = getattr(self.drafter, "members", {"": self.drafter})     # --spec auto: any member's
+            pf = next((m.prefetcher for m in members.values() if getattr(m, "prefetcher", None)), None)
             if pf is not None:                       # cumulative since load, like expert_stats()
                 timing["experts"].update(pf.stats())
         return [self._output(s, timing, len(seqs)) for s in seqs]
@@ -367,7 +306,7 @@ def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) ->
     if offload is None:
         return None
     offload.validate()
-    guided = spec is not None and spec.method in ("self", "draft_model")
+    guided = spec is not None and spec.method in ("self", "draft_model", "auto")
     if offload.prefetch == "auto":
         offload = replace(offload, prefetch="draft" if guided else "next-layer")
     if offload.prefetch == "draft" and not guided:

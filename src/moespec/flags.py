@@ -107,9 +107,11 @@ def offload_config(a):
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (lossless unless a verify budget is set)")
-    g.add_argument("--spec", choices=["none", "ngram", "draft_model", "self"], default=_env("spec", "none"),
-                   help="drafter: ngram = prompt lookup, draft_model = --draft-model, self = the target with "
-                        "fewer experts (SpecMoE)")
+    g.add_argument("--spec", choices=["none", "ngram", "draft_model", "self", "auto"], default=_env("spec", "none"),
+                   help="drafter: ngram = prompt lookup, draft_model = --draft-model (the bundled model's own draft "
+                        "by default), self = the target with fewer experts or shadow copies (SpecMoE), auto = the "
+                        "controller picks among them and the draft length each step from what it measures, and "
+                        "decodes plainly while none pays")
     g.add_argument("--draft-experts", default=_env("draft_experts", None),
                    help="self drafter: experts per layer while drafting (default: the resident ones, or E/2), or "
                         "shadow-int4 / shadow-int8: draft through low-bit copies of every expert held for drafting "

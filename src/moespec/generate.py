@@ -124,11 +124,14 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
             if added:
                 continue
             break
-        k = 0 if drafter is None else (controller.next_k() if controller is not None else draft_len)
+        d, k = drafter, 0 if drafter is None else draft_len
+        if drafter is not None and controller is not None:      # the controller picks k (and the drafter: auto)
+            name, k = controller.next_step()
+            d = drafter.members[name] if name is not None else drafter
         t_step, before = time.perf_counter(), (spec["draft_s"], spec["verify_s"], spec["accepted"])
         if k > 0:
             new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
-                                        [seqs[i].params for i in live], [gens[i] for i in live], drafter,
+                                        [seqs[i].params for i in live], [gens[i] for i in live], d,
                                         k, spec, budget=budget, prompt_lens=[len(seqs[i].prompt_ids) for i in live])
             if controller is not None:
                 controller.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],

@@ -130,11 +130,11 @@ def plan_for_model(limit: int, path, cfg, dtype: str, quant, *, max_model_len: i
     if spec is not None and spec.shadow and cfg.is_moe:   # low-bit copies of every expert, for drafting
         from .quant.scheme import QuantConfig
         extra += model_sizes(path, cfg, dtype, QuantConfig(spec.shadow))["bytes_experts"]
-    if spec is not None and spec.method == "draft_model" and spec.model:
+    if spec is not None and spec.method in ("draft_model", "auto") and spec.model:
         from .config import ModelConfig
         dcfg = ModelConfig.from_folder(spec.model)
         dsz = model_sizes(spec.model, dcfg, dtype, None)
-        extra = dsz["bytes_total"] + dcfg.num_layers * 2 * dcfg.num_kv_heads * dcfg.head_dim * kv_elem * \
+        extra += dsz["bytes_total"] + dcfg.num_layers * 2 * dcfg.num_kv_heads * dcfg.head_dim * kv_elem * \
             (max_model_len or min(cfg.max_position_embeddings, 2048)) * batch
     common = dict(dense_bytes=sizes["bytes_dense"], expert_blob_bytes=sizes["bytes_per_expert"],
                   moe_layers=sizes["moe_layers"] if cfg.is_moe else 0, experts=cfg.num_experts,

@@ -201,7 +201,7 @@ def compare(mine: dict, theirs: dict, kind: str) -> None:
     name = theirs["engine"] + (f":{Path(theirs['peer_model']).name}" if "peer_model" in theirs else "")
     mine[f"vs_{name}"] = {"speedup": ratio, "identical_sequences": f"{same_seq}/{len(pairs)}",
                           "identical_tokens": f"{same}/{total}"}
-    print(f"  moespec / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x; identical "
+    print(f"  {mine['engine']} / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x; identical "
           f"sequences {same_seq}/{len(pairs)}, tokens {same}/{total}", file=sys.stderr)
 
 

@@ -40,6 +40,11 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--validate-cache", nargs="+", default=["none"], metavar="CACHE",
                    help="with --validate: expert caches to check, 'none' (every expert resident) or a size "
                         "such as 25%% over the SSD tier in --offload-dir (default: none)")
+    p.add_argument("--validate-drafter", default="ngram", metavar="DRAFTER",
+                   help="with --validate and a draft length > 0: ngram (default), self (the cached set), shadow-int4, "
+                        "shadow-int8, draft_model (the bundled model's draft, or --speculative model) or oracle:A "
+                        "(free drafts of acceptance A: the verification economics alone); speedups are reported "
+                        "against the plain point of each batch (add draft length 0)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="with --validate: run the model with quantized experts (priced by their bytes)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -92,7 +97,8 @@ def run_calibrate(a) -> dict:
         out["validation"] = validate(hw, a.model, tuple(a.batch_size), a.max_new_tokens,
                                      repetitions=a.repetitions, log=say, draft_lens=tuple(a.draft_len),
                                      caches=caches, offload_dir=a.offload_dir,
-                                     prompt_set=a.prompts, quantize=None if a.quantize == "none" else a.quantize)
+                                     prompt_set=a.prompts, quantize=None if a.quantize == "none" else a.quantize,
+                                     drafter=a.validate_drafter)
     if a.json:
         print(json.dumps(out))
     else:
@@ -149,3 +155,11 @@ def print_summary(r: dict, file=None) -> None:
         con.print(f"mean absolute percentage error of TPOT: {v['mape']:.1%} ({by})"
                   + (f"; of the bare forward: {v['forward_mape']:.1%}" if v.get("forward_mape") is not None else "")
                   + f". The model's per-step overhead: {p.get('step_overhead_s', 0.0) * 1e3:.2f} ms")
+        if v.get("speedups"):
+            t = Table(title=f"speedup of speculation ({v['drafter']}) over plain decoding, predicted vs measured")
+            for c in ("experts", "batch", "k", "acceptance", "predicted", "measured", "error"):
+                t.add_column(c, justify="right")
+            for sp in v["speedups"]:
+                t.add_row(sp["cache"] or "resident", str(sp["batch"]), str(sp["k"]), f"{sp['acceptance']:.2f}",
+                          f"{sp['predicted_speedup']:.2f}x", f"{sp['measured_speedup']:.2f}x", f"{sp['rel_error']:+.1%}")
+            con.print(t)

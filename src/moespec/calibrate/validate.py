@@ -40,9 +40,12 @@ from ..perf.hardware import Hardware
 def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1, 4), new_tokens: int = 32,
              prompt_len: int = 16, repetitions: int = 3, warmup: int = 1, forwards: int = 20,
              log=None, draft_lens=(0,), caches=(None,), offload_dir: str | None = None,
-             prompt_set: str | None = None, quantize: str | None = None) -> dict:
+             prompt_set: str | None = None, quantize: str | None = None, drafter: str = "ngram") -> dict:
     """Points {batch, k, cache, predicted_s, measured_s, rel_error, ...} and their mean absolute percentage
-    error (overall, and per cache / plain / speculative in `mape_by`)."""
+    error (overall, and per cache / plain / speculative in `mape_by`); with plain and speculative points, the
+    predicted and measured speedups (`speedups`). drafter: what drafts when k > 0: "ngram", "self" (the cached
+    set), "shadow-int4" / "shadow-int8", "draft_model" (the bundled model's draft) or "oracle:A" (free drafts
+    of acceptance A, calibrate/oracle.py)."""
     from ..bench.workloads import load_prompts
     from ..config import OffloadConfig
     from ..engine import LLM
@@ -60,7 +63,7 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
         for k in draft_lens:
             offload = None if cache is None else OffloadConfig(expert_cache=cache, offload="disk",
                                                                offload_dir=offload_dir)
-            spec = {"method": "ngram", "num_speculative_tokens": k} if k else None
+            spec = _spec(drafter, k) if k else None
             llm = LLM(model_path, dtype="float32", offload=offload, speculative=spec, quantize=quantize)
             try:
                 # quantized experts are priced by their bytes (blob bits per weight); their kernels' own rates
@@ -71,6 +74,8 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
                     (3 * llm.config.hidden_size * llm.config.moe_intermediate_size)
                 desc = ModelDesc.from_file(llm.path, name=llm.path.name, dtype_bytes=4.0, expert_bits=bits)
                 prompts = load_prompts(kind, max(batches), prompt_len, llm.config.vocab_size, llm.tokenizer)
+                if k and drafter.startswith("oracle:"):
+                    llm.drafter = _oracle(llm, prompts, new_tokens, float(drafter.split(":", 1)[1]))
                 for b in batches:
                     say(f"batch {b}, draft length {k}, {'all experts resident' if cache is None else cache + ' cache'}")
                     points.append(_point(llm, desc, profile, prompts[:b], k, cache, new_tokens, context,
@@ -78,6 +83,8 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
                 model = str(llm.path)
             finally:
                 llm.close()
+    for p in points:
+        p["drafter"] = drafter if p["k"] else None
     mape = _mape(points)
     groups = {f"{c or 'resident'} {'plain' if k == 0 else 'spec'}": _mape([p for p in points if p["cache"] == c
                                                                         and (p["k"] > 0) == (k > 0)])
@@ -88,7 +95,63 @@ def validate(profile: Hardware, model_path: str | Path | None = None, batches=(1
             "prompts": kind,
             "context": context, "repetitions": repetitions, "hardware": profile.name, "points": points,
             "mape": mape, "mape_by": groups,
-            "forward_mape": sum(abs(p["forward_error"]) for p in fwd) / len(fwd) if fwd else None}
+            "forward_mape": sum(abs(p["forward_error"]) for p in fwd) / len(fwd) if fwd else None,
+            "drafter": drafter, "speedups": speedups(points)}
+
+
+def speedups(points: list[dict]) -> list[dict]:
+    """Each speculative point against the plain point of the same batch and cache: measured and predicted
+    speedup (plain TPOT / speculative TPOT)."""
+    plain = {(p["batch"], p["cache"]): p for p in points if p["k"] == 0}
+    out = []
+    for p in points:
+        base = plain.get((p["batch"], p["cache"]))
+        if p["k"] and base is not None:
+            m, q = base["measured_s"] / p["measured_s"], base["predicted_s"] / p["predicted_s"]
+            out.append({"batch": p["batch"], "cache": p["cache"], "k": p["k"], "drafter": p["drafter"],
+                        "acceptance": p.get("acceptance"), "measured_speedup": m, "predicted_speedup": q,
+                        "rel_error": (q - m) / m})
+    return out
+
+
+def _spec(drafter: str, k: int) -> dict:
+    if drafter == "ngram" or drafter.startswith("oracle:"):     # the oracle replaces prompt lookup once loaded
+        return {"method": "ngram", "num_speculative_tokens": k}
+    if drafter == "self" or drafter.startswith("shadow-"):
+        return {"method": "self", "num_speculative_tokens": k,
+                **({"draft_experts": drafter} if drafter != "self" else {})}
+    if drafter == "draft_model":
+        return {"method": "draft_model", "num_speculative_tokens": k}
+    from ..errors import MoespecError
+    raise MoespecError(f"validation drafter {drafter!r} is not one of: ngram, self, shadow-int4, shadow-int8, "
+                       "draft_model, oracle:A")
+
+
+def _oracle(llm, prompts, new_tokens: int, acceptance: float):
+    from ..sampling import SamplingParams
+    from .oracle import OracleDrafter
+    params = SamplingParams(max_new_tokens=new_tokens + 16, temperature=0, ignore_eos=True)
+    ref = {tuple(p): o.token_ids for p, o in zip(prompts, llm.generate(prompts, params))}
+    return OracleDrafter(ref, acceptance, llm.config.vocab_size)
+
+
+def _draft_cost(llm, desc, profile, rows: float, per_row_drafts: float, context: int) -> float:
+    """Seconds of one step's drafting: batched drafters (on the target's KV) run one forward per draft position
+    for every row; the others draft row by row, one forward per token."""
+    from ..perf.model import ModelDesc
+    from ..perf.spec import Drafter
+    d = llm.drafter
+    if getattr(d, "batched", False):
+        if d.shadow is not None:
+            bits = 8 * d.shadow.expert_bytes() / (3 * llm.config.hidden_size * llm.config.moe_intermediate_size)
+            drafter = Drafter("shadow", 0.0, bits=bits)
+        else:
+            drafter = Drafter("self", 0.0, draft_experts=float(d.n))
+        return per_row_drafts * drafter.draft_time(desc, profile, max(1, round(rows)), context)
+    if hasattr(d, "model") and hasattr(d.model, "cfg"):            # a draft model
+        draft = ModelDesc.from_file(llm.spec.model, name="draft", dtype_bytes=4.0)
+        return rows * per_row_drafts * Drafter("draft_model", 0.0, model=draft).draft_time(desc, profile, 1, context)
+    return rows * per_row_drafts * Drafter("ngram", 0.0).draft_time(desc, profile, 1, context)
 
 
 def _mape(points) -> float | None:
@@ -98,7 +161,6 @@ def _mape(points) -> float | None:
 
 def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitions, warmup, forwards) -> dict:
     """Generate, measure, and predict one point of the grid (see the module docstring)."""
-    from ..perf.spec import Drafter
     from ..perf.step import Offload, decode_tpot, forward_cost
     from ..sampling import SamplingParams
     from .costs import verify_time
@@ -142,8 +204,8 @@ def _point(llm, desc, profile, prompts, k, cache, new_tokens, context, repetitio
         width = statistics.mean(s["verify_tokens"] for s in stats) / (steps * rows)
         drafted = statistics.mean(s["draft_tokens"] for s in stats) / steps       # per step, over the rows
         t_verify = verify_time(desc, profile, rows, width, context, offload)
-        t_draft = Drafter("ngram", 0.0).draft_time(desc, profile, 1, context)   # per drafted token
-        pt["predicted_s"] = steps * (t_verify + drafted * t_draft + profile.spec_step_overhead_s) / (new_tokens - 1)
+        t_draft = _draft_cost(llm, desc, profile, rows, drafted / rows, context)
+        pt["predicted_s"] = steps * (t_verify + t_draft + profile.spec_step_overhead_s) / (new_tokens - 1)
         pt.update(steps=steps, mean_rows=rows, mean_width=width,
                   tokens_per_step=(new_tokens - 1) / steps,
                   acceptance=statistics.mean(s["acceptance_rate"] for s in stats))

@@ -265,14 +265,22 @@ class SpecController:
         if k == 0 or s_hi < 1 - self.margin:           # even an optimistic acceptance loses: off, probe later
             self._switch_off()
             return 0
+        return self.explore_k(k)
+
+    def explore_k(self, k: int) -> int:
+        """k, or k + 1 now and then to measure it."""
         self.steps_on += 1
         # Explore one longer draft now and then, so verify costs beyond the current k are measured, not guessed
         # (unmeasured lengths are priced by extrapolation, which overprices a concave cost): every other step
         # while k is the longest length measured so far, every `explore_every` steps otherwise.
-        every = 2 if k + 1 >= max(self.verify) else self.explore_every
+        every = 2 if not self.verify or k + 1 >= max(self.verify) else self.explore_every
         if self.steps_on % every == 0 and k < self.k_max:
             return k + 1
         return k
+
+    def next_step(self) -> tuple[None, int]:
+        """(drafter, k) as DrafterChooser gives it (perf/chooser.py): this controller has one drafter (None)."""
+        return None, self.next_k()
 
     def record_plain(self, step_s: float, rows: int = 1) -> None:
         """Report a plain decoding step (one token per row)."""

@@ -61,16 +61,21 @@ def best_k(a: float, t_of: Callable[[int], float], t_draft: float, k_max: int = 
 @dataclass(frozen=True)
 class Drafter:
     """How drafts are made: `self` (the target with `draft_experts` resident experts per layer: zero slow-link
-    bytes), `ngram` (prompt lookup, almost free) or `draft_model` (a separate model with its own ModelDesc)."""
+    bytes), `shadow` (the target through low-bit copies of every expert, `bits` per parameter, all resident:
+    zero slow-link bytes), `ngram` (prompt lookup, almost free), `draft_model` (a separate model with its own
+    ModelDesc) or `oracle` (free drafts of a given acceptance: a measuring instrument, calibrate/oracle.py)."""
     kind: str
     acceptance: float
     draft_experts: float | None = None
     model: ModelDesc | None = None
+    bits: float | None = None            # shadow: bits per expert parameter (int4 g64: 4.5, int8: 8 + scales)
 
     def draft_time(self, target: ModelDesc, hw: Hardware, batch: int, context: int) -> float:
         """Seconds for one draft forward of one token per row."""
-        if self.kind == "ngram":
+        if self.kind in ("ngram", "oracle"):
             return NGRAM_DRAFT_S * batch
+        if self.kind == "shadow":
+            return forward_cost(target.with_precision(expert_bits=self.bits), hw, batch, 1, context).time
         if self.kind == "self":
             n = self.draft_experts if self.draft_experts is not None else target.experts
             return forward_cost(target, hw, batch, 1, context, experts=n).time
@@ -78,7 +83,7 @@ class Drafter:
             if self.model is None:
                 raise ValueError("a draft_model drafter needs its ModelDesc")
             return forward_cost(self.model, hw, batch, 1, context).time
-        raise ValueError(f"unknown drafter kind {self.kind!r} (self | ngram | draft_model)")
+        raise ValueError(f"unknown drafter kind {self.kind!r} (self | shadow | ngram | draft_model | oracle)")
 
 
 def spec_decode(target: ModelDesc, hw: Hardware, drafter: Drafter, batch: int, context: int, k: int, *,
