@@ -144,3 +144,21 @@ def test_plots(tmp_path):
     paths = write_plots(m, hw, 24 * GiB, 8, tmp_path, batches=(1, 4, 16, 64), k_max=8)
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prefetch_is_priced_with_the_measured_recall():
+    """Draft-guided prefetch hides the misses it predicted: the planner takes the recall this engine measured per
+    drafter (or the one given), never a published constant; a recall of 0 hides nothing."""
+    from moespec.perf.planner import PREFETCH_RECALL
+    m = known_model("mixtral-8x7b")
+    hw = PROFILES["rtx4090-pcie4"]
+    runs = {r: plan(m, hw, 48 * GiB, 4, 0.8, prefetch_recall=r) for r in (None, 0.0, 0.95)}
+    self_of = {r: next(c for c in out["speculative"]["candidates"] if c["drafter"] == "self")
+               for r, out in runs.items()}
+    assert self_of[0.95].get("prefetch_recall") == 0.95 and self_of[0.95]["prefetch_cutoff"] > 0
+    assert self_of[None].get("prefetch_recall", PREFETCH_RECALL["self"]) == PREFETCH_RECALL["self"]
+    assert self_of[0.0]["prefetch_cutoff"] == 0          # predicting nothing is no gain: no prefetch
+    assert self_of[0.95]["tokens_per_s"] > self_of[0.0]["tokens_per_s"]
+    assert any("prefetch recall as measured" in a for a in runs[None]["assumptions"])
+    with pytest.raises(PerfError, match="prefetch recall must be in"):
+        plan(m, hw, 20 * GiB, 1, prefetch_recall=1.5)

@@ -38,6 +38,9 @@ def add_plan_parser(sub, model_args) -> None:
                    help="measured per-token draft acceptance in [0, 1] (default: per-drafter assumptions)")
     p.add_argument("--draft-model", default=None, help="also consider this draft model (folder, config.json "
                    "or bundled name, e.g. qwen3-0.6b)")
+    p.add_argument("--prefetch-recall", type=float, default=None,
+                   help="measured draft-guided prefetch recall in [0, 1] (predictor_recall in a run's stats; default: "
+                        "what this engine measured per drafter)")
     p.add_argument("--expert-bits", type=float, default=None,
                    help="bits per expert parameter, for quantised experts (e.g. 4.5 for Q4_K, 8.5 for Q8_0)")
     p.add_argument("--overlap", action="store_true", help="assume expert loads overlap compute")
@@ -80,7 +83,7 @@ def run_plan(args, runtime_plan: dict | None = None) -> dict:
     memory = parse_size(args.memory, "--memory") if args.memory is not None else hw.fast_mem_bytes
     draft = load_model_desc(args.draft_model, args.dtype) if args.draft_model else None
     result = plan(model, hw, memory, args.batch, args.acceptance, context=args.context, prompt_len=args.prompt_len,
-                  draft=draft, overlap=args.overlap)
+                  draft=draft, overlap=args.overlap, prefetch_recall=args.prefetch_recall)
     if runtime_plan is not None:
         result["runtime_memory_plan"] = runtime_plan
     if args.plot and "error" not in result:

@@ -9,6 +9,10 @@ Default acceptance (ours, used when none is measured or given; `acceptance=` ove
                (N/E for uniform routing): 0.70 with every expert, 0.59 with half, 0.35 with 8 of 128
   ngram        0.3 (prompt lookup: high on edits / summaries, low on open chat)
   draft_model  0.6 (a small model of the same family)
+Draft-guided prefetch recall (the share of verification's experts the draft predicted), measured by the engine
+(`predictor_recall` in a run's stats; bundled model, 25% SSD cache, HumanEval, k = 4), unless `prefetch_recall=`
+gives one: self-drafting with cached experts 0.60, with shadow int4 experts 0.95, a draft model through its router
+projection 0.73. (SP-MoE reports about 0.88 for its own predictor; the model uses what this engine measures.)
 A verification budget of b experts out of an expected union U keeps a fraction b/U of the routing choices and
 is modelled as multiplying acceptance by sqrt(b/U) (ours; MoE-Spec is lossy, measure it).
 """
@@ -26,6 +30,7 @@ from .union import profile_coverage
 MiB = 1024 ** 2
 RESERVE_FRACTION, RESERVE_MIN = 0.05, 256 * MiB
 ACCEPT_NGRAM, ACCEPT_DRAFT_MODEL, ACCEPT_SELF_FULL = 0.3, 0.6, 0.7
+PREFETCH_RECALL = {"self": 0.60, "shadow": 0.95, "draft_model": 0.73}    # measured here (module docstring)
 MIN_GAIN = 1.03     # (ours) gains below 3% are inside the model's error: recommend the simpler setting
 
 
@@ -60,7 +65,8 @@ def offload_for(mem: dict, model: ModelDesc, overlap: bool = False, **kw) -> Off
 
 def plan(model: ModelDesc, hw: Hardware, memory_bytes: float | None = None, batch: int = 1,
          acceptance: float | None = None, *, context: int = 1024, prompt_len: int = 512,
-         draft: ModelDesc | None = None, profile=None, overlap: bool = False, k_max: int = 16) -> dict:
+         draft: ModelDesc | None = None, profile=None, overlap: bool = False, k_max: int = 16,
+         prefetch_recall: float | None = None) -> dict:
     """Predicted fit, TTFT / TPOT / tokens/s for plain and speculative decoding, and recommended settings.
 
     `memory_bytes` is the fast memory moespec may use (default: the profile's capacity); `acceptance` a measured
@@ -71,6 +77,8 @@ def plan(model: ModelDesc, hw: Hardware, memory_bytes: float | None = None, batc
         raise PerfError("batch and prompt length must be at least 1, context at least 0")
     if acceptance is not None and not 0.0 <= acceptance <= 1.0:
         raise PerfError(f"acceptance must be in [0, 1], got {acceptance}")
+    if prefetch_recall is not None and not 0.0 <= prefetch_recall <= 1.0:
+        raise PerfError(f"prefetch recall must be in [0, 1], got {prefetch_recall}")
     memory = float(memory_bytes if memory_bytes is not None else hw.fast_mem_bytes)
     warnings, assumptions = [], [
         "uniform routing" if profile is None else "measured routing profile (tokens independent)",
@@ -79,6 +87,8 @@ def plan(model: ModelDesc, hw: Hardware, memory_bytes: float | None = None, batc
         "acceptance " + (f"{acceptance} (given)" if acceptance is not None else
                          f"defaults: self 0.7 x coverage^0.25, ngram {ACCEPT_NGRAM}, "
                          f"draft_model {ACCEPT_DRAFT_MODEL}"),
+        "draft-guided prefetch recall " + (f"{prefetch_recall} (given)" if prefetch_recall is not None else
+                                           "as measured: " + ", ".join(f"{k} {v}" for k, v in PREFETCH_RECALL.items())),
     ]
     if memory > hw.fast_mem_bytes * 1.0001:
         warnings.append(f"--memory exceeds the profile's fast memory ({hw.fast_mem_bytes / 2**30:.1f} GiB)")
@@ -98,7 +108,7 @@ def plan(model: ModelDesc, hw: Hardware, memory_bytes: float | None = None, batc
                     "tpot_s": plain.time, "tokens_per_s": batch / plain.time,
                     "bytes_per_step": plain.bytes, "slow_bytes_per_step": plain.slow_bytes,
                     "experts_touched_per_layer": plain.union, "misses_per_layer": plain.misses}
-    cands = _candidates(model, hw, mem, batch, context, acceptance, draft, profile, overlap, k_max)
+    cands = _candidates(model, hw, mem, batch, context, acceptance, draft, profile, overlap, k_max, prefetch_recall)
     out["speculative"] = {"candidates": cands}
     best = max(cands, key=lambda c: c["speedup"]) if cands else None
     on = best is not None and best["speedup"] >= MIN_GAIN
@@ -136,7 +146,8 @@ def drafters_for(model: ModelDesc, mem: dict, batch: int, context: int, acceptan
     return out
 
 
-def _candidates(model, hw, mem, batch, context, acceptance, draft, profile, overlap, k_max) -> list[dict]:
+def _candidates(model, hw, mem, batch, context, acceptance, draft, profile, overlap, k_max,
+                recall: float | None = None) -> list[dict]:
     """Each drafter at its best draft length, with the best prefetch cutoff when experts are offloaded."""
     out = []
     for d, m, extra in drafters_for(model, mem, batch, context, acceptance, draft, profile):
@@ -145,12 +156,13 @@ def _candidates(model, hw, mem, batch, context, acceptance, draft, profile, over
         r.update(drafter=d.kind, prefetch_cutoff=0, cached_experts_per_layer=off.cached_experts if off else None,
                  **extra)
         if off is not None and r["k"] > 0:
-            r = _with_prefetch(model, hw, d, m, r, batch, context, profile, overlap, k_max)
+            r = _with_prefetch(model, hw, d, m, r, batch, context, profile, overlap, k_max,
+                               recall if recall is not None else PREFETCH_RECALL.get(d.kind, 0.0))
         out.append(r)
     return out
 
 
-def _with_prefetch(model, hw, d, mem, r, batch, context, profile, overlap, k_max) -> dict:
+def _with_prefetch(model, hw, d, mem, r, batch, context, profile, overlap, k_max, recall: float) -> dict:
     """SP-MoE cutoff: the largest L with L x m x t_load <= k x T_draft (m = predicted misses per layer), its
     staging slots taken from the cache; keep it if it beats no prefetch (else cutoff 0)."""
     m, k = r["verify_misses"], r["k"]
@@ -161,13 +173,14 @@ def _with_prefetch(model, hw, d, mem, r, batch, context, profile, overlap, k_max
     staging = L * m / model.moe_layers                   # cache experts per layer given up for staging
     if L <= 0 or staging >= mem["cached_experts_per_layer"]:
         return r
-    off = Offload(mem["cached_experts_per_layer"] - staging, overlap=overlap, prefetched_layers=L)
+    off = Offload(mem["cached_experts_per_layer"] - staging, overlap=overlap, prefetched_layers=L,
+                  prefetch_accuracy=recall)
     d2 = Drafter(d.kind, d.acceptance, min(d.draft_experts, off.cached_experts) if d.draft_experts else None, d.model)
     r2 = best_spec(model, hw, d2, batch, context, k_max=k_max, offload=off, profile=profile)
     if r2["tokens_per_s"] <= r["tokens_per_s"]:
         return r
     r2.update({kk: v for kk, v in r.items() if kk not in r2})
-    r2.update(prefetch_cutoff=L, prefetch_gain=r2["tokens_per_s"] / r["tokens_per_s"],
+    r2.update(prefetch_cutoff=L, prefetch_gain=r2["tokens_per_s"] / r["tokens_per_s"], prefetch_recall=recall,
               prefetch_staging_experts_per_layer=staging, cached_experts_per_layer=off.cached_experts,
               draft_experts_per_layer=d2.draft_experts)
     return r2
@@ -211,7 +224,8 @@ def _budget(model, hw, off, batch, context, profile, best) -> dict:
     if best["drafter"] == "draft_model":
         return {"value": None, "gain": 1.0, "why": "not modelled for a draft model"}
     pre = Offload(best["cached_experts_per_layer"], overlap=off.overlap,
-                  prefetched_layers=best.get("prefetch_cutoff", 0)) if off is not None else None
+                  prefetched_layers=best.get("prefetch_cutoff", 0),
+                  prefetch_accuracy=best.get("prefetch_recall", 0.0)) if off is not None else None
     from .spec import spec_decode
     base = best["tokens_per_s"]
     top = {"value": None, "gain": 1.0, "why": f"no budget gains {MIN_GAIN - 1:.0%} or more"}

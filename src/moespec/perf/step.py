@@ -32,7 +32,8 @@ class Offload:
     union: float | None = None       # a measured mean of distinct experts per MoE layer per forward (with hit_rate)
     overlap: bool = False            # loads overlap the layer's compute (pipelined) instead of stalling it
     prefetched_layers: int = 0       # the first L MoE layers had their misses loaded while drafting (SP-MoE)
-    prefetch_accuracy: float = 0.88  # fraction of those misses the prefetch predicted (SP-MoE reports ~88%)
+    prefetch_accuracy: float = 0.0   # fraction of those misses the prefetch predicted: the measured recall
+                                     # (planner.PREFETCH_RECALL, or a run's predictor_recall)
 
 
 @dataclass(frozen=True)
