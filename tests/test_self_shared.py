@@ -216,3 +216,21 @@ def test_a_projection_for_other_routers_is_refitted_and_cached(tmp_path, monkeyp
     monkeypatch.setattr(router_proj, "fit_projection", lambda *a, **k: pytest.fail("fitted twice"))
     again = router_proj.projection_for(target, draft, REFERENCE_DRAFT)
     assert all(torch.equal(again.w[i], p.w[i]) for i in p.w)
+
+
+def test_the_substitution_table_sends_each_expert_to_its_nearest_draft_expert():
+    """The own-KV drafter's `substitute` routing: draft-set experts map to themselves, every other expert to the
+    draft-set expert nearest to it by weight distance."""
+    llm = LLM(REFERENCE_MODEL, dtype="float32",
+              speculative={"method": "self", "draft_experts": 4, "draft_routing": "substitute"})
+    d = llm.drafter
+    for layer in d.moe_layers:
+        allowed = d.sets[layer]
+        table = d.plan().expert_map[layer]
+        dist = d.dist[layer]
+        assert dist.shape == (16, 16) and torch.allclose(dist, dist.T) and torch.all(dist.diagonal() == 0)
+        for e in range(16):
+            if e in allowed.tolist():
+                assert int(table[e]) == e
+            else:
+                assert int(table[e]) == int(allowed[dist[e, allowed].argmin()])

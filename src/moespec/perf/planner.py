@@ -9,6 +9,7 @@ Default acceptance (ours, used when none is measured or given; `acceptance=` ove
                (N/E for uniform routing): 0.70 with every expert, 0.59 with half, 0.35 with 8 of 128
   ngram        0.3 (prompt lookup: high on edits / summaries, low on open chat)
   draft_model  0.6 (a small model of the same family)
+  shadow       0.95 (int4 copies of every expert drafting with the router's own picks; measured 0.94-1.0 here)
 Draft-guided prefetch recall (the share of verification's experts the draft predicted), measured by the engine
 (`predictor_recall` in a run's stats; bundled model, 25% SSD cache, HumanEval, k = 4), unless `prefetch_recall=`
 gives one: self-drafting with cached experts 0.60, with shadow int4 experts 0.95, a draft model through its router
@@ -19,6 +20,7 @@ is modelled as multiplying acceptance by sqrt(b/U) (ours; MoE-Spec is lossy, mea
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from .errors import PerfError
 from .hardware import Hardware
@@ -30,6 +32,8 @@ from .union import profile_coverage
 MiB = 1024 ** 2
 RESERVE_FRACTION, RESERVE_MIN = 0.05, 256 * MiB
 ACCEPT_NGRAM, ACCEPT_DRAFT_MODEL, ACCEPT_SELF_FULL = 0.3, 0.6, 0.7
+ACCEPT_SHADOW, SHADOW_BITS = 0.95, 4.5   # int4 g64 shadow copies (4 bits + a bf16 scale and zero per 64): measured
+                                         # acceptance 0.94-1.0 on the bundled model (docs/benchmarks.md)
 PREFETCH_RECALL = {"self": 0.60, "shadow": 0.95, "draft_model": 0.73}    # measured here (module docstring)
 MIN_GAIN = 1.03     # (ours) gains below 3% are inside the model's error: recommend the simpler setting
 
@@ -136,6 +140,15 @@ def drafters_for(model: ModelDesc, mem: dict, batch: int, context: int, acceptan
         cov = profile_coverage(model.experts, model.top_k, n, profile)
         a = acceptance if acceptance is not None else self_draft_acceptance(cov)
         out.append((Drafter("self", a, draft_experts=n), mem, {"draft_experts_per_layer": n, "coverage": cov}))
+        # Shadow experts: int4 copies of every expert for drafting, resident; their bytes leave the cache.
+        native = model.expert_bits if model.expert_bits is not None else 8 * model.dtype_bytes
+        if native > SHADOW_BITS:
+            extra = model.expert_total_bytes * SHADOW_BITS / native
+            smem = memory_plan(model, mem["budget_bytes"], batch, context, extra_bytes=extra)
+            if smem["runnable"] and (smem["fits"] or smem["cached_experts_per_layer"] >= model.top_k):
+                a = acceptance if acceptance is not None else ACCEPT_SHADOW
+                out.append((Drafter("shadow", a, bits=SHADOW_BITS), smem,
+                            {"shadow_bits": SHADOW_BITS, "shadow_bytes": extra}))
     out.append((Drafter("ngram", acceptance if acceptance is not None else ACCEPT_NGRAM), mem, {}))
     if draft is not None:
         dmem = memory_plan(model, mem["budget_bytes"], batch, context,
@@ -175,7 +188,7 @@ def _with_prefetch(model, hw, d, mem, r, batch, context, profile, overlap, k_max
         return r
     off = Offload(mem["cached_experts_per_layer"] - staging, overlap=overlap, prefetched_layers=L,
                   prefetch_accuracy=recall)
-    d2 = Drafter(d.kind, d.acceptance, min(d.draft_experts, off.cached_experts) if d.draft_experts else None, d.model)
+    d2 = replace(d, draft_experts=min(d.draft_experts, off.cached_experts) if d.draft_experts else None)
     r2 = best_spec(model, hw, d2, batch, context, k_max=k_max, offload=off, profile=profile)
     if r2["tokens_per_s"] <= r["tokens_per_s"]:
         return r
@@ -220,7 +233,7 @@ def _budget(model, hw, off, batch, context, profile, best) -> dict:
     if best is None or not model.experts:
         return {"value": None, "gain": 1.0, "why": "speculation off" if best is None else "dense model"}
     k, a, U = best["k"], best["acceptance"], best["verify_union"]
-    drafter = Drafter(best["drafter"], a, best.get("draft_experts_per_layer"), None)
+    drafter = Drafter(best["drafter"], a, best.get("draft_experts_per_layer"), None, best.get("shadow_bits"))
     if best["drafter"] == "draft_model":
         return {"value": None, "gain": 1.0, "why": "not modelled for a draft model"}
     pre = Offload(best["cached_experts_per_layer"], overlap=off.overlap,

@@ -28,8 +28,12 @@ def make_drafter(spec, model, path, offload, tokenizer, capacity: int, dtype: st
     if spec.method == "draft_model":
         return draft_model_drafter(spec, model, offload, tokenizer, capacity, dtype, device)
     members = {}                                     # "auto": every drafter that applies, the likeliest first
-    if model.cfg.is_moe:
-        members["self"] = self_drafter(spec, model, path, offload, capacity)
+    if model.cfg.is_moe:                             # the self drafter with shadow copies, and with cached experts
+        from dataclasses import replace
+        if spec.shadow:
+            members["shadow"] = self_drafter(spec, model, path, offload, capacity)
+        members["self"] = self_drafter(replace(spec, draft_experts=None) if spec.shadow else spec, model, path,
+                                       offload, capacity)
     if spec.model:
         members["draft_model"] = draft_model_drafter(spec, model, offload, tokenizer, capacity, dtype, device)
     members["ngram"] = NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min)
