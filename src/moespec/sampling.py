@@ -22,6 +22,9 @@ DEFAULT_TOP_K = 0  # 0 (or -1 on input) disables top-k
 DEFAULT_SAMPLE_TEMPERATURE = 1.0
 
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts at most this
+MIN_TEMPERATURE = 1e-5  # below this a temperature decodes greedily (vLLM's rule): logits / 1e-40 overflow to inf
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024     # every token is matched against every stop string: bound them
+LOGIT_LIMIT = 1e30      # penalised logits are clamped here, so an extreme penalty cannot make them infinite
 
 
 @dataclass
@@ -47,13 +50,13 @@ class SamplingParams:
         """Return a copy with None fields filled from a `generation_config.json` dict.
 
         As in transformers, a model whose config does not set `do_sample: true` decodes greedily by default
-        (temperature 0); with `do_sample: true` the default temperature is the config's, else 1.0. Missing top_p,
+        (temperature 0); a temperature below MIN_TEMPERATURE decodes greedily too (as vLLM); with `do_sample: true` the default temperature is the config's, else 1.0. Missing top_p,
         top_k and max_new_tokens fall back to 1.0, 0 (disabled) and 256. `stop` becomes a list and
         `stop_token_ids` a list; EOS handling is the engine's business and is not touched here.
         """
         cfg = {k: v for k, v in (gen_config or {}).items() if v is not None}  # JSON null = absent
         if self.temperature is not None:
-            temperature = self.temperature
+            temperature = self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
         elif cfg.get("do_sample", False):
             temperature = float(cfg.get("temperature", DEFAULT_SAMPLE_TEMPERATURE))
         else:
@@ -91,9 +94,13 @@ class SamplingParams:
         if seed is not None and (not _is_int(seed) or not 0 <= seed <= _MAX_SEED):
             _bad("seed", seed, "must be an integer in [0, 2**64)")
         stops = self.stop if isinstance(self.stop, list) else [self.stop] if self.stop is not None else []
+        if len(stops) > MAX_STOP_STRINGS:
+            _bad("stop", f"<{len(stops)} strings>", f"at most {MAX_STOP_STRINGS} stop strings")
         for s in stops:
             if not isinstance(s, str) or s == "":
                 _bad("stop", s, "stop strings must be non-empty strings")
+            if len(s) > MAX_STOP_CHARS:
+                _bad("stop", s[:20] + "...", f"a stop string may have at most {MAX_STOP_CHARS} characters")
         for tok in self.stop_token_ids or []:
             if not _is_int(tok) or tok < 0:
                 _bad("stop_token_ids", tok, "token ids must be integers >= 0")
@@ -192,7 +199,7 @@ def apply_penalties(logits: torch.Tensor, prompt: list[int], outputs: list[list[
         logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
     if p.frequency_penalty or p.presence_penalty:
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
-    return logits
+    return logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def sample(

@@ -61,7 +61,9 @@ class Tokenizer:
     # -- text <-> ids ----------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with add_special_tokens the post-processor's BOS/EOS are added."""
+        """Token ids of `text`; with add_special_tokens the post-processor's BOS/EOS are added. Text that is not
+        valid Unicode (a lone surrogate, as JSON can carry) is a MoespecError naming where."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -212,3 +214,12 @@ def _clean_up_tokenization(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Raise a MoespecError when `text` cannot be encoded as UTF-8 (lone surrogates: "\\ud800" in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoespecError(f"{what} is not valid Unicode: {e.reason} ({text[e.start]!r}) at character "
+                           f"{e.start}") from None

@@ -23,6 +23,14 @@ def add_serve_parser(sub, env, model_args, engine_args) -> None:
     s.add_argument("--threads", type=int, default=env("threads", None, int),
                    help="torch threads for the engine (default: one fewer than the cores, at least 1, so the HTTP "
                         "thread does not preempt the engine's parallel kernels; OMP_NUM_THREADS also sets it)")
+    s.add_argument("--api-key", default=env("api_key"),
+                   help="require `Authorization: Bearer KEY` on every endpoint but the open ones (also MOESPEC_API_KEY)")
+    s.add_argument("--open-endpoints", default=env("open_endpoints", "/health,/metrics"),
+                   help="comma-separated paths served without the API key (default /health,/metrics; '' for none)")
+    s.add_argument("--max-body-bytes", type=int, default=env("max_body_bytes", 8 << 20, int),
+                   help="largest request body accepted (default 8 MiB; larger: 413)")
+    s.add_argument("--request-timeout", type=float, default=env("request_timeout", None, float),
+                   help="cancel a request still running after this many seconds (408; default: no limit)")
     s.add_argument("--log-level", default=env("log_level", "info"),
                    choices=["critical", "error", "warning", "info", "debug"])
     for add in engine_args:       # offload and speculation flags, as for generate
@@ -34,7 +42,11 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
 
     from ..engine import LLM
     from ..errors import MoespecError
-    from .app import create_app
+    from .app import Limits, create_app
+    if a.max_body_bytes < 1024:
+        raise MoespecError(f"--max-body-bytes {a.max_body_bytes} is too small (at least 1024)")
+    if a.request_timeout is not None and a.request_timeout <= 0:
+        raise MoespecError(f"--request-timeout {a.request_timeout:g} must be a positive number of seconds")
     for name in ("port", "max_num_seqs", "max_waiting"):
         v = getattr(a, name)
         if v < (0 if name in ("port", "max_waiting") else 1) or (name == "port" and v > 65535):
@@ -53,7 +65,12 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
     if llm.memory_plan is not None:
         print(llm.memory_plan.summary(), file=sys.stderr)
     name = a.served_model_name or llm.path.name
-    app = create_app(llm, name, max_num_seqs=a.max_num_seqs, max_waiting=a.max_waiting)
+    limits = Limits(max_body_bytes=a.max_body_bytes, request_timeout_s=a.request_timeout, api_key=a.api_key or None,
+                    open_paths=tuple(p.strip() for p in a.open_endpoints.split(",") if p.strip()))
+    if a.host not in ("127.0.0.1", "localhost", "::1") and limits.api_key is None:
+        print(f"moespec serve: listening on {a.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    app = create_app(llm, name, max_num_seqs=a.max_num_seqs, max_waiting=a.max_waiting, limits=limits)
     print(f"moespec serve: {name} ({llm.path}) on http://{a.host}:{a.port}/v1 ({torch.get_num_threads()} engine "
           "threads)", file=sys.stderr, flush=True)
     try:

@@ -36,7 +36,10 @@ class Job:
     t_last: list[float] = field(default_factory=list)    # per choice, time of its last text (for ITL)
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:                 # its event loop is closed: nobody is listening any more
+            self.cancelled = True
 
 
 class EngineWorker(threading.Thread):

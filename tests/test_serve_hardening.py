@@ -1,0 +1,172 @@
+"""`moespec serve` under hostile or careless clients: the probes that hurt, each with the status it must get."""
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from moespec import LLM, SamplingParams
+from moespec.serve.app import Limits, create_app
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def llm(text_model):
+    return LLM(text_model)
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    with TestClient(create_app(llm, NAME, max_num_seqs=4, limits=Limits(max_body_bytes=64 << 10))) as c:
+        yield c
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 4, **body})
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": ["a", "b", "c"], "n": 2}, "3 prompt(s) x n=2 is 6 sequences, more than this server decodes at once "
+                                          "(--max-num-seqs 4)"),
+    ({"prompt": ["x"] * 48}, "48 prompt(s) x n=1 is 48 sequences"),
+    ({"stop": ["s"] * 100}, "at most 16 stop strings"),
+    ({"stop": "x" * 5000}, "at most 1024 characters"),
+])
+def test_requests_beyond_the_limits_are_400s(client, body, words):
+    r = complete(client, **body)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/v1/completions", b'{"prompt": "caf\\ud800 bar", "max_tokens": 2}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}')])
+def test_a_lone_surrogate_is_a_400_and_the_server_goes_on(client, path, raw):
+    """JSON may escape a lone surrogate ("\\ud800"); the tokenizer cannot take it."""
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_body_over_the_limit_is_a_413_declared_or_not(client):
+    big = b'{"prompt": "' + b"x" * (100 << 10) + b'"}'
+    r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "--max-body-bytes 65536" in r.json()["error"]["message"]
+
+    def chunks():                                  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+
+
+@pytest.mark.parametrize("body", [{"temperature": 1e-40}, {"repetition_penalty": 1e-300, "temperature": 0.8},
+                                  {"repetition_penalty": 1e300, "temperature": 0.8}])
+def test_extreme_sampling_values_decode_instead_of_failing(client, llm, body):
+    """A temperature below 1e-5 decodes greedily (vLLM's rule); penalised logits are clamped, never infinite."""
+    r = complete(client, seed=3, ignore_eos=True, **body)
+    assert r.status_code == 200, r.text
+    if body.get("temperature") == 1e-40:
+        ref = llm.generate("def add(a, b):", SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert r.json()["choices"][0]["text"] == ref.text
+
+
+def test_model_ids_carry_no_path_and_internal_errors_carry_no_details(llm, caplog):
+    app = create_app(llm, NAME, start=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        (m,) = c.get("/v1/models").json()["data"]
+        assert str(llm.path) not in str(m) and m["root"] == NAME
+
+        @app.get("/boom")
+        async def boom():
+            raise RuntimeError("secret detail /home/user/model")
+        r = c.get("/boom")
+    assert r.status_code == 500
+    msg = r.json()["error"]["message"]
+    assert "secret" not in msg and "request req-" in msg
+    rid = msg.split("request ")[1].split(";")[0]
+    assert any(rid in rec.getMessage() and "secret detail" in rec.getMessage() for rec in caplog.records)
+
+
+def test_the_api_key_guards_every_endpoint_but_the_open_ones(llm):
+    app = create_app(llm, NAME, limits=Limits(api_key="s3cret"))
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert c.post("/v1/completions", json={"prompt": "x"}, headers=headers).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+    with TestClient(create_app(llm, NAME, limits=Limits(api_key="k", open_paths=()))) as c:
+        assert c.get("/health").status_code == 401
+
+
+def test_a_request_past_its_timeout_is_cancelled_with_a_408(llm):
+    app = create_app(llm, NAME, limits=Limits(request_timeout_s=0.5))
+    with TestClient(app) as c:
+        r = complete(c, max_tokens=100000 // 1000, ignore_eos=True)       # fast enough: done in time
+        assert r.status_code == 200
+        worker = app.state.worker
+        slow = worker.llm.generate
+        worker.llm.generate = lambda *a, **k: (time.sleep(2.0), slow(*a, **k))[1]     # a stuck engine
+        try:
+            r = complete(c, max_tokens=4)
+        finally:
+            worker.llm.generate = slow
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+
+
+def test_a_non_streaming_request_whose_client_left_is_cancelled(llm):
+    """A real server and a client that sends a long non-streaming request, then closes its socket: the engine
+    is told (aborted) and stops decoding for it, as for a stream whose client went away."""
+    import socket
+
+    import uvicorn
+    app = create_app(llm, NAME)
+    seen = []
+    real = llm.generate
+
+    def spy(prompts, params, **kw):
+        aborted = kw["aborted"]
+        def slow_aborted(i):          # about 10 ms per token: the tiny model would finish before the client leaves
+            time.sleep(0.01)
+            seen.append(aborted(i))
+            return seen[-1]
+        kw["aborted"] = slow_aborted
+        return real(prompts, params, **kw)
+    app.state.worker.llm.generate = spy
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        body = b'{"prompt": "x", "max_tokens": 400, "ignore_eos": true}'
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(1.0)                       # decoding has started; the client goes away
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(seen):
+            time.sleep(0.1)
+        assert any(seen), "the engine was never told the client left"
+    finally:
+        app.state.worker.llm.generate = real
+        server.should_exit = True
+        t.join(10)
+
+
+@pytest.mark.parametrize("flag, message", [(["--max-body-bytes", "10"], "--max-body-bytes 10 is too small"),
+                                           (["--request-timeout", "0"], "--request-timeout 0 must be a positive")])
+def test_hardening_flags_are_checked(text_model, flag, message):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "serve", str(text_model), *flag], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
