@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 import threading
 import time
 
@@ -14,6 +15,7 @@ from moespec.config import OffloadConfig
 from moespec.errors import MoespecError
 from moespec.experts import packfile
 from moespec.models import load_model
+from packs import edit_header
 
 TOKENS = torch.tensor([[5, 17, 3, 99, 42, 7, 11, 200, 1]])
 
@@ -44,8 +46,9 @@ def test_pack_is_built_once_then_reused(ckpt, tmp_path):
     a = disk(ckpt, tmp_path)
     assert a.experts.store.build_reason == "missing"
     path = pack_file(a)
-    header = json.loads(path.read_bytes()[:4096])
+    header = packfile.read_header(path)
     assert header["stride"] % 4096 == 0 and header["file_bytes"] == path.stat().st_size
+    assert header["data_offset"] % 4096 == 0 and header["checksum"] == "crc32c"
     assert header["dtype"] == "float32" and header["num_experts"] == 6
     a.experts.close()
     mtime = path.stat().st_mtime_ns
@@ -66,13 +69,8 @@ def test_damaged_pack_is_rebuilt_never_read(damage, ckpt, tmp_path):
     elif damage == "garbage_header":
         raw[:16] = b"\x00garbage\xff\xfe\x00\x00\x00\x00\x00\x00"
     else:
-        h = json.loads(raw[:4096])
-        if damage == "header_mismatch":
-            h["blob_bytes"] += 4
-        else:
-            h["version"] = 99
-        head = json.dumps(h).encode()
-        raw[:4096] = head + b" " * (4096 - len(head))
+        edit_header(raw, (lambda h: h.update(blob_bytes=h["blob_bytes"] + 4)) if damage == "header_mismatch"
+                    else (lambda h: h.update(version=99)))
     path.write_bytes(bytes(raw))
     m = disk(ckpt, tmp_path)
     reason = m.experts.store.build_reason
@@ -258,5 +256,63 @@ def test_a_prefetch_never_waits_on_a_load_in_flight(ckpt, tmp_path):
     assert sorted(cache.cached(layer).tolist()) == [0, 1]
     gate.set()
     store.load = real
+    assert torch.equal(logits(m), logits(load_model(ckpt, auto_layout=False)))
+    m.experts.close()
+
+
+@pytest.mark.parametrize("damage", ["flipped_bit", "inf"])
+def test_a_damaged_expert_is_a_clear_error_not_silent_weights(damage, ckpt, tmp_path):
+    """The pack's header still matches, but one expert's bytes changed on disk: its checksum catches the read."""
+    m = disk(ckpt, tmp_path, expert_cache=6)
+    path, h = m.experts.store.path, m.experts.store.header
+    m.experts.close()
+    raw = bytearray(path.read_bytes())
+    at = h["data_offset"] + 2 * h["stride"] + 100          # expert 2 of the first MoE layer
+    if damage == "flipped_bit":
+        raw[at] ^= 0x10
+    else:
+        raw[at:at + 4] = struct.pack("<f", float("inf"))
+    path.write_bytes(bytes(raw))
+    m = disk(ckpt, tmp_path, expert_cache=6)
+    assert m.experts.store.build_reason is None                    # the header cannot tell
+    with pytest.raises(MoespecError, match=r"expert 2 of MoE layer 0 read from .* does not match its checksum"):
+        logits(m)
+    m.experts.close()
+
+
+def test_a_header_longer_than_a_page_packs_and_reads(ckpt, tmp_path):
+    """A checkpoint of many shards (Mixtral-8x22B, Qwen3-235B: 40-100 files) makes a long header."""
+    sd = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    names = sorted(sd)
+    index = {"metadata": {}, "weight_map": {}}
+    shards = 60
+    for i in range(shards):
+        part = {n: sd[n] for n in names[i::shards]}
+        if part:
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(part, ckpt / fname, metadata={"format": "pt"})
+            index["weight_map"].update({n: fname for n in part})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    ref = logits(load_model(ckpt, auto_layout=False))
+    m = disk(ckpt, tmp_path)
+    h = m.experts.store.header
+    assert len(h["checkpoint"]) > 40 and h["data_offset"] > 4096
+    assert torch.equal(logits(m), ref)
+    m.experts.close()
+
+
+def test_a_writer_killed_while_packing_leaves_no_orphan(ckpt, tmp_path):
+    """Packing writes a temporary file named by its pid: after a kill -9, the next packer removes it."""
+    import subprocess
+    import sys
+    off = tmp_path / "off"
+    off.mkdir()
+    path = packfile.pack_path(off, ckpt, {"dtype": "float32"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = path.with_name(f".{path.name}.{int(dead.stdout)}.tmp")
+    orphan.write_bytes(b"half a pack")
+    m = disk(ckpt, tmp_path)
+    assert not orphan.exists() and m.experts.store.build_reason == "missing"
     assert torch.equal(logits(m), logits(load_model(ckpt, auto_layout=False)))
     m.experts.close()

@@ -13,6 +13,7 @@ from moespec.assets import REFERENCE_MODEL
 from moespec.config import OffloadConfig
 from moespec.experts import packfile
 from moespec.quant.scheme import QuantConfig
+from packs import edit_header
 
 REFERENCE_DRAFT = REFERENCE_MODEL.parent / "reference-draft"
 PROMPTS = ["def add(a, b):\n    return", "import os\n\ndef list_files(path):", "class Stack:\n    def push(self, x):"]
@@ -102,10 +103,7 @@ def test_pack_file_identity_includes_the_quantization(qmodel, tmp_path):
     # An int4 file packed for another CPU class (its packing differs) is rebuilt, never read.
     path = next(tmp_path.glob("*int4g32.experts"))
     raw = bytearray(path.read_bytes())
-    h = json.loads(raw[:4096])
-    h["int4_pack"] = "cpu-other"
-    head = json.dumps(h).encode()
-    raw[:4096] = head + b" " * (4096 - len(head))
+    edit_header(raw, lambda h: h.update(int4_pack="cpu-other"))
     path.write_bytes(bytes(raw))
     llm = LLM(qmodel, quantize=QuantConfig("int4", 32), offload=OffloadConfig(expert_cache=2, offload="disk",
                                                                               offload_dir=d))

@@ -1,16 +1,21 @@
-"""The packed expert file of the disk tier: a 4096-byte JSON header, then every expert's blob.
+"""The packed expert file of the disk tier: a length-prefixed JSON header, every expert's blob, their checksums.
 
-Layout: header (JSON padded with spaces to ALIGN bytes), then for each MoE layer in order, for each
-expert 0..E-1, its blob (exactly a pool slot: gate+up then down in the run's dtype, or the quantized
-blob of quant/pool.py) padded to `stride` = blob bytes rounded up to ALIGN, so every blob starts and ends
-on an O_DIRECT boundary. The file is written an expert at a time: packing needs one expert's memory.
+Layout: 16 bytes giving the header's length (ASCII decimal, newline-terminated), the JSON header, spaces up to
+`data_offset` (a multiple of ALIGN: the header may be as long as the checkpoint needs, e.g. hundreds of shards);
+then for each MoE layer in order, for each expert 0..E-1, its blob (exactly a pool slot: gate+up then down in the
+run's dtype, or the quantized blob of quant/pool.py) padded to `stride` = blob bytes rounded up to ALIGN, so every
+blob starts and ends on an O_DIRECT boundary; then at `checksum_offset` one CRC32C (little-endian u32) per blob in
+the same order, padded to ALIGN. The file is written an expert at a time: packing needs one expert's memory.
+Every read from the slow tier is checked against its blob's checksum (store.py): a flipped bit on the disk is an
+error naming the expert, never weights used silently.
 
 The header names the checkpoint it was packed from (size, mtime and sha256 of config.json; size,
 mtime and sha256 of each safetensors file's header bytes), the shapes, dtype, storage layout, the
 quantization (method, group size, the int4 kernel's packing, which differs between CPU classes), blob
 size and alignment. A file whose header does not match, or whose size is not what the header
 promises (a truncated or interrupted write), is rebuilt: a stale file can never feed wrong weights.
-Files are written to a temporary name and renamed into place, so a crash leaves no valid-looking file.
+Files are written to a temporary name (with the writer's pid) and renamed into place, so a crash leaves no
+valid-looking file; temporary files of writers that are no longer running are removed before packing.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ from .pools import layout_blob_bytes
 if TYPE_CHECKING:  # loading imports models, which import experts: import it where it is used
     from ..loading import Checkpoint
 
-FORMAT, VERSION, ALIGN = "moespec-experts", 1, PAGE
+FORMAT, VERSION, ALIGN = "moespec-experts", 2, PAGE
+PREFIX = 16                   # bytes of the header-length prefix
+MAX_HEADER = 64 << 20         # a header larger than this is garbage, not a checkpoint
 SYNC_BYTES = 64 << 20
 
 
@@ -71,20 +78,31 @@ def expected_header(ck: Checkpoint, cfg: ModelConfig, layout: dict) -> dict:
     blob = layout_blob_bytes(layout)
     stride = round_up(blob, ALIGN)
     layers = cfg.moe_layer_ids
-    return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint_identity(ck), "layers": layers,
-            "num_experts": cfg.num_experts, "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size,
-            "dtype": layout["dtype"], "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
-            **{k: layout.get(k) for k in QUANT_KEYS},
-            "blob_bytes": blob, "stride": stride, "align": ALIGN, "data_offset": ALIGN,
-            "file_bytes": ALIGN + len(layers) * cfg.num_experts * stride}
+    n = len(layers) * cfg.num_experts
+    h = {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint_identity(ck), "layers": layers,
+         "num_experts": cfg.num_experts, "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size,
+         "dtype": layout["dtype"], "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
+         **{k: layout.get(k) for k in QUANT_KEYS},
+         "blob_bytes": blob, "stride": stride, "align": ALIGN, "checksum": "crc32c",
+         "data_offset": 0, "checksum_offset": 0, "file_bytes": 0}
+    # The offsets follow the header's own length: 64 bytes of slack cover the digits they add.
+    data = round_up(PREFIX + len(json.dumps(h)) + 64, ALIGN)
+    h.update(data_offset=data, checksum_offset=data + n * stride, file_bytes=data + n * stride + round_up(4 * n, ALIGN))
+    return h
 
 
 def read_header(path: Path) -> dict | None:
     """The header of an existing file, or None when there is none worth reading (absent or garbage)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(ALIGN)
+            prefix = f.read(PREFIX)
+            n = int(prefix.decode("ascii")) if len(prefix) == PREFIX and prefix.endswith(b"\n") else -1
+            if not 0 < n <= MAX_HEADER:
+                return None
+            raw = f.read(n)
     except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, ValueError):
         return None
     except OSError as e:
         raise MoespecError(f"cannot read the packed expert file {path}: {e.strerror or e}") from None
@@ -93,6 +111,38 @@ def read_header(path: Path) -> dict | None:
         return h if isinstance(h, dict) else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
+
+
+def read_checksums(path: Path, header: dict) -> list[int]:
+    """The CRC32C of every blob, in file order (layer by layer, expert by expert)."""
+    n = len(header["layers"]) * header["num_experts"]
+    with open(path, "rb") as f:
+        f.seek(header["checksum_offset"])
+        raw = f.read(4 * n)
+    if len(raw) != 4 * n:
+        raise MoespecError(f"the packed expert file {path} has no complete checksum table")
+    return list(struct.unpack(f"<{n}I", raw))
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temporary files of writers of `path` that are no longer running (a kill during packing)."""
+    gone = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
@@ -107,7 +157,7 @@ def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
     if found.get("checkpoint") != want["checkpoint"]:
         return "checkpoint changed since packing"
     for key in ("layers", "num_experts", "hidden", "inter", "dtype", *QUANT_KEYS, "blob_bytes", "stride", "align",
-                "data_offset"):
+                "checksum", "data_offset", "checksum_offset"):
         if found.get(key) != want[key]:
             return f"header mismatch: {key} is {found.get(key)!r}, expected {want[key]!r}"
     if type(found.get("t13")) is not bool or type(found.get("t2")) is not bool:
@@ -131,20 +181,25 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_
     if free < header["file_bytes"]:
         raise MoespecError(f"offload dir {d} has {free / 2**30:.2f} GiB free; the packed experts need "
                            f"{header['file_bytes'] / 2**30:.2f} GiB")
+    import crc32c
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pad = bytes(header["stride"] - header["blob_bytes"])
     head = json.dumps(header).encode()
+    sums = []
     layout = {k: header[k] for k in ("hidden", "inter", "dtype", "t13", "t2", *QUANT_KEYS)}
     what = "packing" + (f" {header['quant']}" if header.get("quant") else "")
     try:
         with open(tmp, "wb") as f, progress(len(header["layers"]) * header["num_experts"],
                                             f"{what} experts into {path.name}", show_progress) as tick:
-            f.write(head + b" " * (ALIGN - len(head)))
+            f.write(b"%015d\n" % len(head) + head + b" " * (header["data_offset"] - PREFIX - len(head)))
             unsynced = 0
             for layer in header["layers"]:
                 for e in range(header["num_experts"]):
                     pool = load_expert_pool(ck, cfg, layer, layout, [e])
-                    f.write(memoryview(pool.blob.view(torch.uint8)[0].contiguous().numpy()))
+                    blob = pool.blob.view(torch.uint8)[0].contiguous().numpy()
+                    sums.append(crc32c.crc32c(blob))
+                    f.write(memoryview(blob))
                     f.write(pad)
                     unsynced += header["stride"]
                     if unsynced >= SYNC_BYTES:     # written pages stay cached (a memory cgroup counts them)
@@ -152,6 +207,8 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_
                         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                         unsynced = 0
                     tick()
+            table = struct.pack(f"<{len(sums)}I", *sums)
+            f.write(table + bytes(header["file_bytes"] - header["checksum_offset"] - len(table)))
             f.flush()
             os.fsync(f.fileno())
             # The reads that follow should come from the device, not from pages this write left behind.
