@@ -3,6 +3,7 @@ import threading
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from moespec import LLM, SamplingParams
@@ -170,3 +171,60 @@ def test_hardening_flags_are_checked(text_model, flag, message):
     r = subprocess.run([sys.executable, "-m", "moespec.cli", "serve", str(text_model), *flag], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_position_embeddings", "4096", "max_position_embeddings='4096' must be a positive integer"),
+    ("max_position_embeddings", 10 ** 8, "is implausible"),
+    ("rms_norm_eps", -1, "rms_norm_eps=-1 must be a positive number"),
+    ("num_key_value_heads", 1.5, "num_key_value_heads=1.5 must be a positive integer"),
+])
+def test_config_values_are_checked_not_trusted(text_model, tmp_path, field, value, message):
+    import json
+    import shutil
+
+    from moespec.errors import MoespecError
+    d = tmp_path / "m"
+    shutil.copytree(text_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoespecError, match=message):
+        LLM(d)
+
+
+def test_a_shard_outside_the_model_folder_is_refused(text_model, tmp_path):
+    import json
+    import shutil
+
+    from moespec.errors import MoespecError
+    d = tmp_path / "m"
+    shutil.copytree(text_model, d)
+    shutil.move(d / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "elsewhere.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "../elsewhere.safetensors" for n in names}}))
+    with pytest.raises(MoespecError, match="which is not a file inside the model folder"):
+        LLM(d)
+
+
+def test_rope_tables_grow_with_the_positions_used(text_model, tmp_path):
+    """A config's max_position_embeddings is not allocated up front; the grown table is the same table."""
+    import json
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(text_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 200_000
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = LLM(d).model
+    assert m.cos.shape[0] == 4096 + 256
+    before = m.cos.clone()
+    m._grow_rope(10_000)
+    assert m.cos.shape[0] >= 10_000 and torch.equal(m.cos[:before.shape[0]], before)
+    kv = m.new_cache(1, 8)
+    pos = torch.tensor([[20_000, 20_001]])                 # positions far past the first table
+    m.forward(torch.tensor([[3, 4]]), kv, positions=pos)
+    assert m.cos.shape[0] > 20_001

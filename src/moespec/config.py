@@ -85,8 +85,28 @@ class ModelConfig:
                     return v
             raise MoespecError(f"config.json ({mt}) is missing the field {key!r}")
 
+        def optional(key, default, kind=int):
+            """An optional field: absent or null is `default`; present, it must be a positive number of its kind."""
+            v = raw.get(key)
+            if v is None:
+                return default
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or
+                                                                                       isinstance(v, int))
+            if not ok:
+                raise MoespecError(f"config.json field {key}={v!r} must be a positive "
+                                   f"{'integer' if kind is int else 'number'}")
+            return v
+
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         layers = need("num_hidden_layers")
+        for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "intermediate_size",
+                    "moe_intermediate_size", "vocab_size"):
+            optional(key, None)
+        for key in ("rms_norm_eps", "rope_theta"):
+            optional(key, None, float)
+        if optional("max_position_embeddings", 4096) > 1 << 24:
+            raise MoespecError(f"config.json field max_position_embeddings={raw['max_position_embeddings']} is "
+                               "implausible (more than 16M positions)")
         kv_heads = raw.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise MoespecError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")

@@ -38,7 +38,16 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise MoespecError(f"{index} is not a valid safetensors index: {e}") from None
-            self.files = {name: self.folder / f for name, f in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise MoespecError(f"{index} is not a valid safetensors index: weight_map is not an object")
+            root = self.folder.resolve()
+            self.files = {}
+            for name, f in weight_map.items():
+                path = self.folder / str(f)
+                # A shard must be a file of this folder: an index naming ../../etc/... is refused, not followed.
+                if not isinstance(f, str) or root not in path.resolve().parents:
+                    raise MoespecError(f"{index} maps {name} to {f!r}, which is not a file inside the model folder")
+                self.files[name] = path
         elif single.is_file():
             self.files = None
             self._single = single

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import MoespecError
 from ..kv_cache import KVCache
 from ..spec.budget import VerifyBudget
 from .layers import apply_rope, attend, linear, rms_norm, rope_tables
@@ -91,10 +92,18 @@ class DecoderLM:
         # one there (46 vs 15 us over 128 keys, 725 vs 92 us over 2048, 2-core Zen 5), for 2x the KV memory.
         self.kv_dtype = kv_dtype or (torch.float32 if self.device.type == "cpu" else dtype)
         self.max_len = cfg.max_position_embeddings
-        # Slack past the context limit: draft tokens of a sequence at its limit are verified, never emitted.
-        self.cos, self.sin = rope_tables(cfg, self.max_len + 256, dtype, self.device)
+        # RoPE tables grow with the positions used (up to the context limit, with slack past it: draft tokens of a
+        # sequence at its limit are verified, never emitted): a config's 262144 positions cost nothing until used.
+        self.cos, self.sin = rope_tables(cfg, min(self.max_len, 4096) + 256, dtype, self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def _grow_rope(self, n: int) -> None:
+        limit = self.max_len + 256
+        if n > limit:
+            raise MoespecError(f"position {n - 1} is past the model's context ({self.max_len} positions)")
+        self.cos, self.sin = rope_tables(self.cfg, min(limit, max(n, 2 * self.cos.shape[0])), self.dtype,
+                                         self.device)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
@@ -116,6 +125,11 @@ class DecoderLM:
         given = positions
         if positions is None:
             positions = kv.lens_tensor()[:, None] + torch.arange(T, device=self.device)[None, :]
+            top = max(kv.lens) + T
+        else:
+            top = int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._grow_rope(top)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, hd]
         mask = kv.mask(T, tree, c.sliding_window, given)
         record = [] if plan is not None and plan.record_routing else None
