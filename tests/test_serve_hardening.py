@@ -228,3 +228,79 @@ def test_rope_tables_grow_with_the_positions_used(text_model, tmp_path):
     pos = torch.tensor([[20_000, 20_001]])                 # positions far past the first table
     m.forward(torch.tensor([[3, 4]]), kv, positions=pos)
     assert m.cos.shape[0] > 20_001
+
+
+def test_a_sequence_that_fails_ends_alone_and_the_batch_decodes_on(llm):
+    """One row's text callback (or detokenizer, or stop matcher) raising fails that row only: finish_reason
+    "error" with the reason, and every other row equals its own run alone."""
+    prompts = ["def add(a, b):", "import os", "class Stack:"]
+    greedy_ = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, greedy_)[0].token_ids for p in prompts]
+
+    def on_text(i, delta):
+        if i == 1:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a bad byte")
+    outs = llm.generate(prompts, greedy_, on_text=on_text)
+    assert outs[1].finish_reason == "error" and "a bad byte" in outs[1].stats["error"]
+    assert [outs[0].token_ids, outs[2].token_ids] == [alone[0], alone[2]]
+
+
+def test_non_finite_logits_fail_their_row_only():
+    from moespec.sampling import sample
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    logits[0, 7] = 5.0
+    logits[2, 2] = 5.0
+    params = [SamplingParams(temperature=t).with_defaults({}) for t in (0, 0.7, 0)]
+    failed = []
+    out = sample(logits, params, [None, torch.Generator().manual_seed(0), None], failed=failed)
+    assert out.tolist()[0] == 7 and out.tolist()[2] == 2
+    assert failed == [(1, "the model produced non-finite logits (NaN or infinity) for this sequence")]
+
+
+def test_the_server_answers_a_failed_request_500_and_the_others_200(llm):
+    """Two requests decode together; one's text handling fails: it gets a 500 naming why, the other its reply."""
+    import asyncio
+    app = create_app(llm, NAME, start=False)
+    worker = app.state.worker
+    real = worker.llm.generate
+
+    def faulty(prompts, params, **kw):
+        on_text = kw["on_text"]
+
+        def boom(i, delta):
+            if i == 0:
+                raise ValueError("stop matcher broke")
+            on_text(i, delta)
+        kw["on_text"] = boom
+        return real(prompts, params, **kw)
+    worker.llm.generate = faulty
+
+    async def run():
+        import httpx
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            a = asyncio.create_task(c.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 6,
+                                                                    "temperature": 0, "ignore_eos": True}))
+            await asyncio.sleep(0.2)
+            b = asyncio.create_task(c.post("/v1/completions", json={"prompt": "import os", "max_tokens": 6,
+                                                                    "temperature": 0, "ignore_eos": True}))
+            await asyncio.sleep(0.2)
+            worker.start()
+            return await a, await b
+    try:
+        ra, rb = asyncio.run(run())
+    finally:
+        worker.llm.generate = real
+        worker.stop()
+    assert ra.status_code == 500 and "stop matcher broke" in ra.json()["error"]["message"], ra.text
+    ref = llm.generate("import os", SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert rb.status_code == 200 and rb.json()["choices"][0]["text"] == ref.text
+
+
+def test_finished_requests_leave_nothing_behind_in_the_running_batch(llm):
+    prompts = ["def add(a, b):", "import os"]
+    seen = []
+    outs = llm.generate(prompts, [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (3, 9)],
+                        on_finish=lambda i, o: seen.append((i, o.token_ids)), release_finished=True)
+    assert [len(t) for _, t in sorted(seen)] == [3, 9]                 # on_finish had the whole output
+    assert outs[0].token_ids == [] and outs[0].stats["new_tokens"] == 3   # then it was dropped

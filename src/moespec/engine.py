@@ -23,7 +23,8 @@ class Output:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str                  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    finish_reason: str                  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
+                                        # (this sequence failed alone: stats["error"] says why)
     stats: dict = field(default_factory=dict)
 
 
@@ -162,7 +163,8 @@ class LLM:
                  on_text: Callable[[int, str], None] | None = None,
                  aborted: Callable[[int], bool] | None = None,
                  on_finish: Callable[[int, Output], None] | None = None,
-                 admit: Callable[[int], list[tuple[str | list[int], SamplingParams]]] | None = None) -> list[Output]:
+                 admit: Callable[[int], list[tuple[str | list[int], SamplingParams]]] | None = None,
+                 release_finished: bool = False) -> list[Output]:
         """Generate for one prompt or a batch (text or token ids); one Output per prompt, in order.
 
         on_text(i, delta) is called with each piece of new text of prompt i as it decodes; aborted(i),
@@ -171,6 +173,9 @@ class LLM:
         figures, speculation and expert counters, exist once the whole batch is done). admit(live_rows),
         asked after every step, returns (prompt, SamplingParams) pairs that join the running batch
         (continuous batching); they are numbered after the prompts given, and their Outputs follow.
+        release_finished (with on_finish): a finished sequence's tokens are dropped once on_finish has its Output,
+        so the Outputs returned at the end carry only its stats (a server whose batch never drains holds nothing
+        per finished request).
         """
         seqs = self._sequences(prompts, sampling_params)
         if self.memory_plan is not None and len(seqs) > self.memory_plan.batch:
@@ -194,7 +199,7 @@ class LLM:
         done = None if on_finish is None else (lambda i: on_finish(i, self._early_output(seqs[i])))
         timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
                           budget=self.budget, controller=controller, aborted=aborted, on_finish=done,
-                          admit=more)
+                          admit=more, release=release_finished and on_finish is not None)
         if controller is not None:
             timing["spec"]["controller"] = controller.stats()
         if before is not None:
@@ -248,6 +253,8 @@ class LLM:
         """The sequence's output; stats default to what is known before the batch ends."""
         if stats is None:
             stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), **self._lossy()}
+        if s.error is not None:
+            stats = {**stats, "error": s.error}
         return Output(s.text if s.detok is not None else "", list(s.token_ids), list(s.prompt_ids),
                       s.finish_reason or "length", stats)
 
@@ -260,10 +267,10 @@ class LLM:
                 "quantize": self.quant.tag if self.quant else "none"}
 
     def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
-        n = len(s.token_ids)
+        n_prompt, n = s.released or (len(s.prompt_ids), len(s.token_ids))
         ttft = s.t_first - timing["t0"]
         decode = s.t_last - s.t_first
-        stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": n, "ttft_s": ttft, "decode_s": decode,
+        stats = {"prompt_tokens": n_prompt, "new_tokens": n, "ttft_s": ttft, "decode_s": decode,
                  "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
                  "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
         stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading

@@ -30,6 +30,16 @@ class Sequence:
     finish_reason: str | None = None
     t_first: float = 0.0
     t_last: float = 0.0
+    error: str | None = None            # why the sequence failed (finish_reason "error"); the others decode on
+    released: tuple[int, int] | None = None    # (prompt, new) token counts once `release` dropped the tokens
+
+    def fail(self, why: str) -> None:
+        self.finish_reason, self.error = "error", why
+
+    def release(self) -> None:
+        """Forget what a finished sequence holds (its caller has its output already); keep counts and timings."""
+        self.released = (len(self.prompt_ids), len(self.token_ids))
+        self.prompt_ids, self.token_ids, self.text, self.detok, self.stops = [], [], "", None, None
 
     def append(self, tok: int, now: float) -> str:
         """Add one token; return the text it makes visible; set finish_reason when the sequence ends."""
@@ -60,7 +70,7 @@ class Sequence:
 def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str], None] | None = None,
              drafter=None, draft_len: int = 0, budget=None, controller=None,
              aborted: Callable[[int], bool] | None = None, on_finish: Callable[[int], None] | None = None,
-             admit: Callable[[int], list[Sequence]] | None = None) -> dict:
+             admit: Callable[[int], list[Sequence]] | None = None, release: bool = False) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
     drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); a controller
@@ -70,7 +80,9 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     on_finish(i) is called as soon as sequence i has ended (the others may go on). admit(live_rows),
     asked after every step, returns sequences that join the batch (continuous batching): they are
     prefilled on their own, their KV rows appended, and they decode with the others from the next step;
-    they are appended to `seqs`, so index i keeps naming one sequence."""
+    they are appended to `seqs`, so index i keeps naming one sequence. release: once on_finish(i) has seen a
+    sequence, drop its tokens, text and generator (a server whose batch never drains then holds nothing per
+    finished request; `seqs[i]` keeps its counts and timings only)."""
     gens = [make_generator(s.params.seed) for s in seqs]
     tree = getattr(drafter, "tree", None)       # a static draft tree writes all its nodes in one verification
     slack = max(draft_len, shape_nodes(tree)) if tree else draft_len
@@ -102,9 +114,12 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         for i, toks in zip(live, new):
             for tok in toks:
                 if seqs[i].finish_reason is None:
-                    delta = seqs[i].append(tok, now)
-                    if delta and on_text is not None:
-                        on_text(i, delta)
+                    try:
+                        delta = seqs[i].append(tok, now)
+                        if delta and on_text is not None:
+                            on_text(i, delta)
+                    except Exception as e:          # this sequence fails alone (detokenizer, stop matcher, callback)
+                        seqs[i].fail(f"{type(e).__name__}: {e}")
             if aborted is not None and seqs[i].finish_reason is None and aborted(i):
                 seqs[i].finish_reason = "abort"
         keep = [r for r, i in enumerate(live) if seqs[i].finish_reason is None]
@@ -115,6 +130,9 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                         drafter.forget(i)
                     if on_finish is not None:
                         on_finish(i)
+                    if release:
+                        seqs[i].release()
+                        gens[i] = None
             if keep:
                 kv.select_rows(keep)
                 nxt = nxt[keep]
@@ -140,8 +158,11 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)
+            failed: list[tuple[int, str]] = []
             nxt = sample(logits, [seqs[i].params for i in live], [gens[i] for i in live],
-                         [(seqs[i].prompt_ids, seqs[i].token_ids) for i in live])
+                         [(seqs[i].prompt_ids, seqs[i].token_ids) for i in live], failed=failed)
+            for r, why in failed:
+                seqs[live[r]].fail(why)
             new = [[t] for t in nxt.tolist()]
             if controller is not None:
                 controller.record_plain(time.perf_counter() - t_step, rows=len(live))

@@ -204,14 +204,16 @@ def apply_penalties(logits: torch.Tensor, prompt: list[int], outputs: list[list[
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-    histories: list[tuple[list[int], list[int]]] | None = None
+    histories: list[tuple[list[int], list[int]]] | None = None, failed: list | None = None
 ) -> torch.Tensor:
     """Pick one token per row. logits: [B, V]; returns [B] int64.
 
     Greedy rows take the argmax and consume no randomness. Other rows draw from `target_probs` with their own
     generator, so a sequence's samples depend only on its seed, not on what else is in the batch.
     `params` must have been through `with_defaults`. histories[b] = (prompt ids, output ids) of row b, needed
-    by rows with penalties (`apply_penalties`).
+    by rows with penalties (`apply_penalties`). A row whose distribution is not a distribution (NaN or infinite
+    logits) is an error; with a `failed` list it is appended there as (row, message), its token is 0, and the
+    other rows are sampled as usual.
     """
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(
@@ -227,11 +229,19 @@ def sample(
             if histories is None:
                 raise ValueError("sample: rows with penalties need their histories")
             lg = apply_penalties(lg[None], histories[row][0], [histories[row][1]], p)[0]
-        if p.is_greedy:
-            out[row] = lg.argmax()
-        else:
-            probs = target_probs(lg, p.temperature, p.top_k, p.top_p)
-            out[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        try:
+            if not bool(torch.isfinite(lg).all()):
+                raise MoespecError("the model produced non-finite logits (NaN or infinity) for this sequence")
+            if p.is_greedy:
+                out[row] = lg.argmax()
+            else:
+                probs = target_probs(lg, p.temperature, p.top_k, p.top_p)
+                out[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        except (MoespecError, RuntimeError) as e:
+            if failed is None:
+                raise
+            failed.append((row, str(e)))
+            out[row] = 0
     return out
 
 

@@ -130,12 +130,16 @@ class EngineWorker(threading.Thread):
             if not left[id(job)]:
                 del left[id(job)]
                 m.running.set(len(left))
-            job.emit("finish", c, out)
+            rows[i] = None                          # nothing of a finished request stays with the batch
+            if out.finish_reason == "error":        # this request failed alone; the batch decodes on
+                job.emit("error", 500, f"generation failed for this request: {out.stats.get('error')}")
+            else:
+                job.emit("finish", c, out)
 
         try:
             outs = self.llm.generate([job.prompts[c] for job, c in rows], [job.params[c] for job, c in rows],
                                      on_text=on_text, aborted=lambda i: rows[i][0].cancelled, on_finish=on_finish,
-                                     admit=admit)
+                                     admit=admit, release_finished=True)
             m.batch_done(outs[0].stats)
         except MoespecError as e:
             for job in running:
