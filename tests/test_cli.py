@@ -94,3 +94,24 @@ def test_inspect_shows_what_fits_in_a_budget(text_model):
     assert "2 of 6 per MoE layer cached over the disk tier" in fit["memory_plan"]["summary"]
     r = run("inspect", text_model, "--memory", "lots")
     assert r.returncode == 2 and "--memory: cannot read 'lots' as a size" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hot-profile", "p.json"], "--hot-profile is the routing profile of --expert-policy static"),
+    (["--expert-cache", "2", "--prefetch-cutoff", "2"], "--prefetch-cutoff sets how deep draft-guided prefetch"),
+    (["--expert-cache", "2", "--prefetch-min-prob", "0.5"], "--prefetch-min-prob filters next-layer prefetch"),
+    (["--expert-policy", "lfu"], "--expert-policy shapes the expert cache: add --expert-cache"),
+    (["--draft-model", "d"], "--draft-model is the draft of --spec draft_model"),
+    (["--spec", "ngram", "--speculative-config", '{"method": "ngram"}'],
+     "--spec and --speculative-config both describe speculation"),
+    (["--draft-len", "3", "--speculative-config", '{"method": "ngram"}'], "--draft-len and --speculative-config"),
+])
+def test_flags_that_would_not_apply_are_refused_not_ignored(args, message):
+    """Parsed without loading anything: the namespace goes through the same config builders as every command."""
+    from moespec.cli import build_parser
+    from moespec.errors import MoespecError
+    from moespec.flags import offload_config, spec_config
+    a = build_parser().parse_args(["generate", "m", "--prompt", "x", *args])
+    with pytest.raises(MoespecError, match=message.replace("(", r"\(")):
+        offload_config(a)
+        spec_config(a)

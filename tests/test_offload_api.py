@@ -52,3 +52,11 @@ def test_llm_with_offload_reports_expert_stats(family_dirs, tmp_path):
         assert total["hits"] == sum(v["hits"] for v in total["per_layer"].values())
     finally:
         llm.close()
+
+
+def test_one_reading_of_sizes_for_every_flag():
+    """--expert-cache 2G and --memory 2G / plan --memory 2G mean the same bytes (a bare G is GiB, as for a card)."""
+    from moespec.perf.units import parse_size
+    for text in ("24M", "24MB", "24MiB", "1.5G"):
+        assert parse_capacity(text, num_experts=10**12, moe_layers=1, slot_bytes=1) == parse_size(text), text
+    assert parse_capacity("8M", num_experts=10**9, moe_layers=1, slot_bytes=1) == 8 * 2**20

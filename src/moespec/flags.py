@@ -93,9 +93,20 @@ def offload_config(a):
     and no --expert-cache the plan sizes the cache; this config carries the other settings (next-layer prefetch
     unless --prefetch says otherwise)."""
     budgeted = a.expert_cache is None and a.offload is None and getattr(a, "memory", None) is not None
+    # Flags that only mean something with another one are refused without it, never silently ignored.
+    if a.hot_profile is not None and a.expert_policy != "static":
+        raise MoespecError("--hot-profile is the routing profile of --expert-policy static: add it, or drop "
+                           "--hot-profile")
+    if str(a.prefetch_cutoff) != "auto" and a.prefetch not in ("draft", "auto"):
+        raise MoespecError("--prefetch-cutoff sets how deep draft-guided prefetch goes: add --prefetch draft (or auto)")
+    if a.prefetch_min_prob != 0.2 and a.prefetch not in ("next-layer", "auto") and not budgeted:
+        raise MoespecError("--prefetch-min-prob filters next-layer prefetch: add --prefetch next-layer")
     if a.expert_cache is None and a.offload is None and not budgeted:
         if a.prefetch != "none":
             raise MoespecError(f"--prefetch {a.prefetch} needs offloaded experts: add --expert-cache N|N%|SIZE")
+        if a.expert_policy != "lru" or a.offload_dir is not None:
+            flag = "--expert-policy" if a.expert_policy != "lru" else "--offload-dir"
+            raise MoespecError(f"{flag} shapes the expert cache: add --expert-cache N|N%|SIZE (or --memory)")
         return None
     from .config import OffloadConfig
     return OffloadConfig(expert_cache=a.expert_cache, offload=a.offload or ("disk" if budgeted else "ram"),
@@ -179,7 +190,19 @@ def spec_config(a):
             tree = parse_shape(tree, "--tree")
         except ValueError as e:
             raise MoespecError(str(e)) from None
+    if a.draft_model is not None and (a.speculative_config or a.spec not in ("draft_model", "auto")):
+        raise MoespecError("--draft-model is the draft of --spec draft_model (or auto): add it, or give the model in "
+                           "--speculative-config")
     if a.speculative_config:
+        given = [flag for flag, v in (("--spec", None if a.spec == "none" else a.spec), ("--draft-len", a.draft_len),
+                                      ("--draft-experts", a.draft_experts), ("--draft-kv", a.draft_kv),
+                                      ("--draft-refresh", a.draft_refresh), ("--draft-profile", a.draft_profile),
+                                      ("--draft-pin", a.draft_pin or None), ("--draft-top-k", a.draft_top_k),
+                                      ("--draft-layers", a.draft_layers), ("--draft-routing", a.draft_routing))
+                 if v is not None]
+        if given:
+            raise MoespecError(f"{', '.join(given)} and --speculative-config both describe speculation: put "
+                               "everything in the JSON (its fields: method, num_speculative_tokens, draft_experts, ...)")
         try:
             d = json.loads(a.speculative_config)
         except json.JSONDecodeError as e:

@@ -97,15 +97,12 @@ def load_profile(path: str | Path, moe_layers: list[int], num_experts: int) -> d
 
 
 # -- capacity ----------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
 def parse_capacity(spec: str | int | None, num_experts: int, moe_layers: int, slot_bytes: int) -> int:
     """Slots per MoE layer for `--expert-cache`: None = all experts; "6" or 6 experts; "25%" of the
     experts (rounded down, at least 1); "2GiB" / "512MB" split evenly across MoE layers.
 
-    Example: E=8, 4 MoE layers, 1 MiB slots: "25%" -> 2; "12MiB" -> 3; "100" -> 8 (capped at E).
+    Example: E=8, 4 MoE layers, 1 MiB slots: "25%" -> 2; "12MiB" -> 3; "100" -> 8 (capped at E). Byte sizes read
+    as everywhere else (perf/units.parse_size): MB / GB are powers of 1000, MiB / GiB and a bare M / G of 1024.
     """
     if spec is None:
         return num_experts
@@ -118,10 +115,13 @@ def parse_capacity(spec: str | int | None, num_experts: int, moe_layers: int, sl
     elif m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", s):
         if m.group(2) == "":
             raise MoespecError(f"expert cache size {spec!r} must be a whole number of experts per layer")
-        if m.group(2) not in _UNITS:
+        from ..perf.errors import PerfError
+        from ..perf.units import parse_size        # one reading of sizes for every flag (--memory, plan, ...)
+        try:
+            total = parse_size(s, "expert cache size")
+        except PerfError:
             raise MoespecError(f"expert cache size {spec!r}: unknown unit {m.group(2)!r} "
-                               "(use experts per layer, a percentage, or bytes like 512MB / 2GiB)")
-        total = float(m.group(1)) * _UNITS[m.group(2)]
+                               "(use experts per layer, a percentage, or bytes like 512MB / 2GiB)") from None
         n = int(total // max(1, moe_layers) // slot_bytes)
         if n < 1:
             raise MoespecError(f"expert cache of {spec} holds less than one expert per MoE layer "
