@@ -304,3 +304,31 @@ def test_finished_requests_leave_nothing_behind_in_the_running_batch(llm):
                         on_finish=lambda i, o: seen.append((i, o.token_ids)), release_finished=True)
     assert [len(t) for _, t in sorted(seen)] == [3, 9]                 # on_finish had the whole output
     assert outs[0].token_ids == [] and outs[0].stats["new_tokens"] == 3   # then it was dropped
+
+
+def test_a_read_error_mid_decode_is_a_5xx_and_health_says_degraded(family_dirs, tmp_path):
+    """The disk tier fails while a request decodes: that request gets a 500 naming the read error, no hang; /health
+    reports degraded; once reads work again the server answers normally."""
+    from moespec.config import OffloadConfig
+    llm = LLM(family_dirs["mixtral"][0], offload=OffloadConfig(expert_cache=1, offload="disk",
+                                                               offload_dir=str(tmp_path), io_timeout_s=10))
+    store = llm.model.experts.store
+    real = store.load
+    calls = {"n": 0}
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError(5, "Input/output error")
+        return real(*a)
+    with TestClient(create_app(llm, NAME)) as c:
+        store.load = failing
+        t = time.time()
+        r = complete(c, max_tokens=60, ignore_eos=True, prompt=[5, 17, 3, 99])
+        assert r.status_code == 500 and "Input/output error" in r.json()["error"]["message"], r.text
+        assert time.time() - t < 30
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "degraded" and "Input/output" in h.json()["error"]
+        store.load = real
+        assert complete(c, max_tokens=4, prompt=[5, 17, 3]).status_code == 200
+    llm.close()

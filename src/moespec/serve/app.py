@@ -24,6 +24,7 @@ from .guard import Guard
 from .worker import EngineWorker, Job, Overloaded
 
 log = logging.getLogger("moespec.serve")
+DEGRADED_S = 60.0       # /health says "degraded" (503) this long after the engine last failed a batch
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: i
     async def health():
         if not worker.is_alive():
             raise P.ApiError(503, "the engine thread is not running", type="service_unavailable")
+        err = worker.last_error
+        if err is not None and time.monotonic() - err[0] < DEGRADED_S:
+            return JSONResponse({"status": "degraded", "error": err[1],
+                                 "seconds_ago": round(time.monotonic() - err[0], 1)}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -53,6 +53,7 @@ class EngineWorker(threading.Thread):
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self._held: Job | None = None          # a job that did not fit the batch: first to join next
         self._stopping = False
+        self.last_error: tuple[float, str] | None = None    # (monotonic time, why) of the last failed batch
 
     def submit(self, job: Job) -> None:
         if self.queue.qsize() >= self.max_waiting:
@@ -141,11 +142,12 @@ class EngineWorker(threading.Thread):
                                      on_text=on_text, aborted=lambda i: rows[i][0].cancelled, on_finish=on_finish,
                                      admit=admit, release_finished=True)
             m.batch_done(outs[0].stats)
-        except MoespecError as e:
+        except Exception as e:       # the engine failed (a read error, say): the batch's requests learn it, the
+            # server goes on and /health reports degraded for a while. Requests were validated before queueing,
+            # so this is the server's failure, never the client's: a 5xx.
+            why = str(e) if isinstance(e, MoespecError) else f"{type(e).__name__}: {e}"
+            self.last_error = (time.monotonic(), why)
             for job in running:
-                job.emit("error", 400, str(e))
-        except Exception as e:       # the engine failed: every request of the batch learns it, the server goes on
-            for job in running:
-                job.emit("error", 500, f"internal error while decoding: {type(e).__name__}: {e}")
+                job.emit("error", 500, f"the engine failed while decoding: {why}")
         finally:
             m.running.set(0)
