@@ -24,8 +24,8 @@ from .controller import SpecController, acceptance_bounds
 
 
 class DrafterChooser:
-    def __init__(self, names: list[str], k_max: int = 8, k_init: int = 3, explore: int = 6, revisit: int = 32,
-                 revisit_max: int = 512, probe: int = 4, settle: int = 32, hysteresis: float = 0.03, **controller_kw):
+    def __init__(self, names: list[str], k_max: int = 8, k_init: int = 3, explore: int = 3, revisit: int = 32,
+                 revisit_max: int = 512, probe: int = 2, settle: int = 16, hysteresis: float = 0.03, **controller_kw):
         if not names:
             raise ValueError("DrafterChooser needs at least one candidate drafter")
         self.names = list(names)
