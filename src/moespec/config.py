@@ -278,7 +278,8 @@ class SpecConfig:
     """
     method: str = "ngram"
     num_speculative_tokens: int | str = 4
-    max_speculative_tokens: int = 8          # the largest k "auto" may choose
+    max_speculative_tokens: int = 16         # the largest k "auto" may choose (16: at batch 1 over a throttled
+                                             # tier, drafts of ~0.96 acceptance pay up to k = 12-16, docs/benchmarks.md)
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
     model: str | None = None

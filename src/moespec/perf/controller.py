@@ -189,10 +189,11 @@ class SpecController:
         return vs[-1] + slope * (t - ts[-1])
 
     def t_draft(self) -> float | None:
-        """Seconds per draft forward (all rows), over the window."""
+        """Seconds per draft forward (all rows): the median over the window's steps of draft seconds / k (a median:
+        a drafter's first steps can be many times slower, its kernels warming up, and must not brand it for good)."""
         def build():
-            n = sum(s.k for s in self.spec)
-            return sum(s.draft_s for s in self.spec) / n if n else None
+            per = [s.draft_s / s.k for s in self.spec if s.k > 0]
+            return statistics.median(per) if per else None
         return self._cached("td", build)
 
     def acceptance(self) -> float | None:
