@@ -12,9 +12,9 @@ drafter's k and knows its acceptance, draft cost and verify cost). The generatio
   draft and verify seconds, the best k) drafts at that k (a longer one now and then, to measure it). Plain steps
   when even its optimistic model loses; speculation again once its estimate clearly wins.
 - Revisit: every `revisit` steps the others whose optimistic prediction (upper bounds of their per-depth
-  acceptance) beats the active one's estimate (all others when none does) get `probe` steps each, so a drafter
-  that starts to win (prompt lookup once the output repeats its prompt) is noticed; the interval doubles after
-  each revisit that changes nothing, and starts over after one that does.
+  acceptance) beats the active one's estimate get `probe` steps each (all others once the interval has reached
+  its maximum), so a drafter that starts to win (prompt lookup once the output repeats its prompt) is noticed;
+  the interval doubles after each revisit that changes nothing, and starts over after one that does.
 Plain steps are reported to every candidate's controller, and they share one table of verification costs: both
 are the target's, whoever drafted.
 """
@@ -95,9 +95,12 @@ class DrafterChooser:
             # active one are measured again soon; when none could, all are, ever more rarely.
             now = max(self._score(self.active), 1.0)
             hopeful = [n for n in self.names if n != self.active and self.ctl[n].best_k(upper=True)[1] > now]
-            self.queue = [n for n in (hopeful or [n for n in self.names if n != self.active])
-                          for _ in range(self.probe)]
-            self._probing = self.active
+            # Only those that could win are probed; once the interval has grown to its maximum, all of them (a
+            # drafter's acceptance changes with the text: prompt lookup once the output repeats its prompt).
+            if not hopeful and self.revisit >= self.revisit_max:
+                hopeful = [n for n in self.names if n != self.active]
+            self.queue = [n for n in hopeful for _ in range(self.probe)]
+            self._probing = self.active if hopeful else None
             self.revisit = min(2 * self.revisit, self.revisit_max)      # back to revisit0 if a probe wins
         # On / off with hysteresis, as controller.py: off when even the leader's optimistic model loses, on again
         # once its estimate clearly wins (the revisits keep measuring while off).
