@@ -112,3 +112,16 @@ def test_bursty_drafter_gets_near_the_best_fixed_draft_length(seed):
     assert max(set(late), key=late.count) >= 7
     old, _ = simulate(SpecController(), draw, tokens=4000, seed=seed, lens=False)   # i.i.d. model only
     assert rate > old
+
+
+def test_verify_seconds_price_the_width_and_the_full_batch():
+    """Prompt lookup often drafts fewer than k tokens: a step asked for k = 8 that verified 3 tokens per row is the
+    price of 3, not of 9. And the last steps of a batch, with fewer rows, do not price a full step."""
+    c = SpecController(k_max=8)
+    c.record_spec(8, 0.0, 0.003, 2, rows=4, width=3)
+    c.record_spec(8, 0.0, 0.009, 8, rows=4, width=9)
+    c.record_spec(4, 0.0, 0.004, 1, rows=4)                 # width unknown: k + 1
+    assert {t: list(v) for t, v in c.verify.items()} == {3: [0.003], 9: [0.009], 5: [0.004]}
+    c.record_spec(8, 0.0, 0.001, 2, rows=1, width=9)        # one row left: cheaper, not a full step's price
+    c.record_plain(0.0005, rows=1)
+    assert list(c.verify[9]) == [0.009] and not c.plain

@@ -24,8 +24,8 @@ class Scripted:
         self.i += 1
         return None, k
 
-    def record_spec(self, k, draft_s, verify_s, accepted, rows=1, lens=()):
-        self.told.append(("spec", k, accepted, rows, draft_s >= 0 and verify_s > 0, tuple(lens)))
+    def record_spec(self, k, draft_s, verify_s, accepted, rows=1, lens=(), width=None):
+        self.told.append(("spec", k, accepted, rows, draft_s >= 0 and verify_s > 0, tuple(lens), width))
 
     def record_plain(self, step_s, rows=1):
         self.told.append(("plain", 0, 0, rows, step_s > 0))
@@ -47,8 +47,8 @@ def test_the_loop_follows_the_controller_and_stays_lossless(text_model, method):
     assert all(t[3] == 2 and t[4] for t in script.told)            # both rows live, real timings
     assert timing["spec"]["plain_steps"] == kinds.count("plain")
     assert sum(t[2] for t in script.told) == timing["spec"]["accepted"]
-    for t in script.told:                                          # each row's accepted drafts, within k
-        assert t[0] == "plain" or (len(t[5]) == 2 and sum(t[5]) == t[2] and max(t[5]) <= t[1])
+    for t in script.told:                  # each row's accepted drafts, within k; the forward's width, within k + 1
+        assert t[0] == "plain" or (len(t[5]) == 2 and sum(t[5]) == t[2] and max(t[5]) <= t[1] and 1 <= t[6] <= t[1] + 1)
 
 
 def test_auto_draft_length_is_lossless_and_reports_the_controller(text_model):

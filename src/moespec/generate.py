@@ -146,7 +146,8 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
         if drafter is not None and controller is not None:      # the controller picks k (and the drafter: auto)
             name, k = controller.next_step()
             d = drafter.members[name] if name is not None else drafter
-        t_step, before = time.perf_counter(), (spec["draft_s"], spec["verify_s"], spec["accepted"])
+        t_step = time.perf_counter()
+        before = (spec["draft_s"], spec["verify_s"], spec["accepted"], spec["verify_tokens"])
         if k > 0:
             new, nxt = speculative_step(model, kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], nxt,
                                         [seqs[i].params for i in live], [gens[i] for i in live], d,
@@ -154,7 +155,8 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
             if controller is not None:
                 controller.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],
                                        spec["accepted"] - before[2], rows=len(live),
-                                       lens=[len(x) - 1 for x in new])
+                                       lens=[len(x) - 1 for x in new],
+                                       width=(spec["verify_tokens"] - before[3]) // len(live))
         else:
             logits = model.forward(nxt[:, None], kv).logits[:, 0]
             kv.advance(1)

@@ -116,13 +116,14 @@ class DrafterChooser:
         self.last = self.active
         return self.active, c.explore_k(k)
 
-    def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1, lens=()) -> None:
+    def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1, lens=(),
+                    width: int | None = None) -> None:
         """Report the speculative step next_step() handed out (its drafter is `last`)."""
         name = self.last
         self.steps[name] += 1
         if self.queue and self.queue[0] == name:
             self.queue.pop(0)
-        self.ctl[name].record_spec(k, draft_s, verify_s, accepted, rows, lens)
+        self.ctl[name].record_spec(k, draft_s, verify_s, accepted, rows, lens, width)
 
     def record_plain(self, step_s: float, rows: int = 1) -> None:
         for c in self.ctl.values():

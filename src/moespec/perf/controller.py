@@ -279,6 +279,13 @@ class SpecController:
             return k + 1
         return k
 
+    def _full(self, rows: int) -> bool:
+        """Whether a step ran the whole batch: step costs are priced at the batch's full size. The last steps of a
+        batch run fewer rows (rows finish at different steps) and cost less; taken as the price of a full step
+        they made long drafts look cheap."""
+        self.rows_max = max(getattr(self, "rows_max", 0), rows)
+        return rows >= self.rows_max
+
     def next_step(self) -> tuple[None, int]:
         """(drafter, k) as DrafterChooser gives it (perf/chooser.py): this controller has one drafter (None)."""
         return None, self.next_k()
@@ -286,7 +293,8 @@ class SpecController:
     def record_plain(self, step_s: float, rows: int = 1) -> None:
         """Report a plain decoding step (one token per row)."""
         self._memo = {}
-        self.plain.append(step_s)
+        if self._full(rows):
+            self.plain.append(step_s)
         if not self.enabled and self.pinned_k is None and not self.probing:
             self.plain_since_off += 1
             if self.plain_since_off >= self.probe_every:    # probe at the k an optimistic acceptance favours
@@ -297,14 +305,20 @@ class SpecController:
                 self.probing, self.probe_k, self.plain_since_off = self.probe_steps, max(1, k), 0
 
     def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1,
-                    lens: list[int] | tuple[int, ...] = ()) -> None:
+                    lens: list[int] | tuple[int, ...] = (), width: int | None = None) -> None:
         """Report a speculative step: k drafted per row, timings, accepted drafts summed over rows, and (better)
-        each row's accepted drafts in `lens`."""
+        each row's accepted drafts in `lens`; `width`: the tokens per row the verification forward really had
+        (a drafter may propose fewer than k: prompt lookup near the end of a match), default k + 1. Its seconds
+        price that width: pricing k + 1 with a narrower forward's time made long drafts look free. (Acceptance
+        still counts a draft shorter than k as rejected from there on: that predicts the tokens a step at k
+        really yields.)"""
         if k <= 0:
             return self.record_plain(draft_s + verify_s, rows)
         self._memo = {}
         self.spec.append(SpecStep(k, draft_s, verify_s, accepted, rows, tuple(lens)))
-        self.verify.setdefault(k + 1, deque(maxlen=self.spec.maxlen)).append(verify_s)
+        t = k + 1 if width is None else max(1, min(int(width), k + 1))
+        if self._full(rows):
+            self.verify.setdefault(t, deque(maxlen=self.spec.maxlen)).append(verify_s)
         if self.pinned_k is not None:
             return
         if self.probing:
