@@ -27,3 +27,10 @@ def text_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("text")
     hf_models.build_text_model(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def llm(text_model):
+    """The tiny text model loaded once per test module (tests that patch it restore it)."""
+    from moespec import LLM
+    return LLM(text_model)

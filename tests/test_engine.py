@@ -8,11 +8,6 @@ import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm(text_model):
-    return LLM(text_model)
-
-
 PROMPTS = ["def wrap(text, width=70):", "import re", "class TextWrapper:\n    def __init__(self):"]
 
 

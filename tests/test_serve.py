@@ -20,11 +20,6 @@ NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def llm(text_model):
-    return LLM(text_model)
-
-
-@pytest.fixture(scope="module")
 def client(llm):
     with TestClient(create_app(llm, NAME)) as c:
         yield c

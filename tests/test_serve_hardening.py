@@ -13,11 +13,6 @@ NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def llm(text_model):
-    return LLM(text_model)
-
-
-@pytest.fixture(scope="module")
 def client(llm):
     with TestClient(create_app(llm, NAME, max_num_seqs=4, limits=Limits(max_body_bytes=64 << 10))) as c:
         yield c

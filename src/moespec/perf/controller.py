@@ -149,6 +149,7 @@ class SpecController:
         self.switches = 0
         self.steps_on, self.explore_every = 0, explore_every
         self._memo: dict = {}                                # estimates of the current window; reset on record
+        self.rows_max = 0                                    # the most rows a step has run: the batch's full size
 
     def _cached(self, key, fn):
         if key not in self._memo:
@@ -283,7 +284,7 @@ class SpecController:
         """Whether a step ran the whole batch: step costs are priced at the batch's full size. The last steps of a
         batch run fewer rows (rows finish at different steps) and cost less; taken as the price of a full step
         they made long drafts look cheap."""
-        self.rows_max = max(getattr(self, "rows_max", 0), rows)
+        self.rows_max = max(self.rows_max, rows)
         return rows >= self.rows_max
 
     def next_step(self) -> tuple[None, int]:
