@@ -138,11 +138,11 @@ def run_bench(a) -> None:
     if a.prefill_len:
         jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
     if a.variant:
-        report["variants"] = {name: {"flags": flags, "quantize": v.quant.tag if v.quant else "none",
+        flags = dict(x.split("=", 1) for x in a.variant)        # parse_variants checked the NAME=FLAGS form
+        report["variants"] = {name: {"flags": flags[name], "quantize": v.quant.tag if v.quant else "none",
                                      "speculative": v.spec.__dict__ if v.spec else None,
                                      "offload": v.offload.__dict__ if v.offload else None}
-                              for (name, v), flags in zip(variants, [f for _, f in (x.split("=", 1)
-                                                                                   for x in a.variant)])}
+                              for name, v in variants}
     if throttle is not None:
         report["read_limit_bps"] = throttle.read_bps
     n = len(variants)

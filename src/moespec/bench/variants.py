@@ -11,19 +11,8 @@ from ..errors import MoespecError
 
 def parse_variants(a) -> list[tuple[str, object]]:
     """(name, namespace) per --variant: the command's own flags with the variant's FLAGS parsed after them."""
-    base = list(sys.argv[1:] if a.argv is None else a.argv)
-    # Drop the --variant flags themselves (and their values) from the base command line.
-    clean, skip = [], False
-    for tok in base:
-        if skip:
-            skip = False
-            continue
-        if tok == "--variant":
-            skip = True
-            continue
-        if tok.startswith("--variant="):
-            continue
-        clean.append(tok)
+    from .capped import strip_flags               # the --memory-cap re-run drops flags the same way
+    clean = strip_flags(list(sys.argv[1:] if a.argv is None else a.argv), {"--variant": 1})
     out, names = [], set()
     for spec in a.variant:
         name, eq, flags = spec.partition("=")
