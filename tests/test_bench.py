@@ -48,3 +48,29 @@ def test_prose_prompt_set_is_offline_english_text():
     assert ps == prose_prompts(3)                       # deterministic order
     with pytest.raises(MoespecError, match="choose random, humaneval or prose"):
         load_prompts("poetry", 1, 0, 100, None)
+
+
+def test_variants_take_turns_and_report_their_ratio_and_identical_tokens(tmp_path):
+    """--variant NAME=FLAGS: the command's flags plus each variant's, run on the same batches in one process; every
+    variant after the first reports its speed ratio to the first and whether its tokens are identical."""
+    hf_models.build("mixtral", tmp_path / "m")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--dtype", "float32",
+                        "--max-new-tokens", "8", "--prompt-len", "8", "--num-prompts", "2", "--repetitions", "2",
+                        "--warmup", "0", "--prefill-len", "0", "--expert-cache", "2", "--variant", "plain=",
+                        "--variant", "self=--spec self --draft-experts shadow-int8 --draft-len 3",
+                        "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["variants"]["self"]["flags"] == "--spec self --draft-experts shadow-int8 --draft-len 3"
+    assert report["variants"]["plain"]["speculative"] is None
+    assert report["variants"]["self"]["speculative"]["draft_experts"] == "shadow-int8"
+    plain, spec = report["runs"]
+    assert (plain["engine"], spec["engine"]) == ("moespec[plain]", "moespec[self]")
+    assert spec["vs_moespec[plain]"]["identical_sequences"] == "2/2"
+    ratio = spec["decode_tok_s"]["mean"] / plain["decode_tok_s"]["mean"]
+    assert abs(spec["vs_moespec[plain]"]["speedup"] - ratio) < 1e-9
+    assert spec["speculation"]["acceptance_rate"]["mean"] > 0.9      # int8 shadow copies agree with the model
+    bad = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--variant", "a=",
+                          "--variant", "a=--spec ngram"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--variant name 'a' is given twice" in bad.stderr
