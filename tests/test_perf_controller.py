@@ -125,3 +125,18 @@ def test_verify_seconds_price_the_width_and_the_full_batch():
     c.record_spec(8, 0.0, 0.001, 2, rows=1, width=9)        # one row left: cheaper, not a full step's price
     c.record_plain(0.0005, rows=1)
     assert list(c.verify[9]) == [0.009] and not c.plain
+
+
+def test_the_model_over_all_draft_lengths_matches_the_formula():
+    """best_k prices every k at once (it runs before every step); each entry is sigma(k) T(1) / (k T_draft + T(k+1))
+    with sigma from the per-depth acceptance, or i.i.d. at a given acceptance."""
+    c = SpecController(k_max=8)
+    simulate(c, bursty(0.6, 0.9), tokens=400)
+    t1, td, depths = c.t_plain(), c.t_draft(), c.depths()
+    for k in range(1, 9):
+        step = k * td + c.t_verify(k + 1)
+        assert c.predicted(k) == pytest.approx(expected_accepted_depth(depths, k) * t1 / step, rel=1e-9)
+        assert c.predicted(k, a=0.7) == pytest.approx(expected_accepted(0.7, k) * t1 / step, rel=1e-9)
+    s = [c.predicted(k) for k in range(1, 9)]
+    assert c.best_k() == (1 + s.index(max(s)), max(s))
+    assert SpecController().best_k() == (0, 1.0)                 # nothing measured yet

@@ -35,8 +35,6 @@ import statistics
 
 import numpy as np
 
-from .spec import expected_accepted
-
 
 @dataclass(frozen=True)
 class SpecStep:
@@ -206,30 +204,38 @@ class SpecController:
         a = self.acceptance()
         return None if a is None else self._cached(("c", z), lambda: depth_acceptance(self.spec, a, z=z))
 
+    def speedups(self, a: float | None = None, upper: bool = False) -> np.ndarray | None:
+        """Model speedup of every draft length k = 1..k_max [k_max] from the current estimates, None before there is
+        anything to predict from: sigma(k) x T(1) / (k T_draft + T(k + 1)), sigma from the per-depth acceptance when
+        rows' lengths are known (their upper bounds when `upper`), else (or when an acceptance `a` is given) i.i.d.
+        at a."""
+        def build():
+            c = self.depths(self.z if upper else 0.0) if a is None else None
+            a_ = self.acceptance() if a is None else a
+            td, t1 = self.t_draft(), self.t_plain()
+            tk = [self.t_verify(k + 1) for k in range(1, self.k_max + 1)]
+            if None in (a_, td, t1) or None in tk:
+                return None
+            c = c or [a_]
+            step = np.arange(1, self.k_max + 1) * td + np.array(tk)           # [K] seconds of a step at k
+            sigma = 1.0 + np.cumsum(np.cumprod([c[min(j, len(c) - 1)] for j in range(self.k_max)]))
+            return sigma * t1 / step
+        return self._cached(("s", a, upper), build)
+
     def predicted(self, k: int, a: float | None = None, upper: bool = False) -> float | None:
-        """Model speedup of draft length k from the current estimates: sigma from the per-depth acceptance when
-        rows' lengths are known (their upper bounds when `upper`), else (or when an acceptance `a` is given)
-        i.i.d. sigma(a, k)."""
-        c = self.depths(self.z if upper else 0.0) if a is None else None
-        a = self.acceptance() if a is None else a
-        td, t1, tk = self.t_draft(), self.t_plain(), self.t_verify(k + 1)
-        if None in (a, td, t1, tk):
-            return None
-        sigma = expected_accepted_depth(c, k) if c else expected_accepted(a, k)
-        return sigma * t1 / (k * td + tk)
+        """Model speedup of draft length k (`speedups`)."""
+        s = self.speedups(a, upper)
+        return None if s is None else float(s[k - 1])
 
     def best_k(self, a: float | None = None, upper: bool = False) -> tuple[int, float]:
-        """(k, predicted speedup) maximising the model over 1..k_max at i.i.d. acceptance a (default: the
-        window's estimates, per depth when known); the speedup may be below 1; (0, 1.0) before there is
-        anything to predict from. Memoised until the next record (it runs before every step)."""
-        def search():
-            best = (0, 1.0)
-            for k in range(1, self.k_max + 1):
-                s = self.predicted(k, a, upper)
-                if s is not None and (best[0] == 0 or s > best[1]):
-                    best = (k, s)
-            return best
-        return self._cached(("best", a, upper), search)
+        """(k, predicted speedup) maximising the model over 1..k_max (`speedups`); the speedup may be below 1;
+        (0, 1.0) before there is anything to predict from. Memoised until the next record (it runs before every
+        step)."""
+        s = self.speedups(a, upper)
+        if s is None:
+            return 0, 1.0
+        k = int(np.argmax(s))
+        return k + 1, float(s[k])
 
     def measured_speedup(self, steps=None, z: float = 0.0) -> float | None:
         """Tokens/s of the given speculative steps (default: the window) over plain tokens/s; with z > 0, that
