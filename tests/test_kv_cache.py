@@ -83,3 +83,39 @@ def test_capacity_is_enforced(family_dirs):
     kv = m.new_cache(1, 4)
     with pytest.raises(MoespecError, match="capacity of 4"):
         m.forward(torch.tensor([[1, 2, 3, 4, 5]]), kv)
+
+
+def test_select_rows_can_shrink_the_capacity_to_what_the_kept_rows_need(family_dirs):
+    import pytest
+
+    from moespec.errors import MoespecError
+    m = _model(family_dirs, "qwen2_moe")
+    kv = m.new_cache(2, 40)
+    m.forward(torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]]), kv)
+    kv.advance([4, 2])
+    kv.select_rows([1], capacity=10)
+    assert kv.capacity == 10 and tuple(kv.k.shape) == (m.cfg.num_layers, 1, m.cfg.num_kv_heads, 10, m.cfg.head_dim)
+    got = m.forward(torch.tensor([[7]]), kv).logits[0, 0]
+    ref = m.forward(torch.tensor([[5, 9, 7]]), m.new_cache(1, 8)).logits[0, -1]
+    assert torch.allclose(got, ref, atol=1e-5)
+    with pytest.raises(MoespecError, match="a KV capacity of 1 tokens cannot hold a kept row of 2"):
+        kv.select_rows([0], capacity=1)
+
+
+def test_the_batch_gives_back_the_kv_room_of_a_finished_long_row(text_model, monkeypatch):
+    """A row with a long prompt and few new tokens sizes the batch; once it has finished, the short row left keeps
+    only its own room, and every row's tokens are those it makes alone."""
+    from moespec import LLM, SamplingParams
+    from moespec.kv_cache import KVCache
+    llm = LLM(text_model)
+    caps = []
+    real = KVCache.select_rows
+    monkeypatch.setattr(KVCache, "select_rows", lambda self, rows, capacity=None: (
+        caps.append((self.capacity, capacity)), real(self, rows, capacity))[1])
+    long_prompt, short = [5, 17, 3] * 30, [7, 11]
+    ps = [SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+          SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)]
+    out = llm.generate([long_prompt, short], ps)
+    assert caps == [(len(long_prompt) + 3 + 1, len(short) + 20)]          # 94 slots, then 22
+    alone = [llm.generate([p], [sp])[0].token_ids for p, sp in zip([long_prompt, short], ps)]
+    assert [o.token_ids for o in out] == alone

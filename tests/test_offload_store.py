@@ -1,6 +1,5 @@
 """The disk tier: packing, validation, O_DIRECT and its fallback, and failures that must surface."""
 import errno
-import json
 import os
 import shutil
 import struct
@@ -15,7 +14,7 @@ from moespec.config import OffloadConfig
 from moespec.errors import MoespecError
 from moespec.experts import packfile
 from moespec.models import load_model
-from packs import edit_header
+from packs import edit_header, split_shards
 
 TOKENS = torch.tensor([[5, 17, 3, 99, 42, 7, 11, 200, 1]])
 
@@ -282,24 +281,35 @@ def test_a_damaged_expert_is_a_clear_error_not_silent_weights(damage, ckpt, tmp_
 
 def test_a_header_longer_than_a_page_packs_and_reads(ckpt, tmp_path):
     """A checkpoint of many shards (Mixtral-8x22B, Qwen3-235B: 40-100 files) makes a long header."""
-    sd = load_file(ckpt / "model.safetensors")
-    (ckpt / "model.safetensors").unlink()
-    names = sorted(sd)
-    index = {"metadata": {}, "weight_map": {}}
-    shards = 60
-    for i in range(shards):
-        part = {n: sd[n] for n in names[i::shards]}
-        if part:
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file(part, ckpt / fname, metadata={"format": "pt"})
-            index["weight_map"].update({n: fname for n in part})
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    split_shards(ckpt, 40)
     ref = logits(load_model(ckpt, auto_layout=False))
     m = disk(ckpt, tmp_path)
     h = m.experts.store.header
-    assert len(h["checkpoint"]) > 40 and h["data_offset"] > 4096
+    assert len(h["checkpoint"]) == 41 and h["data_offset"] > 4096          # 40 shards and config.json
     assert torch.equal(logits(m), ref)
     m.experts.close()
+
+
+def test_a_40_shard_checkpoint_is_served_from_the_disk_tier(text_model, tmp_path):
+    """Packed on first load and served over HTTP: the reply is the resident model's greedy output."""
+    from fastapi.testclient import TestClient
+
+    from moespec import LLM, SamplingParams
+    from moespec.serve.app import create_app
+    ckpt = tmp_path / "text"
+    shutil.copytree(text_model, ckpt)
+    split_shards(ckpt, 40)
+    want = LLM(ckpt).generate([[5, 17, 3, 99]], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert len(want.text) > 10
+    llm = LLM(ckpt, offload=OffloadConfig(expert_cache=2, offload="disk", offload_dir=str(tmp_path / "off")))
+    assert llm.model.experts.store.build_reason == "missing"
+    with TestClient(create_app(llm, "tiny")) as c:
+        r = c.post("/v1/completions", json={"prompt": [5, 17, 3, 99], "max_tokens": 24, "ignore_eos": True,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text and r.json()["usage"]["completion_tokens"] == 24
+    assert llm.model.experts.stats()["misses"] > 0
+    llm.close()
 
 
 def test_a_writer_killed_while_packing_leaves_no_orphan(ckpt, tmp_path):
@@ -315,4 +325,55 @@ def test_a_writer_killed_while_packing_leaves_no_orphan(ckpt, tmp_path):
     m = disk(ckpt, tmp_path)
     assert not orphan.exists() and m.experts.store.build_reason == "missing"
     assert torch.equal(logits(m), logits(load_model(ckpt, auto_layout=False)))
+    m.experts.close()
+
+
+def test_a_packer_killed_mid_write_then_a_restart_leaves_no_orphan(ckpt, tmp_path):
+    """A real kill -9 while another process is packing: the next run removes its temp file, packs again and
+    decodes the checkpoint's own tokens."""
+    import signal
+    import subprocess
+    import sys
+    off = tmp_path / "off"
+    code = (
+        "import sys, time\n"
+        "import moespec.loading.build as b\n"
+        "real = b.load_expert_pool\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.2)\n"
+        "    return real(*a, **k)\n"
+        "b.load_expert_pool = slow\n"
+        "from moespec.config import OffloadConfig\n"
+        "from moespec.models import load_model\n"
+        "load_model(sys.argv[1], auto_layout=False, offload=OffloadConfig(expert_cache=2, offload='disk', "
+        "offload_dir=sys.argv[2]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(off)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [p for p in off.glob(".*.tmp") if p.stat().st_size > 4096] and time.monotonic() < deadline:
+        assert proc.poll() is None, "the packer ended before it could be killed"
+        time.sleep(0.05)
+    orphans = list(off.glob(".*.tmp"))
+    assert len(orphans) == 1 and str(proc.pid) in orphans[0].name
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+    assert orphans[0].exists() and not list(off.glob("*.experts"))       # half a pack, never renamed
+    m = disk(ckpt, tmp_path)
+    assert not orphans[0].exists() and m.experts.store.build_reason == "missing"
+    assert list(off.iterdir()) == [pack_file(m)]
+    assert torch.equal(logits(m), logits(load_model(ckpt, auto_layout=False)))
+    m.experts.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loader_thread_that_dies_is_a_clear_error_not_a_hang(ckpt, tmp_path):
+    m = disk(ckpt, tmp_path, expert_cache=1, io_timeout_s=30)
+    loader = m.experts.loader
+
+    def die():
+        raise RuntimeError("injected: the loader thread dies")
+    loader._take = die                  # the thread's own loop fails, outside any one load
+    t = time.perf_counter()
+    with pytest.raises(MoespecError, match="the expert loader stopped before loading expert"):
+        logits(m)
+    assert time.perf_counter() - t < 5 and not loader.alive()      # noticed at once, not after the 30 s timeout
     m.experts.close()

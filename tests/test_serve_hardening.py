@@ -327,3 +327,4 @@ def test_a_read_error_mid_decode_is_a_5xx_and_health_says_degraded(family_dirs, 
         store.load = real
         assert complete(c, max_tokens=4, prompt=[5, 17, 3]).status_code == 200
     llm.close()
+

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from .assets import resolve_model
 from .config import OffloadConfig, SpecConfig
 from .errors import MoespecError
-from .generate import Sequence, generate, new_sequence
+from .generate import Sequence, draft_slack, generate, kv_capacity, new_sequence
 from .models import load_model
 from .sampling import SamplingParams
 from .perf.chooser import DrafterChooser
@@ -239,6 +241,17 @@ class LLM:
             yield d
         if err:
             raise err[0]
+
+    def kv_row_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV slots one sequence takes (generate sizes each row for its prompt, the new tokens within the context
+        limit, and a draft)."""
+        new = min(max_new_tokens, self.max_model_len - prompt_len)
+        return kv_capacity(prompt_len, new, draft_slack(self.drafter, self.spec.k_max if self.spec else 0))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.model.cfg
+        return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.empty((), dtype=self.model.kv_dtype).element_size()
 
     def expert_stats(self) -> dict:
         """Expert cache counters since load (hits, misses, bytes_read, evictions, stall_s, prefetch_*,

@@ -84,8 +84,7 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
     sequence, drop its tokens, text and generator (a server whose batch never drains then holds nothing per
     finished request; `seqs[i]` keeps its counts and timings only)."""
     gens = [make_generator(s.params.seed) for s in seqs]
-    tree = getattr(drafter, "tree", None)       # a static draft tree writes all its nodes in one verification
-    slack = max(draft_len, shape_nodes(tree)) if tree else draft_len
+    slack = draft_slack(drafter, draft_len)
     t0 = time.perf_counter()
     kv, nxt = _prefill(model, seqs, gens, slack)
     prefill_experts = model.experts.stats()    # expert counters at the end of prefill: decode-only counts
@@ -133,10 +132,10 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
                     if release:
                         seqs[i].release()
                         gens[i] = None
-            if keep:
-                kv.select_rows(keep)
-                nxt = nxt[keep]
             live = [live[r] for r in keep]
+            if keep:                           # and their room: the rows left keep what they may still need
+                kv.select_rows(keep, max(kv.lens[r] + _room(seqs[i], slack) for r, i in zip(keep, live)))
+                nxt = nxt[keep]
         added = admit(len(live)) if admit is not None else []
         if not live:
             if added:
@@ -174,11 +173,28 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
             "spec": spec if drafter is not None else None, "prefill_experts": prefill_experts}
 
 
+def _room(seq: Sequence, slack: int) -> int:
+    """KV slots a row may still fill after its committed tokens: its pending token, the tokens it may still make
+    and a draft's worth (`slack`)."""
+    return seq.params.max_new_tokens - len(seq.token_ids) + slack + 1
+
+
+def draft_slack(drafter, draft_len: int) -> int:
+    """KV slots a verification writes past a row's pending token: the draft (a static tree: all its nodes)."""
+    tree = getattr(drafter, "tree", None)
+    return max(draft_len, shape_nodes(tree)) if tree else draft_len
+
+
+def kv_capacity(prompt_len: int, max_new_tokens: int, slack: int) -> int:
+    """The KV slots a sequence needs from its start (`_prefill`; servers budget KV memory with it)."""
+    return prompt_len + max_new_tokens + slack + 1
+
+
 def _prefill(model: DecoderLM, seqs: list[Sequence], gens: list, slack: int) -> tuple[KVCache, torch.Tensor]:
     """A KV cache holding the prompts (room for each sequence's new tokens and a draft), and each row's
     first sampled token [B]. Ragged: right-padded; each row's logits come from its own last prompt token."""
     lens = [len(s.prompt_ids) for s in seqs]
-    kv = model.new_cache(len(seqs), max(n + s.params.max_new_tokens for n, s in zip(lens, seqs)) + slack + 1)
+    kv = model.new_cache(len(seqs), max(kv_capacity(n, s.params.max_new_tokens, slack) for n, s in zip(lens, seqs)))
     tokens = torch.zeros(len(seqs), max(lens), dtype=torch.long)
     for i, s in enumerate(seqs):
         tokens[i, :lens[i]] = torch.tensor(s.prompt_ids)

@@ -108,15 +108,21 @@ class KVCache:
             self.v[:, row, :, dst] = self.v[:, row, :, src]
         self.lens[row] = base + len(slots)
 
-    def select_rows(self, rows: list[int]) -> None:
-        """Keep only these batch rows (in this order), e.g. to stop spending compute on finished sequences."""
+    def select_rows(self, rows: list[int], capacity: int | None = None) -> None:
+        """Keep only these batch rows (in this order), e.g. to stop spending compute on finished sequences;
+        `capacity`: the new capacity (default unchanged; at least the longest kept row): once the longest row
+        has finished, the others need not keep its room."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         hi = max(self.lens[r] for r in rows) if rows else 0
-        k = torch.zeros(self.k.shape[0], len(rows), *self.k.shape[2:], dtype=self.k.dtype, device=self.k.device)
+        cap = self.capacity if capacity is None else capacity
+        if cap < hi:
+            raise MoespecError(f"a KV capacity of {cap} tokens cannot hold a kept row of {hi}")
+        shape = (self.k.shape[0], len(rows), self.k.shape[2], cap, self.k.shape[4])
+        k = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
         v = torch.zeros_like(k)
         k[:, :, :, :hi] = self.k[:, idx, :, :hi]
         v[:, :, :, :hi] = self.v[:, idx, :, :hi]
-        self.k, self.v = k, v
+        self.k, self.v, self.capacity = k, v, cap
         self.lens = [self.lens[r] for r in rows]
 
     def append_rows(self, other: KVCache) -> KVCache:

@@ -21,7 +21,7 @@ from ..errors import MoespecError
 from . import protocol as P
 from .metrics import ServerMetrics
 from .guard import Guard
-from .worker import EngineWorker, Job, Overloaded
+from .worker import EngineWorker, Job, Overloaded, TooLarge
 
 log = logging.getLogger("moespec.serve")
 DEGRADED_S = 60.0       # /health says "degraded" (503) this long after the engine last failed a batch
@@ -35,20 +35,25 @@ class Limits:
     render_timeout_s: float = 10.0          # tokenizing and chat template rendering, off the event loop
     api_key: str | None = None              # Authorization: Bearer <key> on every path but `open_paths`
     open_paths: tuple[str, ...] = ("/health", "/metrics")
+    shutdown_timeout_s: float = 30.0        # on shutdown, requests still decoding after this are cancelled
+    kv_bytes: int | None = None             # KV cache the running batch may hold (default: the --memory plan's)
 
 
 def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: int = 64,
                start: bool = True, limits: Limits = Limits()) -> FastAPI:
     """start=False leaves the engine thread unstarted (tests start it, or fill its queue first)."""
     metrics = ServerMetrics(model_name, llm.expert_stats)
-    worker = EngineWorker(llm, metrics, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+    kv = limits.kv_bytes if limits.kv_bytes is not None else (llm.memory_plan.kv if llm.memory_plan else None)
+    worker = EngineWorker(llm, metrics, max_num_seqs=max_num_seqs, max_waiting=max_waiting, kv_budget=kv)
     if start:
         worker.start()
 
     @asynccontextmanager
     async def lifespan(_):
         yield
-        worker.stop()           # the engine thread ends after the batch it is decoding
+        # uvicorn has waited up to the same bound for open requests (and then cancelled them); the engine thread
+        # gets it again to end its batch, then whatever it still decodes is aborted: shutdown never hangs.
+        worker.shutdown(limits.shutdown_timeout_s)
     app = FastAPI(title="moespec", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(Guard, limits=limits)
     app.state.worker, app.state.metrics, app.state.llm = worker, metrics, llm
@@ -136,6 +141,8 @@ def create_app(llm: LLM, model_name: str, max_num_seqs: int = 16, max_waiting: i
         job = Job([i for i in ids for _ in params], [p for _ in ids for p in params], asyncio.get_running_loop())
         try:
             worker.submit(job)
+        except TooLarge as e:
+            raise P.ApiError(400, str(e), param="max_tokens", code="kv_budget_exceeded") from None
         except Overloaded as e:
             raise P.ApiError(503, f"server overloaded: {e}; retry later", type="service_unavailable") from None
         return job, sum(len(i) for i in ids)

@@ -31,6 +31,13 @@ def add_serve_parser(sub, env, model_args, engine_args) -> None:
                    help="largest request body accepted (default 8 MiB; larger: 413)")
     s.add_argument("--request-timeout", type=float, default=env("request_timeout", None, float),
                    help="cancel a request still running after this many seconds (408; default: no limit)")
+    s.add_argument("--kv-memory", default=env("kv_memory"),
+                   help="KV cache the running batch may hold, e.g. 2G (rows are sized to the batch's largest prompt + "
+                        "max_tokens; a request joins when it fits, one that never can is a 400; default: the --memory "
+                        "plan's share, else no bound beyond --max-num-seqs x --max-model-len)")
+    s.add_argument("--shutdown-timeout", type=float, default=env("shutdown_timeout", 30.0, float),
+                   help="on SIGTERM / Ctrl-C, let running requests finish for this many seconds, then cancel them "
+                        "(default 30)")
     s.add_argument("--log-level", default=env("log_level", "info"),
                    choices=["critical", "error", "warning", "info", "debug"])
     for add in engine_args:       # offload and speculation flags, as for generate
@@ -47,6 +54,15 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         raise MoespecError(f"--max-body-bytes {a.max_body_bytes} is too small (at least 1024)")
     if a.request_timeout is not None and a.request_timeout <= 0:
         raise MoespecError(f"--request-timeout {a.request_timeout:g} must be a positive number of seconds")
+    kv_bytes = None
+    if a.kv_memory is not None:
+        from ..perf.units import parse_size
+        try:
+            kv_bytes = parse_size(a.kv_memory, "--kv-memory")
+        except Exception as e:                   # PerfError: the message names the flag
+            raise MoespecError(str(e)) from None
+    if a.shutdown_timeout < 0:
+        raise MoespecError(f"--shutdown-timeout {a.shutdown_timeout:g} must be zero or more seconds")
     for name in ("port", "max_num_seqs", "max_waiting"):
         v = getattr(a, name)
         if v < (0 if name in ("port", "max_waiting") else 1) or (name == "port" and v > 65535):
@@ -66,7 +82,8 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         print(llm.memory_plan.summary(), file=sys.stderr)
     name = a.served_model_name or llm.path.name
     limits = Limits(max_body_bytes=a.max_body_bytes, request_timeout_s=a.request_timeout, api_key=a.api_key or None,
-                    open_paths=tuple(p.strip() for p in a.open_endpoints.split(",") if p.strip()))
+                    open_paths=tuple(p.strip() for p in a.open_endpoints.split(",") if p.strip()),
+                    shutdown_timeout_s=a.shutdown_timeout, kv_bytes=kv_bytes)
     if a.host not in ("127.0.0.1", "localhost", "::1") and limits.api_key is None:
         print(f"moespec serve: listening on {a.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
@@ -74,7 +91,8 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
     print(f"moespec serve: {name} ({llm.path}) on http://{a.host}:{a.port}/v1 ({torch.get_num_threads()} engine "
           "threads)", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
+                    timeout_graceful_shutdown=a.shutdown_timeout)
     finally:
         llm.close()
 

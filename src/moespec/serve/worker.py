@@ -24,6 +24,10 @@ class Overloaded(Exception):
     """More requests are waiting than the server was told to hold (the HTTP layer answers 503)."""
 
 
+class TooLarge(Exception):
+    """A request that could never run within the server's KV budget (the HTTP layer answers 400)."""
+
+
 @dataclass
 class Job:
     """One HTTP request: its choices (one prompt and SamplingParams each) and where its events go."""
@@ -46,16 +50,35 @@ class EngineWorker(threading.Thread):
     """Runs `llm.generate` over the waiting jobs, admitting more while it decodes, at most max_num_seqs
     sequences at once (a job larger than that runs when the batch is empty)."""
 
-    def __init__(self, llm: LLM, metrics: ServerMetrics, max_num_seqs: int = 16, max_waiting: int = 64):
+    def __init__(self, llm: LLM, metrics: ServerMetrics, max_num_seqs: int = 16, max_waiting: int = 64,
+                 kv_budget: int | None = None):
         super().__init__(name="moespec-engine", daemon=True)
         self.llm, self.metrics = llm, metrics
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
+        # KV bytes the batch may hold: every row is sized to the batch's largest (prompt + max_tokens), so a job
+        # joins only while rows x that size fits; one that never could is refused when it arrives.
+        self.kv_budget = kv_budget
+        self._cap = 0                          # KV slots per row of the running batch (its largest job's)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self._held: Job | None = None          # a job that did not fit the batch: first to join next
         self._stopping = False
+        self._running: list[Job] = []          # the jobs of the batch decoding now (shutdown cancels them)
         self.last_error: tuple[float, str] | None = None    # (monotonic time, why) of the last failed batch
 
+    def job_tokens(self, job: Job) -> int:
+        """KV slots per row the job's sequences need (LLM.kv_row_tokens; the batch sizes rows alike)."""
+        return max(self.llm.kv_row_tokens(len(p), sp.max_new_tokens) for p, sp in zip(job.prompts, job.params))
+
+    def _fits(self, rows: int, tokens: int) -> bool:
+        return self.kv_budget is None or rows * tokens * self.llm.kv_bytes_per_token <= self.kv_budget
+
     def submit(self, job: Job) -> None:
+        tokens = self.job_tokens(job)
+        if not self._fits(len(job.prompts), tokens):
+            need = len(job.prompts) * tokens * self.llm.kv_bytes_per_token
+            raise TooLarge(f"the request needs {need / 1e6:.1f} MB of KV cache ({len(job.prompts)} sequence(s) x "
+                           f"{tokens} tokens: prompt, max_tokens and a draft), more than this server's KV budget of "
+                           f"{self.kv_budget / 1e6:.1f} MB (--kv-memory); lower max_tokens, n or the prompt")
         if self.queue.qsize() >= self.max_waiting:
             raise Overloaded(f"{self.queue.qsize()} requests are already waiting (--max-waiting {self.max_waiting})")
         job.t_last = [0.0] * len(job.prompts)
@@ -65,14 +88,29 @@ class EngineWorker(threading.Thread):
     def stop(self) -> None:
         self.queue.put(None)                   # wakes a waiting get; the batch decoding now finishes first
 
+    def shutdown(self, timeout_s: float) -> bool:
+        """Stop taking jobs and let the running batch finish for up to timeout_s; then cancel every job it still
+        decodes (its rows abort at the next step) and those waiting. True when the engine thread has ended."""
+        self.stop()
+        if self.is_alive():
+            self.join(timeout_s)
+        if self.is_alive():
+            for job in list(self._running) + list(self.queue.queue) + [self._held]:
+                if job is not None:
+                    job.cancelled = True
+            self.join(10.0)
+        return not self.is_alive()
+
     def run(self) -> None:
         while not self._stopping:
+            self._cap = 0                      # a new batch
             jobs = self._take(self.max_num_seqs, wait=True)
             if jobs:
                 self.run_batch(jobs)
 
-    def _take(self, room: int, wait: bool = False) -> list[Job]:
-        """Waiting jobs (oldest first) whose sequences fit in `room`; with wait, block for the first one."""
+    def _take(self, room: int, wait: bool = False, live: int = 0) -> list[Job]:
+        """Waiting jobs (oldest first) whose sequences fit in `room` and, with the `live` rows decoding, in the KV
+        budget; with wait, block for the first one."""
         jobs, n = [], 0
         while not self._stopping:
             if self._held is not None:
@@ -87,25 +125,30 @@ class EngineWorker(threading.Thread):
                 break
             if job.cancelled:                  # its client left while it waited
                 continue
-            if n + len(job.prompts) > room and (jobs or room < self.max_num_seqs):
+            tokens = max(self._cap, self.job_tokens(job))
+            if (n + len(job.prompts) > room or not self._fits(live + n + len(job.prompts), tokens)) and \
+                    (jobs or live or room < self.max_num_seqs):
                 self._held = job
                 break
             jobs.append(job)
             n += len(job.prompts)
+            self._cap = tokens
         self.metrics.waiting.set(self.queue.qsize() + (self._held is not None))
         return jobs
 
     def run_batch(self, jobs: list[Job]) -> None:
         rows = [(job, c) for job in jobs for c in range(len(job.prompts))]    # sequence i -> (job, choice)
         m = self.metrics
-        running = list(jobs)                       # every job of this batch (errors reach them all)
+        running = self._running = list(jobs)       # every job of this batch (errors reach them all)
         left = {id(job): len(job.prompts) for job in jobs}      # choices still decoding, per job
         m.running.set(len(left))
 
         def admit(n_live: int) -> list[tuple]:
             if self.queue.empty() and self._held is None:     # the common case, asked after every step
                 return []
-            more = self._take(self.max_num_seqs - n_live)
+            # The rows of finished jobs have left (and the engine shrinks the KV to the rows still decoding).
+            self._cap = max((self.job_tokens(j) for j in running if id(j) in left), default=0)
+            more = self._take(self.max_num_seqs - n_live, live=n_live)
             running.extend(more)
             left.update((id(job), len(job.prompts)) for job in more)
             m.running.set(len(left))

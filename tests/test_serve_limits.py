@@ -1,0 +1,113 @@
+"""`moespec serve`'s resource bounds: the KV cache a batch may hold, and a shutdown that cannot hang."""
+import asyncio
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from moespec import SamplingParams
+from moespec.serve.app import Limits, create_app
+from moespec.serve.worker import Job
+
+NAME = "tiny"
+
+
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def job(loop, prompt_len: int, max_tokens: int, n: int = 1) -> Job:
+    return Job([[5] * prompt_len] * n, [SamplingParams(max_new_tokens=max_tokens)] * n, loop)
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_400(llm):
+    per_row = llm.kv_row_tokens(8, 64) * llm.kv_bytes_per_token
+    with TestClient(create_app(llm, NAME, limits=Limits(kv_bytes=int(1.5 * per_row)))) as c:
+        ok = c.post("/v1/completions", json={"prompt": [5] * 8, "max_tokens": 64})
+        assert ok.status_code == 200, ok.text
+        r = c.post("/v1/completions", json={"prompt": [5] * 8, "max_tokens": 64, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded"
+        assert "2 sequence(s) x" in r.json()["error"]["message"] and "--kv-memory" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": [5] * 8, "max_tokens": 400})
+        assert r.status_code == 400 and "KV budget" in r.json()["error"]["message"]
+
+
+def test_jobs_join_the_batch_only_while_its_kv_fits(llm, loop):
+    """Every row is sized like the batch's largest job: a long job waits while short ones decode, short ones join
+    a batch of short ones, and the waiting job goes first once there is room."""
+    short = llm.kv_row_tokens(8, 16) * llm.kv_bytes_per_token
+    app = create_app(llm, NAME, start=False, limits=Limits(kv_bytes=4 * short))
+    w = app.state.worker
+    a, b, long_, c = job(loop, 8, 16), job(loop, 8, 16), job(loop, 8, 40), job(loop, 8, 16)
+    for j in (a, b, long_, c):
+        w.submit(j)
+    assert w._take(16) == [a, b]                  # the long job would size all three rows past the budget
+    assert w._take(14, live=2) == []              # still held: nothing behind it overtakes it
+    assert w._take(15, live=1) == [long_]         # with one short row left, it fits (2 rows x its size)
+    w._cap = 0
+    assert w._take(16) == [c]
+
+
+def test_the_kv_flag_is_checked(text_model):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "serve", str(text_model), "--kv-memory", "lots"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--kv-memory: cannot read 'lots' as a size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shutdown_is_bounded_while_a_request_decodes(text_model):
+    """SIGTERM while a long stream decodes (each engine step slowed to 50 ms: 2,000 tokens would take 100 s): the
+    server exits within --shutdown-timeout and a step or two, without a traceback, and the stream ends without [DONE]."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import http.client
+    code = ("import sys, time\n"
+            "import moespec.models.decoder as d\n"
+            "real = d.DecoderLM.forward\n"
+            "def slow(self, *a, **k):\n"
+            "    time.sleep(0.05)\n"
+            "    return real(self, *a, **k)\n"
+            "d.DecoderLM.forward = slow\n"
+            "from moespec.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "serve", str(text_model), "--port", str(port),
+                          "--shutdown-timeout", "2", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert p.poll() is None, p.stderr.read()
+                time.sleep(0.1)
+        req = urllib.request.Request(base + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "def", "max_tokens": 2000, "ignore_eos": True,
+                                                      "stream": True}).encode())
+        stream = urllib.request.urlopen(req, timeout=60)
+        assert stream.readline().startswith(b"data: ")                # decoding
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        try:
+            rest = stream.read()                                        # the server ends the stream
+        except http.client.IncompleteRead as e:                         # mid-chunk, as uvicorn cancels it
+            rest = e.partial
+        assert p.wait(timeout=30) in (0, -signal.SIGTERM)     # uvicorn re-raises the signal once it has shut down
+        took = time.monotonic() - t
+        assert took < 2 + 5, took
+        assert b"[DONE]" not in rest
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
