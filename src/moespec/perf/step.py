@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .hardware import Hardware
 from .model import ModelDesc
-from .union import expected_misses, expected_union, expected_union_profile
+from .union import expected_misses, expected_union_profile
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,3 @@ def decode_tpot(model: ModelDesc, hw: Hardware, batch: int, context: int, **kw) 
 def decode_tokens_per_s(model: ModelDesc, hw: Hardware, batch: int, context: int, **kw) -> float:
     """Aggregate tokens/s of plain decoding at batch B: B / TPOT."""
     return batch / decode_tpot(model, hw, batch, context, **kw)
-
-
-def uniform_union(model: ModelDesc, tokens: float) -> float:
-    """Expected distinct experts per MoE layer for `tokens` routed tokens (uniform routing)."""
-    return expected_union(model.experts, model.top_k, tokens) if model.experts else 0.0

@@ -37,13 +37,6 @@ def check_profile(p) -> np.ndarray:
     return np.minimum(p, 1.0)
 
 
-def profile_from_counts(counts, tokens: int) -> np.ndarray:
-    """Per-token inclusion probabilities from routing counts: counts[..., e] tokens chose e, out of `tokens`."""
-    if tokens <= 0:
-        raise PerfError("tokens must be positive")
-    return check_profile(np.asarray(counts, dtype=float) / tokens)
-
-
 def expected_union_profile(p, t: float) -> float:
     """Expected distinct experts per layer for t independent tokens with inclusion probabilities p ([E] or
     [layers, E]; the result is averaged over layers)."""

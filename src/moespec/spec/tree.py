@@ -28,14 +28,8 @@ def chain_parents(n: int) -> list[int]:
     return list(range(-1, n - 1))
 
 
-def is_chain(parents: list[int]) -> bool:
-    return all(p == i - 1 for i, p in enumerate(parents))
 
 
-def check_parents(parents: list[int]) -> None:
-    for i, p in enumerate(parents):
-        if not -1 <= p < i:
-            raise ValueError(f"tree node {i} has parent {p}: parents must come before their children")
 
 
 def depths(parents: list[int]) -> list[int]:
