@@ -7,8 +7,8 @@ import torch
 import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.cli import LOSSY_NOTE, main
-from moespec.config import SpecConfig
-from moespec.spec.budget import VerifyBudget, apply_budget, expert_scores, select_experts
+from moespec.spec_config import SpecConfig
+from moespec.models.budget import VerifyBudget, apply_budget, expert_scores, select_experts
 
 
 def routed(probs: torch.Tensor, k: int, norm: bool):

@@ -53,9 +53,16 @@ def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
     for v in (hw.mem_bw_gbs, hw.peak_fp32_tflops, hw.peak_bf16_tflops, hw.slow_bw_gbs, hw.slow_latency_s,
               hw.fast_mem_bytes):
         assert math.isfinite(v) and v > 0
-    assert hw.layer_overhead_s >= 0 and hw.step_overhead_s >= 0 and hw.spec_step_overhead_s >= 0
+    # The profile carries what was measured: the overheads derive from the report's raw timings (each clamped at
+    # 0, as a model that overpredicts the forward would make them negative).
+    ov, meas = report["measurements"]["overhead"], report["measurements"]
+    assert ov["forward_s"] > 0 and ov["tpot_s"] > 0 and ov["calls"] > 1
+    assert hw.layer_overhead_s == pytest.approx(max(0.0, (ov["forward_s"] - ov["rate_bound_s"]) / ov["calls"]))
+    assert hw.step_overhead_s == ov["step_overhead_s"]
+    assert hw.spec_step_overhead_s == meas["spec_overhead"]["spec_step_overhead_s"]
+    assert meas["spec_overhead"]["runs"] > 0 and 1 < meas["spec_overhead"]["mean_width"] <= 5
     assert len(hw.sources) >= 9 and "speculative step overhead" in hw.sources[-2]
-    assert hw.miss_overhead_s >= 0 and "miss costs" in hw.sources[-1]
+    assert hw.miss_overhead_s == meas["miss_overhead"]["miss_overhead_s"] and "miss costs" in hw.sources[-1]
     miss = report["measurements"]["miss_overhead"]
     assert [b["batch"] for b in miss["batches"]] == [1, 8]
     for b in miss["batches"]:                                          # the 25% cache really missed, in decoding

@@ -1,7 +1,7 @@
 """The explicit KV cache: rollback, keep (tree paths), row selection, masks."""
 import torch
 
-from moespec.models import load_model
+from moespec.loading import load_model
 
 
 def _model(family_dirs, fam="qwen3_moe"):

@@ -12,7 +12,7 @@ import hf_models
 from moespec import LLM, SamplingParams
 from moespec.errors import MoespecError
 from moespec.loading import Checkpoint
-from moespec.models import load_model, resolve_dtype
+from moespec.loading import load_model, resolve_dtype
 
 
 def test_reader_reads_tensors_and_rows(tmp_path):
@@ -71,7 +71,7 @@ PEAK = textwrap.dedent("""
     import json, os, sys
     import torch
     from moespec.config import OffloadConfig
-    from moespec.models import load_model
+    from moespec.loading import load_model
     def rss():
         return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
     base = rss()

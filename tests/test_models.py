@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hf_models
-from moespec.models import load_model
+from moespec.loading import load_model
 
 FAMILIES = list(hf_models.FAMILY_CONFIGS)
 
@@ -76,7 +76,9 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])      # qwen3_moe: tied head, dense layers
 def test_prepacked_bf16_weights_give_bit_identical_logits(family, tmp_path):
+    from moespec.models.layers import SLOW_BF16_GEMM, linear
     from moespec.models.packed import PackedExperts, packing_supported
+    from moespec.prepack import pack
     hf_models.build(family, tmp_path / "m", seed=5, dtype=torch.bfloat16)
     dense = load_model(tmp_path / "m", dtype="bfloat16", auto_layout=False, pack=False)
     packed = load_model(tmp_path / "m", dtype="bfloat16", auto_layout=False, pack=True)
@@ -85,8 +87,16 @@ def test_prepacked_bf16_weights_give_bit_identical_logits(family, tmp_path):
         assert packed.w.layers[0].attn.wqkv.layout == torch._mkldnn and packed.w.lm_head.layout == torch._mkldnn
         assert isinstance(packed.experts.pool(layer), PackedExperts)
         assert packed.w.embed.layout == torch.strided      # the embedding lookup stays dense
-    else:                        # no native bf16: packing is refused, weights stay dense
+    else:                        # no native bf16: packing is refused, weights stay dense, and rightly so
         assert packed.w.layers[0].attn.wqkv.layout == torch.strided
+        assert not isinstance(packed.experts.pool(layer), PackedExperts)
+        w, x = torch.ones(16, 16, dtype=torch.bfloat16), torch.ones(1, 16, dtype=torch.bfloat16)
+        try:
+            refused = SLOW_BF16_GEMM or not torch.equal(linear(x, pack(w)), torch.nn.functional.linear(x, w))
+        except (RuntimeError, AttributeError):
+            refused = True
+        assert refused
+        return                   # nothing packed: the logits below would compare dense with dense
     assert torch.equal(packed.experts.pool(layer).flat(), dense.experts.pool(layer).flat())
     toks = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
     out = {}

@@ -13,7 +13,8 @@ from moespec.config import OffloadConfig
 from moespec.errors import MoespecError
 from moespec.experts import profile_from_routing, save_profile
 from moespec.generate import generate, new_sequence
-from moespec.models import ForwardPlan, load_model
+from moespec.models import ForwardPlan
+from moespec.loading import load_model
 from moespec.sampling import SamplingParams
 
 FAMILIES = ["mixtral", "qwen3_moe"]          # E=6 K=2 all layers MoE; E=8 K=3 MoE layers 1 and 3

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from moespec.config import OffloadConfig
 from moespec.errors import MoespecError
 from moespec.experts import packfile
-from moespec.models import load_model
+from moespec.loading import load_model
 from packs import edit_header, split_shards
 
 TOKENS = torch.tensor([[5, 17, 3, 99, 42, 7, 11, 200, 1]])
@@ -344,7 +344,7 @@ def test_a_packer_killed_mid_write_then_a_restart_leaves_no_orphan(ckpt, tmp_pat
         "    return real(*a, **k)\n"
         "b.load_expert_pool = slow\n"
         "from moespec.config import OffloadConfig\n"
-        "from moespec.models import load_model\n"
+        "from moespec.loading import load_model\n"
         "load_model(sys.argv[1], auto_layout=False, offload=OffloadConfig(expert_cache=2, offload='disk', "
         "offload_dir=sys.argv[2]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(off)], stderr=subprocess.DEVNULL)

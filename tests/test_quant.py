@@ -6,7 +6,7 @@ import torch
 
 import hf_models
 from moespec.errors import MoespecError
-from moespec.models import load_model
+from moespec.loading import load_model
 from moespec.quant.scheme import QuantConfig
 from moespec.quant.weights import (Int4Weight, Int8Weight, dequantize_int4, dequantize_int8, pack_int4,
                                    quantize_int4, quantize_int8, unpack_int4)

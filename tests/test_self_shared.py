@@ -5,8 +5,9 @@ import torch
 
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.assets import REFERENCE_MODEL
-from moespec.config import OffloadConfig, SpecConfig
-from moespec.spec.self_shared import SharedSelfDrafter
+from moespec.config import OffloadConfig
+from moespec.spec_config import SpecConfig
+from moespec.spec_decode.self_shared import SharedSelfDrafter
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n\ndef list_files(path):", "class Stack:\n    def push(self, x):",
            "def fibonacci(n):"]
@@ -181,7 +182,7 @@ def test_draft_model_guided_prefetch_equals_plain_and_predicts_the_experts(plain
     """SP-MoE with the bundled draft model: its hidden states through the shipped router projection guess the
     target's experts; the cache loads them for verification. Output unchanged; most guesses are used."""
     from moespec.assets import REFERENCE_DRAFT
-    from moespec.spec.router_proj import FILE, load_projection
+    from moespec.spec_decode.router_proj import FILE, load_projection
     batch, single = plain
     # cutoff: every layer (the automatic one follows measured times, and may choose none on a fast disk)
     off = OffloadConfig(expert_cache=4, offload="disk", offload_dir=str(tmp_path), prefetch="auto", prefetch_cutoff=6)
@@ -201,8 +202,8 @@ def test_a_projection_for_other_routers_is_refitted_and_cached(tmp_path, monkeyp
     """A draft folder's projection fitted for another target is not used: one is fitted for this pair (once)
     and found in the cache the next time."""
     from moespec.assets import REFERENCE_DRAFT
-    from moespec.models import load_model
-    from moespec.spec import router_proj
+    from moespec.loading import load_model
+    from moespec.spec_decode import router_proj
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     target, draft = load_model(REFERENCE_MODEL, "float32"), load_model(REFERENCE_DRAFT, "float32")
     layer = target.cfg.moe_layer_ids[0]

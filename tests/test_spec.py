@@ -9,8 +9,8 @@ import torch
 import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import OffloadConfig
-from moespec.spec.drafters import NgramDrafter
-from moespec.spec.verify import chain_accept, greedy_accept
+from moespec.spec_decode.drafters import NgramDrafter
+from moespec.spec_decode.verify import chain_accept, greedy_accept
 
 
 def test_greedy_accept():
@@ -175,7 +175,7 @@ def test_self_drafter_is_lossless_and_with_every_expert_accepts_everything(text_
 
 @pytest.mark.parametrize("routing", ["substitute", "reroute"])
 def test_self_drafting_with_offloading_reads_nothing_while_drafting(text_model, tmp_path, routing):
-    from moespec.spec.drafters import SelfDrafter
+    from moespec.spec_decode.drafters import SelfDrafter
     off = OffloadConfig(expert_cache=3, offload="disk", offload_dir=str(tmp_path))
     llm = LLM(text_model, offload=off, speculative={"method": "self", "num_speculative_tokens": 3,
                                                     "draft_routing": routing, "draft_kv": "own"})

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from moespec import LLM, MoespecError, SamplingParams
-from moespec.config import SpecConfig
+from moespec.spec_config import SpecConfig
 from moespec.generate import generate
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(", "import re\nimport os\nimport"]

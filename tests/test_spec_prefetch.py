@@ -6,7 +6,7 @@ import torch
 import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import OffloadConfig
-from moespec.spec.prefetch import DraftPrefetch, auto_cutoff
+from moespec.spec_decode.prefetch import DraftPrefetch, auto_cutoff
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(",
            "import re\nimport os\nimport re\nimport", "class A:\n    pass\nclass A:\n", "x = 1\ny = 2\n"]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError, SamplingParams
-from moespec.config import OffloadConfig, SpecConfig
-from moespec.models import load_model
-from moespec.spec.drafters import Draft, NgramDrafter
-from moespec.spec.step import speculative_step
-from moespec.spec.tree import (
+from moespec.config import OffloadConfig
+from moespec.spec_config import SpecConfig
+from moespec.loading import load_model
+from moespec.spec_decode.drafters import Draft, NgramDrafter
+from moespec.spec_decode.step import speculative_step
+from moespec.spec_decode.tree import (
     ancestor_mask,
     chain_parents,
     depths,
@@ -20,7 +21,7 @@ from moespec.spec.tree import (
     shape_nodes,
     shape_parents,
 )
-from moespec.spec.verify import chain_accept, tree_accept, tree_greedy_accept
+from moespec.spec_decode.verify import chain_accept, tree_accept, tree_greedy_accept
 
 # A hand-built tree: 0 and 1 under the root, 2 and 3 under 0, 4 under 2.
 PARENTS = [-1, -1, 0, 0, 2]

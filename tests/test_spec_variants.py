@@ -36,7 +36,7 @@ def test_rerouted_self_drafts_stay_lossless(text_model, plain, n):
 
 def test_reroute_keeps_each_token_inside_the_set():
     import torch
-    from moespec.spec.budget import reroute_inside
+    from moespec.models.budget import reroute_inside
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
     w, ids = torch.tensor([[0.625, 0.375], [4 / 7, 3 / 7]]), torch.tensor([[0, 1], [3, 2]])
     inside = torch.tensor([True, True, False, True])

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from moespec import LLM, SamplingParams
 from moespec.bench.workloads import load_prompts
-from moespec.config import OffloadConfig, SpecConfig
+from moespec.config import OffloadConfig
+from moespec.spec_config import SpecConfig
 
 
 def configs(a, n_moe: int, slots: int) -> dict[str, tuple[dict, dict | None]]:

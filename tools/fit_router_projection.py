@@ -1,4 +1,4 @@
-"""Fit the draft model's router projection (spec/router_proj.py) and write it into the draft folder, where
+"""Fit the draft model's router projection (spec_decode/router_proj.py) and write it into the draft folder, where
 draft-guided prefetch with that draft model finds it. The bundled draft ships the one for the bundled model:
 
     python tools/fit_router_projection.py                       # bundled target and draft
@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from moespec.assets import REFERENCE_DRAFT, REFERENCE_MODEL
-from moespec.models import load_model
-from moespec.spec.router_proj import FILE, corpus, fit_projection
+from moespec.loading import load_model
+from moespec.spec_decode.router_proj import FILE, corpus, fit_projection
 from moespec.tokenizer import Tokenizer
 
 

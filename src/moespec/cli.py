@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub, _model_args)
     from .calibrate.cli import add_calibrate_parser
     add_calibrate_parser(sub)
-    from .experts.profile_cli import add_profile_parser
+    from .profile_cli import add_profile_parser
     add_profile_parser(sub, _model_args)
     from .serve.cli import add_serve_parser
     add_serve_parser(sub, _env, _model_args, (_offload_args, _spec_args))
@@ -164,7 +164,7 @@ def _calibrate(a) -> None:
 
 
 def _profile(a) -> None:
-    from .experts.profile_cli import run_profile
+    from .profile_cli import run_profile
     run_profile(a)
 
 

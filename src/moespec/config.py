@@ -192,7 +192,7 @@ class OffloadConfig:
     policy: eviction "lru" | "lfu" | "static" (hottest experts of hot_profile pinned, the rest LRU).
     prefetch: "none" (load on demand) | "next-layer" (run the next layer's router on the hidden state
         entering this layer's MoE and load its top-k in the background) | "draft" (self-speculation:
-        load the experts the draft's router picks, for verification; spec/prefetch.py) | "auto" (draft
+        load the experts the draft's router picks, for verification; spec_decode/prefetch.py) | "auto" (draft
         when self-speculating, else next-layer).
     prefetch_cutoff: draft prefetch covers the first L MoE layers (an int) or an L chosen from
         measured load and draft times ("auto").
@@ -241,7 +241,3 @@ class OffloadConfig:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(base) / "moespec" / "experts"
 
-
-# Speculative decoding settings live in their own module; imported here for callers that take every setting
-# from one place.
-from .spec_config import DRAFT_REFRESH, SHADOW_KINDS, SpecConfig  # noqa: E402,F401

@@ -9,10 +9,11 @@ from typing import Callable, Iterator
 import torch
 
 from .assets import resolve_model
-from .config import OffloadConfig, SpecConfig
+from .config import OffloadConfig
+from .spec_config import SpecConfig
 from .errors import MoespecError
 from .generate import Sequence, draft_slack, generate, kv_capacity, new_sequence
-from .models import load_model
+from .loading import load_model
 from .sampling import SamplingParams
 from .perf.chooser import DrafterChooser
 from .perf.controller import SpecController
@@ -89,12 +90,12 @@ class LLM:
         # batch size -> controller (draft length "auto"; with method "auto" the drafter too)
         self._controllers: dict[int, SpecController | DrafterChooser] = {}
         if self.drafter is not None and self.spec.tree is not None:
-            self.drafter.tree = list(self.spec.tree)     # static draft trees (spec/tree.py)
+            self.drafter.tree = list(self.spec.tree)     # static draft trees (spec_decode/tree.py)
 
     def _drafter(self, dtype: str, device: str):
         if self.spec is None:
             return None
-        from .spec.factory import make_drafter
+        from .spec_decode.factory import make_drafter
         return make_drafter(self.spec, self.model, self.path, self.offload, self.tokenizer,
                             self.max_model_len + 128, dtype, device)
 

@@ -1,5 +1,5 @@
 """Command-line flags shared by the commands (model, precision, memory, offloading, speculation) and the configs
-built from them. The commands' modules (cli.py, bench/, serve/, experts/profile_cli.py) import these; nothing here
+built from them. The commands' modules (cli.py, bench/, serve/, profile_cli.py) import these; nothing here
 imports a command."""
 from __future__ import annotations
 
@@ -180,12 +180,12 @@ def spec_config(a):
     """A SpecConfig from --speculative-config or --spec/--draft-len, or None for plain decoding.
 
     The verify budget flags apply on top of either (they override the same fields of the JSON)."""
-    from .config import SpecConfig
+    from .spec_config import SpecConfig
     budget = {k: v for k, v in (("verify_budget", a.verify_budget), ("verify_budget_mass", a.verify_budget_mass),
                                 ("budget_mode", a.budget_mode), ("budget_decay", a.budget_decay)) if v is not None}
     tree = getattr(a, "tree", None)
     if tree is not None:
-        from .spec.tree import parse_shape
+        from .spec_decode.tree import parse_shape
         try:
             tree = parse_shape(tree, "--tree")
         except ValueError as e:

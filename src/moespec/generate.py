@@ -13,8 +13,8 @@ import torch
 from .kv_cache import KVCache
 from .models.decoder import DecoderLM
 from .sampling import SamplingParams, make_generator, sample
-from .spec.step import speculative_step
-from .spec.tree import shape_nodes
+from .spec_decode.step import speculative_step
+from .spec_decode.tree import shape_nodes
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -73,9 +73,9 @@ def generate(model: DecoderLM, seqs: list[Sequence], on_text: Callable[[int, str
              admit: Callable[[int], list[Sequence]] | None = None, release: bool = False) -> dict:
     """Run every sequence to completion in one batch. Returns batch timings (prefill_s, decode_s, steps)
     and, with a drafter, speculation counters. A step either decodes one token per live row or, with a
-    drafter, drafts and verifies `draft_len` tokens per row (spec/step.py); a controller
+    drafter, drafts and verifies `draft_len` tokens per row (spec_decode/step.py); a controller
     (perf/controller.py) instead picks each step's draft length, 0 = a plain step, from the costs it
-    is told. budget: a VerifyBudget that makes verification LOSSY (spec/budget.py). aborted(i) is asked
+    is told. budget: a VerifyBudget that makes verification LOSSY (models/budget.py). aborted(i) is asked
     before every step: True ends sequence i with finish_reason "abort" (a server's client went away);
     on_finish(i) is called as soon as sequence i has ended (the others may go on). admit(live_rows),
     asked after every step, returns sequences that join the batch (continuous batching): they are

@@ -47,7 +47,7 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
 def model_sizes(path, cfg: ModelConfig, dtype: str, quant) -> dict:
     """describe() at the precision a run would use: the resolved dtype, quantized experts and dense matrices, plus
     the checkpoint's dtype and the quantization (what `moespec inspect` prints)."""
-    from .models import checkpoint_dtype, resolve_dtype
+    from .loading import checkpoint_dtype, resolve_dtype
     dt = resolve_dtype(dtype, path)
     es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
     expert_bytes = matrix = None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .errors import MoespecError
 
 if TYPE_CHECKING:
-    from .spec.budget import VerifyBudget
+    from .models.budget import VerifyBudget
 
 
 SHADOW_KINDS = ("shadow-int4", "shadow-int8")
@@ -31,13 +31,13 @@ class SpecConfig:
         across requests of an LLM). Greedy output is identical either way;
         seeded sampling is reproducible run to run only with a fixed k (auto's choices follow timings).
     prompt_lookup_max / prompt_lookup_min: the n-gram sizes matched, longest first.
-    verify_budget / verify_budget_mass: LOSSY verification expert budget (MoE-Spec, spec/budget.py): each MoE
+    verify_budget / verify_budget_mass: LOSSY verification expert budget (MoE-Spec, models/budget.py): each MoE
         layer of a verification forward computes only the top-B experts by aggregate router probability, or
         the smallest set reaching that probability mass; None (default) = lossless. At most one of the two.
     budget_mode: "substitute" (re-pick a token's top-K inside the kept set) or "truncate" (drop its choices
         outside it). budget_decay: a draft token at depth d weighs budget_decay**d in the expert scores.
     tree: a static draft tree, branching factors per depth ([2, 2, 1, 1] or "2,2,1,1": 2 children at depth
-        1, each with 2 at depth 2, then one each; at most 64 nodes; spec/tree.py); the draft length is then
+        1, each with 2 at depth 2, then one each; at most 64 nodes; spec_decode/tree.py); the draft length is then
         the tree's depth. None (default): chains.
     """
     method: str = "ngram"
@@ -50,12 +50,12 @@ class SpecConfig:
     draft_experts: int | str | None = None  # self: experts per layer while drafting (default: resident / E/2), or
                                             # "shadow-int4" / "shadow-int8": low-bit copies of every expert
     draft_kv: str = "auto"                  # self: "shared" (drafts on the target's KV, every row in one forward
-                                            # per position: spec/self_shared.py), "own" (its own KV cache), "auto"
+                                            # per position: spec_decode/self_shared.py), "own" (its own KV cache), "auto"
     draft_top_k: int | None = None          # self: experts per token while drafting (default: the model's K)
     draft_layers: int | None = None         # self: draft with the first L decoder layers only (default: all)
     draft_refresh: str = "hot-temporal"     # self, shared KV: how the N draft experts are chosen: "hot-temporal"
                                             # (last verification's), "hot-global" (a routing profile's, pinned),
-                                            # "random" (spec/self_shared.py)
+                                            # "random" (spec_decode/self_shared.py)
     draft_profile: str | None = None        # the routing profile JSON "hot-global" ranks experts by
     draft_pin: bool = False                 # self, shared KV: pin the draft set in the expert cache
     draft_routing: str = "reroute"          # self: a token takes its top-K inside the draft set ("reroute"), or
@@ -133,7 +133,7 @@ class SpecConfig:
         if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 64:
             raise MoespecError(f"max_speculative_tokens={m!r} must be an integer in [1, 64]")
         if self.tree is not None:
-            from .spec.tree import parse_shape
+            from .spec_decode.tree import parse_shape
             try:
                 self.tree = parse_shape(self.tree, "tree")
             except ValueError as e:
@@ -173,7 +173,7 @@ class SpecConfig:
             raise MoespecError(f"verify_budget={b!r} must be a positive integer (experts per MoE layer)")
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
             raise MoespecError(f"verify_budget_mass={m!r} must be in (0, 1]")
-        from .spec.budget import MODES
+        from .models.budget import MODES
         if self.budget_mode not in MODES:
             raise MoespecError(f"budget_mode={self.budget_mode!r} is not one of: {', '.join(MODES)}")
         d = self.budget_decay
@@ -183,9 +183,9 @@ class SpecConfig:
             raise MoespecError("budget_mode / budget_decay need a verify budget (verify_budget or verify_budget_mass)")
 
     def budget(self) -> VerifyBudget | None:
-        """The verification expert budget as spec/budget.py takes it, or None when verification is lossless."""
+        """The verification expert budget as models/budget.py takes it, or None when verification is lossless."""
         if self.verify_budget is None and self.verify_budget_mass is None:
             return None
-        from .spec.budget import VerifyBudget
+        from .models.budget import VerifyBudget
         return VerifyBudget(self.verify_budget, self.verify_budget_mass, self.budget_mode,
                             float(self.budget_decay)).validate()

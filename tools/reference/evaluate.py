@@ -169,7 +169,7 @@ def evaluate_all(folders: dict[str, Path], run: Path, streams: dict, stats: dict
     """Everything the model card reports, per model ("moe", "draft"), in one JSON-able dict."""
     from tokenizers import Tokenizer
 
-    from moespec.models import load_model
+    from moespec.loading import load_model
     tok = Tokenizer.from_file(str(run / "data" / "tokenizer.json"))
     unseen = unseen_code(run, tok, tok.token_to_id("<|endoftext|>"))
     res = {"ctx": CTX, "max_tokens_per_set": max_tokens, "weights": "exported bf16, upcast to float32",

@@ -89,7 +89,7 @@ def verify(folder: Path, model, windows: torch.Tensor) -> dict:
     """transformers and moespec, loading the folder in float32, must give TrainLM's logits (within 1e-4)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moespec.models import load_model
+    from moespec.loading import load_model
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ms = load_model(folder, "float32")
     worst = {"transformers": 0.0, "moespec": 0.0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from ..spec.drafters import Draft
+from ..spec_decode.drafters import Draft
 
 
 class OracleDrafter:

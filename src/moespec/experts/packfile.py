@@ -3,7 +3,7 @@
 Layout: 16 bytes giving the header's length (ASCII decimal, newline-terminated), the JSON header, spaces up to
 `data_offset` (a multiple of ALIGN: the header may be as long as the checkpoint needs, e.g. hundreds of shards);
 then for each MoE layer in order, for each expert 0..E-1, its blob (exactly a pool slot: gate+up then down in the
-run's dtype, or the quantized blob of quant/pool.py) padded to `stride` = blob bytes rounded up to ALIGN, so every
+run's dtype, or the quantized blob of experts/quant_pool.py) padded to `stride` = blob bytes rounded up to ALIGN, so every
 blob starts and ends on an O_DIRECT boundary; then at `checksum_offset` one CRC32C (little-endian u32) per blob in
 the same order, padded to ALIGN. The file is written an expert at a time: packing needs one expert's memory.
 Every read from the slow tier is checked against its blob's checksum (store.py): a flipped bit on the disk is an
@@ -25,17 +25,14 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import MoespecError
-from .pool import PAGE, round_up
+from .pool import PAGE, ExpertPool, round_up
 from .pools import layout_blob_bytes
-
-if TYPE_CHECKING:  # loading imports models, which import experts: import it where it is used
-    from ..loading import Checkpoint
 
 FORMAT, VERSION, ALIGN = "moespec-experts", 2, PAGE
 PREFIX = 16                   # bytes of the header-length prefix
@@ -59,8 +56,8 @@ def _sha(path: Path, nbytes: int | None = None) -> str:
         return hashlib.sha256(f.read() if nbytes is None else f.read(nbytes)).hexdigest()
 
 
-def checkpoint_identity(ck: Checkpoint) -> dict:
-    """Cheap but strict: stat data plus a hash of config.json and of each safetensors header."""
+def checkpoint_identity(ck) -> dict:
+    """ck: a loading.Checkpoint (its folder, tensor names and file_of). Cheap but strict: stat data plus a hash of config.json and of each safetensors header."""
     out = {}
     cfg = ck.folder / "config.json"
     st = cfg.stat()
@@ -73,7 +70,7 @@ def checkpoint_identity(ck: Checkpoint) -> dict:
     return out
 
 
-def expected_header(ck: Checkpoint, cfg: ModelConfig, layout: dict) -> dict:
+def expected_header(ck, cfg: ModelConfig, layout: dict) -> dict:
     """The header a file packed now from `ck` would carry (layout: the pools' storage layout, expert_layout)."""
     blob = layout_blob_bytes(layout)
     stride = round_up(blob, ALIGN)
@@ -168,9 +165,10 @@ def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
     return None
 
 
-def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_progress: bool | None = None) -> None:
-    """Pack every expert of `ck` into `path`, one expert in memory at a time."""
-    from ..loading.build import load_expert_pool
+def write_pack(path: Path, read_expert: Callable[[int, int], ExpertPool], header: dict,
+               show_progress: bool | None = None) -> None:
+    """Pack every expert into `path`, one expert in memory at a time: read_expert(layer, e) gives a one-slot pool
+    holding expert e of that MoE layer in the header's layout (the checkpoint reader, loading/build.py)."""
     from ..progress import progress
     d = path.parent
     try:
@@ -187,7 +185,6 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_
     pad = bytes(header["stride"] - header["blob_bytes"])
     head = json.dumps(header).encode()
     sums = []
-    layout = {k: header[k] for k in ("hidden", "inter", "dtype", "t13", "t2", *QUANT_KEYS)}
     what = "packing" + (f" {header['quant']}" if header.get("quant") else "")
     try:
         with open(tmp, "wb") as f, progress(len(header["layers"]) * header["num_experts"],
@@ -196,7 +193,7 @@ def write_pack(path: Path, ck: Checkpoint, cfg: ModelConfig, header: dict, show_
             unsynced = 0
             for layer in header["layers"]:
                 for e in range(header["num_experts"]):
-                    pool = load_expert_pool(ck, cfg, layer, layout, [e])
+                    pool = read_expert(layer, e)
                     blob = pool.blob.view(torch.uint8)[0].contiguous().numpy()
                     sums.append(crc32c.crc32c(blob))
                     f.write(memoryview(blob))

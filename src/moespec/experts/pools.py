@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.pool import QuantExpertPool, field_offsets
+from .quant_pool import QuantExpertPool, field_offsets
 from .pool import ExpertPool, PrepackingPool
 
 

@@ -68,8 +68,10 @@ class DiskStore:
 
     tier = "disk"
 
-    def __init__(self, ck, cfg: ModelConfig, offload_dir: str | Path, layout: dict, direct_io: bool = True,
+    def __init__(self, ck, cfg: ModelConfig, offload_dir: str | Path, layout: dict, read_expert, direct_io: bool = True,
                  show_progress: bool | None = None):
+        """ck: the loading.Checkpoint the file packs (its identity goes in the header); read_expert(layer, e): a
+        one-slot pool of that expert in `layout`, read from it when the file must be (re)built."""
         d = Path(offload_dir)
         if d.exists() and not d.is_dir():
             raise MoespecError(f"offload dir {d} is not a directory")
@@ -82,7 +84,7 @@ class DiskStore:
         found = packfile.read_header(self.path)
         self.build_reason = packfile.why_stale(self.path, found, want)
         if self.build_reason is not None:
-            packfile.write_pack(self.path, ck, cfg, want, show_progress)
+            packfile.write_pack(self.path, read_expert, want, show_progress)
             found = packfile.read_header(self.path)
             if packfile.why_stale(self.path, found, want) is not None:
                 raise MoespecError(f"packed expert file {self.path} does not validate right after writing it")

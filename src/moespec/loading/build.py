@@ -134,7 +134,7 @@ def expert_layout(cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layou
     D, I = cfg.hidden_size, cfg.moe_intermediate_size
     base = {"hidden": D, "inter": I, "dtype": str(dtype).removeprefix("torch.")}
     if quant is not None:
-        from ..quant.pool import QuantExpertPool
+        from ..experts.quant_pool import QuantExpertPool
         return QuantExpertPool(0, D, I, dtype, quant.method, quant.group_size, device).layout
     lay = lay or LayoutChooser(dtype, device, auto_layout)
     return {**base, "t13": lay.colmajor((2 * I, D)), "t2": lay.colmajor((D, I))}

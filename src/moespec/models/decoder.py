@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import MoespecError
 from ..kv_cache import KVCache
-from ..spec.budget import VerifyBudget
+from .budget import VerifyBudget
 from .layers import apply_rope, attend, linear, rms_norm, rope_tables
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
 
@@ -65,7 +65,7 @@ class ForwardPlan:
     # run only the first `layers` decoder layers (then the final norm and LM head). None = as the model.
     top_k: int | None = None
     layers: int | None = None
-    # Verification expert budget (spec/budget.py, LOSSY): each MoE layer computes only a kept set of
+    # Verification expert budget (models/budget.py, LOSSY): each MoE layer computes only a kept set of
     # experts; depth [B*T] long is each flattened token's draft depth (0 = pending, < 0 = padding).
     budget: VerifyBudget | None = None
     depth: torch.Tensor | None = None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.pool import ExpertPool
-from ..spec.budget import apply_budget, reroute_inside
+from .budget import apply_budget, reroute_inside
 from .layers import linear
 
 
@@ -126,7 +126,7 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     expert_map [E]: compute expert_map[e] wherever the router chose e (substitution), keeping the weights.
     allowed [E] bool: route only inside this set (a token's top-K among the allowed experts, re-weighted).
     budget (VerifyBudget, depth [N] long | None): hold the layer to a verification expert budget
-    (spec/budget.py, lossy); `record` still gets the routing as the router chose it.
+    (models/budget.py, lossy); `record` still gets the routing as the router chose it.
     kept: appends the number of distinct experts this layer computes.
 
     The provider yields one chunk when every expert this forward needs fits in its pool (always for

@@ -12,30 +12,26 @@ MoE block reads: `w13[slot]`, `w2[slot]`); offloaded experts stay in their slot 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..experts.pool import ExpertPool
 from ..prepack import pack
 from .layers import SLOW_BF16_GEMM, linear
 
-_SUPPORTED: bool | None = None
-
-
+@functools.cache
 def packing_supported() -> bool:
     """oneDNN can prepack bf16 weights here and multiplies them natively (CPUs without native bf16 run
-    multi-row bf16 products through fp32 instead, layers.SLOW_BF16_GEMM, which needs dense weights)."""
-    global _SUPPORTED
-    if _SUPPORTED is None:
-        ok = not SLOW_BF16_GEMM and torch.backends.mkldnn.is_available()
-        if ok:
-            try:
-                w = torch.ones(16, 16, dtype=torch.bfloat16)
-                x = torch.ones(1, 16, dtype=torch.bfloat16)
-                ok = bool(torch.equal(linear(x, pack(w)), torch.nn.functional.linear(x, w)))
-            except (RuntimeError, AttributeError):
-                ok = False
-        _SUPPORTED = ok
-    return _SUPPORTED
+    multi-row bf16 products through fp32 instead, layers.SLOW_BF16_GEMM, which needs dense weights). Probed once."""
+    if SLOW_BF16_GEMM or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ones(16, 16, dtype=torch.bfloat16)
+        x = torch.ones(1, 16, dtype=torch.bfloat16)
+        return bool(torch.equal(linear(x, pack(w)), torch.nn.functional.linear(x, w)))
+    except (RuntimeError, AttributeError):
+        return False
 
 
 class PackedExperts:

@@ -21,7 +21,7 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     pending + accepted drafts; rows may accept different lengths. Returns per row the new tokens to emit
     (accepted drafts + one target token) and the new pending tokens [R].
 
-    Tree drafts (Draft.parents, spec/tree.py): when any row's draft is a tree, the forward runs over
+    Tree drafts (Draft.parents, spec_decode/tree.py): when any row's draft is a tree, the forward runs over
     [pending, nodes] with each row's ancestor mask and positions committed length + depth; the accepted
     root path's entries are compacted behind the committed KV (`KVCache.keep`). Rows with penalties
     (prompt_lens[r] splits contexts[r] into prompt and output) penalise each verified position with its own
@@ -29,7 +29,7 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     acceptance, same output). Stats count along depth:
     "drafted" adds each draft's depth, "accepted" the path length; "draft_nodes" adds its nodes.
     """
-    prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec/prefetch.py)
+    prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec_decode/prefetch.py)
     if prefetch is not None:
         prefetch.begin_step()
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     vis, depth = pack(parents, width)
     observe = getattr(drafter, "observe_verification", None)
     plan = ForwardPlan(record_routing=True)
-    if budget is not None:     # lossy: hold each MoE layer to the verify budget (spec/budget.py)
+    if budget is not None:     # lossy: hold each MoE layer to the verify budget (models/budget.py)
         # Padding (depth -1) is routed inside the kept set but does not vote for experts.
         plan.budget, plan.depth = budget, depth.reshape(-1)
     if trees:

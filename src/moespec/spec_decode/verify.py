@@ -49,7 +49,7 @@ def chain_accept(draft: list[int], q: torch.Tensor | None, p: torch.Tensor,
 
 
 def tree_greedy_accept(parents: list[int], tokens: list[int], target: list[int]) -> tuple[list[int], int]:
-    """Greedy acceptance over a draft tree (spec/tree.py): from the root, step to the first child whose
+    """Greedy acceptance over a draft tree (spec_decode/tree.py): from the root, step to the first child whose
     token is the target's argmax at the current node; stop where no child matches.
 
     target[0] is the argmax after the pending token (the root), target[i + 1] the argmax after node i.

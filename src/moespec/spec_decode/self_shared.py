@@ -16,7 +16,7 @@ Shapes: R rows (live sequences), k draft length, V vocabulary.
       the last verification chose most: HotTemporal, the default; the hottest of a routing profile, pinned:
       HotGlobal; a random draw each step: Random); a token routed outside them takes its top-K inside them
       (re-routing).
-- Draft-guided prefetch (SP-MoE, spec/prefetch.py) combines with either: the router's picks of each draft
+- Draft-guided prefetch (SP-MoE, spec_decode/prefetch.py) combines with either: the router's picks of each draft
   position are loaded for verification while drafting goes on (never evicting the draft set).
 Greedy rows draft the argmax; sampled rows draw from the draft's distribution and return it as q for the rejection
 rule. The output equals plain decoding (greedy) or follows the target distribution (sampling) whatever is drafted.
@@ -45,7 +45,7 @@ class SharedSelfDrafter:
             "random": N cached experts drawn at random each step (seeded: reproducible).
         pin: keep the draft set in the cache (ExpertCache.pin) from one refresh to the next, so verification's
             loads cannot evict it (at most slots - 1 experts: one slot stays free for the others).
-        prefetcher: draft-guided prefetch (spec/prefetch.py): each draft forward hands it the router's picks of
+        prefetcher: draft-guided prefetch (spec_decode/prefetch.py): each draft forward hands it the router's picks of
             every row, layer by layer, and the cache loads them for verification while drafting goes on."""
         self.model, self.shadow, self.kind = model, shadow, kind
         self.refresh, self.prefetcher = refresh, prefetcher

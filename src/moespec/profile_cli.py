@@ -34,8 +34,8 @@ def add_profile_parser(sub, model_args) -> None:
 
 
 def _prompts(a, llm) -> list[list[int]]:
-    from ..bench.workloads import load_prompts
-    from ..errors import MoespecError
+    from .bench.workloads import load_prompts
+    from .errors import MoespecError
     path = Path(a.prompts)
     if a.prompts not in ("humaneval", "prose", "random") and path.is_file():
         paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()][:a.num_prompts]
@@ -51,24 +51,24 @@ def _prompts(a, llm) -> list[list[int]]:
 def run_profile(a) -> dict:
     import torch
 
-    from ..engine import LLM
-    from ..errors import MoespecError
-    from ..models import ForwardPlan
-    from ..sampling import SamplingParams
-    from .policy import parse_capacity, profile_from_routing, save_profile
+    from .engine import LLM
+    from .errors import MoespecError
+    from .models import ForwardPlan
+    from .sampling import SamplingParams
+    from .experts.policy import parse_capacity, profile_from_routing, save_profile
     if a.num_prompts < 1 or a.max_new_tokens < 0:
         raise MoespecError("--num-prompts must be at least 1 and --max-new-tokens at least 0")
     out = Path(a.output)
     if out.is_dir() or not out.parent.is_dir():
         raise MoespecError(f"cannot write the routing profile to {out}: "
                            + ("it is a directory" if out.is_dir() else f"{out.parent} does not exist"))
-    from ..flags import quant_config
+    from .flags import quant_config
     llm = LLM(a.model, dtype=a.dtype, quantize=quant_config(a))
     cfg = llm.config
     if not cfg.is_moe:
         raise MoespecError(f"{llm.path} has no routed experts to profile")
     layers, E = cfg.moe_layer_ids, cfg.num_experts
-    from ..model_info import model_sizes
+    from .model_info import model_sizes
     slots = parse_capacity(a.expert_cache, E, len(layers),
                            model_sizes(llm.path, cfg, llm.dtype, llm.quant)["bytes_per_expert"])
     counts, tokens = None, 0

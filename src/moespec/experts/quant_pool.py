@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..experts.pool import slot_memory
-from .weights import (Int4Weight, Int8Weight, check_int4_shape, int4_pack_format, int4_packed_shapes, pack_int4,
+from .pool import slot_memory
+from ..quant.weights import (Int4Weight, Int8Weight, check_int4_shape, int4_pack_format, int4_packed_shapes, pack_int4,
                       quantize_int4, quantize_int8)
 
 FIELD_ALIGN = 64

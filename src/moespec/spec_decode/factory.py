@@ -41,7 +41,7 @@ def make_drafter(spec, model, path, offload, tokenizer, capacity: int, dtype: st
 
 
 def _prefetcher(model, offload):
-    """Draft-guided prefetch (spec/prefetch.py) when the offload config asks for it, else None."""
+    """Draft-guided prefetch (spec_decode/prefetch.py) when the offload config asks for it, else None."""
     if offload is None or offload.prefetch != "draft":
         return None
     cut = offload.prefetch_cutoff
@@ -84,7 +84,7 @@ def self_drafter(spec, model, path, offload, capacity: int):
 
 
 def shared_kv(spec) -> bool:
-    """Whether the self drafter drafts on the target's KV (spec/self_shared.py): draft_kv "shared", or "auto" when
+    """Whether the self drafter drafts on the target's KV (spec_decode/self_shared.py): draft_kv "shared", or "auto" when
     nothing asks for the own-KV drafter's extras (trees, substitution, fewer experts per token or fewer layers)."""
     s = spec
     extras = [name for name, on in (("a draft tree", s.tree is not None),
@@ -102,7 +102,7 @@ def shared_kv(spec) -> bool:
 
 
 def draft_model_drafter(spec, model, offload, tokenizer, capacity: int, dtype: str, device: str):
-    from ..models.load import load_model
+    from ..loading.model import load_model
     draft = load_model(spec.model, dtype, device)
     if draft.cfg.vocab_size != model.cfg.vocab_size:
         raise MoespecError(f"draft model {spec.model} has vocabulary size {draft.cfg.vocab_size}, the target "

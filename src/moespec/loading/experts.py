@@ -7,10 +7,13 @@ import torch
 
 from ..config import ModelConfig, OffloadConfig
 from ..errors import MoespecError
-from .cache import ExpertCache
-from .policy import load_profile, parse_capacity
-from .pool import PAGE, round_up
-from .store import DiskStore, RamStore
+from ..experts.cache import ExpertCache
+from ..experts.policy import load_profile, parse_capacity
+from ..experts.pool import PAGE, round_up
+from ..experts.store import DiskStore, RamStore
+from ..models.layout import LayoutChooser
+from .build import expert_layout, load_expert_pool
+from .checkpoint import Checkpoint
 
 
 def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device, offload: OffloadConfig,
@@ -22,8 +25,6 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
     routers {moe layer: [E, D]} feed the next-layer prefetcher (load_model passes them).
     quant (QuantConfig): experts stay quantized in the store, the packed file and the cache slots.
     """
-    from ..loading import Checkpoint
-    from ..loading.build import expert_layout, load_expert_pool
     offload.validate()
     if not cfg.is_moe:
         raise MoespecError(f"expert offloading needs a Mixture-of-Experts model; {path} has no routed experts")
@@ -31,7 +32,8 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
     layers = cfg.moe_layer_ids
     layout = expert_layout(cfg, dtype, device, auto_layout, quant)
     if offload.offload == "disk":
-        store = DiskStore(ck, cfg, offload.resolved_dir(), layout, offload.direct_io, show_progress)
+        store = DiskStore(ck, cfg, offload.resolved_dir(), layout, lambda i, e: load_expert_pool(ck, cfg, i, layout, [e]),
+                          offload.direct_io, show_progress)
     else:
         store = RamStore({i: load_expert_pool(ck, cfg, i, layout) for i in layers})
     try:
@@ -52,7 +54,6 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
 
 def _packs(cfg: ModelConfig, dtype: torch.dtype, device, auto_layout: bool, sample_bytes: int) -> bool:
     """Whether resident experts of this model would be prepacked here (models/layout.py decides per shape)."""
-    from ..models.layout import LayoutChooser
     lay = LayoutChooser(dtype, device, auto_layout, sample_bytes=sample_bytes)
     D, I = cfg.hidden_size, cfg.moe_intermediate_size
     return bool(lay.packs((2 * I, D)) and lay.packs((D, I)))

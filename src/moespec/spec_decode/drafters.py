@@ -1,5 +1,5 @@
 """Drafters: propose(key, context, k, params, generator) -> Draft (a chain of up to k tokens, or a tree of
-depth up to k when the drafter has a static tree shape `tree`, spec/tree.py).
+depth up to k when the drafter has a static tree shape `tree`, spec_decode/tree.py).
 
 `key` identifies the sequence (a drafter with state, such as a draft model's KV cache, keeps one
 state per key); `context` is everything the sequence holds so far, ending with the pending token.
@@ -38,7 +38,7 @@ class NgramDrafter:
     """
     n_max: int = 3
     n_min: int = 1
-    tree: list[int] | None = None       # static tree shape (spec/tree.py); only its root branching is used
+    tree: list[int] | None = None       # static tree shape (spec_decode/tree.py); only its root branching is used
 
     def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
         if self.tree is None or self.tree[0] < 2:
@@ -103,7 +103,7 @@ class DraftModelDrafter:
     Greedy requests draft greedily; sampled ones draw from the draft's distribution under the same
     temperature / top-k / top-p and return it as q for the rejection rule.
 
-    With a static tree shape `tree` (spec/tree.py) a node with branching b gets the b most likely tokens
+    With a static tree shape `tree` (spec_decode/tree.py) a node with branching b gets the b most likely tokens
     (greedy requests) or b i.i.d. samples from q (sampled ones: the multi-candidate rejection rule of
     `verify.tree_accept` is exact for these). The tree grows one depth per draft forward: a forward over
     every node so far under the tree's ancestor mask, not committed, so the draft KV ends at the context
@@ -113,7 +113,7 @@ class DraftModelDrafter:
     capacity: int = 4096
     _state: dict = field(default_factory=dict)   # key -> (KVCache, tokens in it)
     tree: list[int] | None = None                # static tree shape (branching per depth); None = chains
-    # Draft-guided prefetch (SP-MoE, spec/prefetch.py) from a draft model: `projection` (spec/router_proj.py)
+    # Draft-guided prefetch (SP-MoE, spec_decode/prefetch.py) from a draft model: `projection` (spec_decode/router_proj.py)
     # turns each draft position's hidden state into guesses of the target's experts, `prefetcher` loads them.
     prefetcher: object | None = None
     projection: object | None = None
@@ -223,7 +223,7 @@ class SelfDrafter(DraftModelDrafter):
     before each draft forward members evicted meanwhile (by a prefill, say) give way to cached ones.
     Its draft KV lives in its own cache (the target's cache only ever holds verified tokens).
 
-    With a `prefetcher` (draft-guided prefetch, spec/prefetch.py) each draft forward hands it the
+    With a `prefetcher` (draft-guided prefetch, spec_decode/prefetch.py) each draft forward hands it the
     router's picks layer by layer, and the cache loads them while drafting goes on, into slots outside
     the draft set (prefetch never evicts it). Experts prefetched join the substitution set from the
     next proposal on: they are the router's own picks, and by then they have landed.

@@ -9,9 +9,10 @@ from ..config import ModelConfig, OffloadConfig, read_config_json
 from ..errors import MoespecError
 from ..experts.pool import ResidentExperts
 from ..heap import release_free_memory, return_large_frees
-from ..loading import Checkpoint, load_weights
+from .build import load_weights
+from .checkpoint import Checkpoint
 from ..quant.scheme import QuantConfig
-from .decoder import DecoderLM
+from ..models.decoder import DecoderLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -82,7 +83,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if offload is None:
         experts = ResidentExperts(pools, cfg.num_experts)
     else:
-        from ..experts.build import build_expert_provider
+        from .experts import build_expert_provider
         routers = {i: lw.moe.router for i, lw in enumerate(weights.layers) if lw.moe is not None}
         experts = build_expert_provider(path, cfg, dt, device, offload, routers, auto_layout, quant, show_progress,
                                         budgeted, samples)
