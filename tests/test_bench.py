@@ -8,6 +8,7 @@ import pytest
 import hf_models
 
 
+@pytest.mark.slow
 def test_bench_json_with_transformers_peer_and_curve(tmp_path):
     hf_models.build("mixtral", tmp_path / "m")
     out = tmp_path / "bench.json"

@@ -43,6 +43,7 @@ def test_direct_reader_reads_back_every_byte(tmp_path):
     assert 0 < read_latency(f, f.stat().st_size, reads=8) < 1.0
 
 
+@pytest.mark.slow
 def test_quick_calibration_feeds_plan(tmp_path, capsys, one_thread):
     out = tmp_path / "hw.json"
     assert main(["calibrate", "--quick", "--output", str(out), "--offload-dir", str(tmp_path), "--json"]) == 0

@@ -64,6 +64,7 @@ def test_env_variable_sets_a_flag(text_model):
     assert json.loads(r.stdout)["bytes_per_expert"] == 3 * 64 * 48 * 2
 
 
+@pytest.mark.slow
 def test_generate_with_disk_offload_matches_resident(text_model, tmp_path):
     base = ["generate", text_model, "--prompt", "def f(x):", "--max-new-tokens", "10", "--temperature", "0",
             "--ignore-eos", "--json"]
@@ -81,6 +82,7 @@ def test_generate_with_disk_offload_matches_resident(text_model, tmp_path):
     assert r.returncode == 2 and "error:" in r.stderr and "lots" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_inspect_shows_what_fits_in_a_budget(text_model):
     """inspect --memory shows the plan a run with that --memory would make (moespec/memory.py)."""
     big = json.loads(run("inspect", text_model, "--json", "--memory", "1GiB").stdout)

@@ -11,6 +11,8 @@ import pytest
 import hf_models
 from moespec import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow              # minutes of training / building llama.cpp models
+
 ROOT = Path(__file__).parent.parent
 PROMPTS = [[5, 17, 3, 99, 42, 7, 11, 200, 1], [11, 2, 33]]
 

@@ -98,6 +98,7 @@ def mid_model(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "small", "small")
 
 
+@pytest.mark.slow
 def test_loading_peaks_near_the_weights_it_keeps(mid_model):
     weights = (mid_model / "model.safetensors").stat().st_size          # bf16 checkpoint, bf16 run
     got = peak_rss(mid_model)

@@ -93,6 +93,7 @@ def test_cli_prints_the_plan_and_refuses_a_budget_too_small(model):
     assert json.loads(r.stdout)["stats"]["memory_plan"]["resident"] is True
 
 
+@pytest.mark.slow
 def test_memory_cap_runs_in_a_cgroup_or_says_why_not(tmp_path):
     """The budget holds: a run with --memory equal to a cgroup's limit is never killed and never hits it."""
     from moespec.bench.cgroup import version

@@ -337,7 +337,7 @@ def test_a_packer_killed_mid_write_then_a_restart_leaves_no_orphan(ckpt, tmp_pat
     off = tmp_path / "off"
     code = (
         "import sys, time\n"
-        "import moespec.loading.build as b\n"
+        "import moespec.loading.experts as b\n"
         "real = b.load_expert_pool\n"
         "def slow(*a, **k):\n"
         "    time.sleep(0.2)\n"

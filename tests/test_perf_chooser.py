@@ -94,6 +94,7 @@ def test_a_drafter_that_starts_winning_later_is_found():
     assert c.active == "steady" and c.switches >= 1, c.stats()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_spec_auto_equals_plain_decoding_on_the_bundled_model(offloaded, tmp_path):
     prompts = ["def add(a, b):\n    return", "import os\n\ndef list_files(path):", "class Stack:", "def f(n):"]

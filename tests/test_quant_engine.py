@@ -130,6 +130,7 @@ def run(*args):
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_quantize_flags(qmodel, family_dirs):
     r = run("inspect", qmodel, "--json", "--quantize", "int4", "--quantize-group-size", "32")
     assert r.returncode == 0, r.stderr

@@ -106,6 +106,7 @@ def _profile(tmp_path, hot: list[int]) -> str:
 @pytest.mark.parametrize("extra", [{"draft_refresh": "random"}, {"draft_refresh": "hot-global"},
                                    {"draft_pin": True}, {"draft_experts": "shadow-int8", "prefetch": True},
                                    {"prefetch": True}])
+@pytest.mark.slow
 def test_refresh_policies_pinning_and_draft_prefetch_equal_plain_decoding(extra, plain, tmp_path):
     batch, single = plain
     extra = dict(extra)

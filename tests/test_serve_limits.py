@@ -59,6 +59,7 @@ def test_the_kv_flag_is_checked(text_model):
     assert r.returncode == 2 and "--kv-memory: cannot read 'lots' as a size" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_shutdown_is_bounded_while_a_request_decodes(text_model):
     """SIGTERM while a long stream decodes (each engine step slowed to 50 ms: 2,000 tokens would take 100 s): the
     server exits within --shutdown-timeout and a step or two, without a traceback, and the stream ends without [DONE]."""

@@ -50,6 +50,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_q", [False, True])
 def test_emitted_tokens_follow_the_target_distribution(with_q):
     # Tiny vocabulary, a 2-token chain: the first emitted token must be distributed as p1 exactly,
@@ -120,6 +121,7 @@ def test_bad_speculative_configs(text_model):
         LLM(text_model, speculative={"method": "ngram", "k": 3})
 
 
+@pytest.mark.slow
 def test_cli_spec_flags(text_model):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "moespec.cli", "generate", str(text_model), "--prompt",

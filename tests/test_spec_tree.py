@@ -110,6 +110,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iid", [True, False])
 def test_tree_accept_emits_the_target_distribution(iid):
     # V = 5; two candidates at the root, each with one child. The target's distribution after a token a is

@@ -76,6 +76,7 @@ def test_variant_plans_change_the_forward(text_model):
     assert kv.k[2].abs().sum() == 0 and kv.k[1].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_variant_settings_are_checked(text_model):
     with pytest.raises(MoespecError, match="exceeds the model's experts per token"):
         LLM(text_model, speculative={"method": "self", "draft_top_k": 4})

@@ -3,4 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-python -m pytest -q "$@"
+if [ $# -gt 0 ]; then               # given tests or options: run them, slow or not
+    exec python -m pytest -q -m "slow or not slow" "$@"
+fi
+python -m pytest -q                 # the default run (pyproject: not slow)
+python -m pytest -q -m slow         # and the slow rest
