@@ -28,9 +28,9 @@ from .errors import MoespecError
 
 MiB = 1024 ** 2
 PAGE = 4096
-RUNTIME_BYTES = 300 * MiB       # Python + torch + moespec imported, measured 265-290 MB on the 2-core machines
-RESERVE_BASE = 96 * MiB         # code pages of the libraries touched once computing starts (40-90 MB measured), allocator
-                                # slack, the layout timing's samples at load
+RUNTIME_BYTES = 300 * MiB       # Python + torch + moespec imported: their measured RSS with a little headroom
+RESERVE_BASE = 96 * MiB         # code pages of the libraries touched once computing starts, allocator slack, the
+                                # layout timing's samples at load
 
 
 def rss_bytes() -> int:

@@ -83,7 +83,7 @@ def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path, batches: tuple[int, 
     read rate per missed expert (`fit_miss_costs`). The fitted rate is the engine's, not a single random
     read's: several misses of a layer coalesce into larger reads, and a layer whose experts outnumber the
     cache's slots computes in chunks that wait in turn. Batches alternate run by run, so a drift of the SSD's
-    speed (seen at 30% within minutes on a shared machine) moves both points alike."""
+    speed (large within minutes on a shared machine) moves both points alike."""
     from ..assets import REFERENCE_MODEL
     from ..bench.workloads import random_prompts
     from ..config import OffloadConfig
@@ -98,8 +98,8 @@ def miss_overhead(hw: Hardware, knobs: Knobs, folder: Path, batches: tuple[int, 
     per_batch = []
     try:
         # The packed expert file stays in `folder`, where offloading (and --validate) read it later: reads of a
-        # file written moments before ran up to 1.8x slower here (the VM host still flushing it), so a
-        # calibration that packed a fresh file each time priced misses too high.
+        # file written moments before ran markedly slower on the development VM (its host still flushing it), so
+        # a calibration that packed a fresh file each time priced misses too high.
         llm = LLM(REFERENCE_MODEL, dtype="float32",
                   offload=OffloadConfig(expert_cache="25%", offload="disk", offload_dir=str(folder)))
         prompts = {b: random_prompts(b, max(1, k.context - k.step_tokens // 2), llm.config.vocab_size, seed=3)

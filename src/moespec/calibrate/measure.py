@@ -2,7 +2,8 @@
 
 - fp32 / bf16 matmul: square products of a few sizes through moespec's own `models.layers.linear` (weights
   [out, in], as the engine stores them; on CPUs without fast bf16 GEMM it runs multi-row bf16 in fp32), best
-  of n, the best size's TFLOPS. (Here `torch.mm(a, b)` in bf16 reaches ~1 GFLOPS, F.linear ~7 per thread.)
+  of n, the best size's TFLOPS. (On the development CPU a bf16 `torch.mm(a, b)` runs several times slower
+  than F.linear.)
 - memory: a `sum` and a `copy_` of a large fp32 tensor (reported), and fp32 GEMV over a matrix of the same
   size in both storage orders (the faster is kept, as `models/layout.py` does). The profile's `mem_bw_gbs` is
   the GEMV rate: the step model divides *weight bytes streamed by matmuls* by it, which is what decode does,
@@ -12,9 +13,9 @@
   of each, multiplied in turn so that each comes from memory as in a decode forward, in the storage order
   whose one-row product is faster, as `models/layout.py` does), in fp32 and cast to bf16. Achieved TFLOPS by
   (matrix bytes, M) go into the profile's `rows_fp32_tflops` / `rows_bf16_tflops` (`rows_gbs` reports the
-  large fp32 weight as weight bytes per second). On this CPU a product of 2-16 rows costs nearly M GEMVs and
-  a small matrix read cold streams at a third of the large-weight rate, which one bandwidth and one peak
-  cannot express; the step model prices each weight product by its rows and matrix size from these tables.
+  large fp32 weight as weight bytes per second). On the development CPU a product of a few rows costs nearly
+  M GEMVs and a small matrix read cold streams well below the large-weight rate, which one bandwidth and one
+  peak cannot express; the step model prices each weight product by its rows and matrix size from these tables.
   Synthetic weights only: nothing here is fitted to the model that `--validate` checks.
 - SSD: a temporary file written to the offload folder, read back sequentially with O_DIRECT in 4 MiB chunks
   into page-aligned buffers (buffered, page cache dropped, when the filesystem refuses O_DIRECT), plus the
@@ -53,7 +54,7 @@ CHUNK = 4 * MiB
 class Knobs:
     """Sizes of each measurement; `quick` trades accuracy for a run of a few seconds."""
     fp32_sizes: tuple[int, ...] = (512, 1024, 2048)
-    bf16_sizes: tuple[int, ...] = (256, 512, 1024)   # bf16 GEMM can be ~10x slower than fp32 (no AVX512-BF16)
+    bf16_sizes: tuple[int, ...] = (256, 512, 1024)   # bf16 GEMM can be far slower than fp32 (no AVX512-BF16)
     reps: int = 5
     mem_mib: int = 256
     ssd_mib: int = 256

@@ -93,8 +93,8 @@ class ExpertPool:
 
 class PrepackingPool(ExpertPool):
     """An expert cache's bf16 pool whose slots are computed from prepacked copies from their `after_uses`-th use
-    since loading: a dense bf16 weight is reordered on every call (1.6-2.2x slower on the expert shapes), but
-    packing one costs ~17 ms (1.15B model's expert, Zen 5), which only an expert that stays cached repays, so the
+    since loading: a dense bf16 weight is reordered on every call (markedly slower on the expert shapes), but
+    packing one costs as much as tens of products with it, which only an expert that stays cached repays, so the
     cache uses this pool only when it holds every expert (build.py) and packs on first use. The slot's own
     pages are released once packed, so it still holds about one copy of each expert. w13 / w2 are per-slot lists
     of dense views or packed copies; the blob's views stay in _views for I/O and packing."""

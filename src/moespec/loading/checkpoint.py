@@ -1,10 +1,10 @@
 """Tensor lookup over a checkpoint folder: one `model.safetensors` or a sharded index.
 
 Tensors are read with pread straight into fresh tensors, never memory-mapped: pages of a mapped checkpoint
-count in the process's RSS for as long as the mapping lives (safetensors' reader maps each whole file, which
-made a resident run peak at 2.2x the checkpoint), while a read leaves only the copy we keep. The byte ranges
-come from the safetensors header (8-byte length, JSON of dtype / shape / data_offsets per tensor), which is
-also what lets an expert of a fused [E, ...] tensor be read on its own.
+count in the process's RSS for as long as the mapping lives (safetensors' reader maps each whole file, so a
+resident run peaked holding the checkpoint twice: mapped and copied), while a read leaves only the copy we
+keep. The byte ranges come from the safetensors header (8-byte length, JSON of dtype / shape / data_offsets
+per tensor), which is also what lets an expert of a fused [E, ...] tensor be read on its own.
 """
 from __future__ import annotations
 

@@ -43,8 +43,8 @@ def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype
         return ExpertCache(store, layers, slots, cfg.top_k, device, offload.policy, offload.prefetch, routers, hot,
                            offload.io_threads, offload.io_timeout_s,
                            offload.prefetch_min_prob,
-                           # Prepacking costs ~17 ms per bf16 expert (1.15B model): only a cache that holds every
-                           # expert (nothing is ever evicted) is sure to repay it.
+                           # Prepacking an expert costs as much as tens of products with it: only a cache that
+                           # holds every expert (nothing is ever evicted) is sure to repay it.
                            prepack=quant is None and slots >= cfg.num_experts
                            and _packs(cfg, dtype, device, auto_layout, sample_bytes))
     except BaseException:

@@ -88,8 +88,8 @@ class DecoderLM:
         self.dtype, self.device = dtype, torch.device(device)
         self.quant = None                   # QuantConfig when load_model quantized weights (lossy)
         self.checkpoint_dtype = None        # the dtype the checkpoint is stored in, when loaded from one
-        # bf16/fp16 models keep K and V in float32 on CPU: a one-query bf16 attention costs 3-8x the float32
-        # one there (46 vs 15 us over 128 keys, 725 vs 92 us over 2048, 2-core Zen 5), for 2x the KV memory.
+        # bf16/fp16 models keep K and V in float32 on CPU: a one-query bf16 attention costs several times the
+        # float32 one there, the more so the longer the context, for 2x the KV memory.
         self.kv_dtype = kv_dtype or (torch.float32 if self.device.type == "cpu" else dtype)
         self.max_len = cfg.max_position_embeddings
         # RoPE tables grow with the positions used (up to the context limit, with slack past it: draft tokens of a

@@ -14,17 +14,16 @@ from ..config import ModelConfig
 from ..quant.weights import QUANTIZED
 
 
-# CPUs without native bf16 (AVX2 and older) run bf16 GEMM ~8x slower than fp32 (12 vs 100 GFLOPS on a
-# Zen 3 EPYC), while one-row bf16 products stay fast (they are memory-bound and read half the bytes).
+# CPUs without native bf16 (AVX2 and older) run bf16 GEMM several times slower than fp32, while one-row bf16
+# products stay fast (they are memory-bound and read half the bytes).
 SLOW_BF16_GEMM = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX", "AVX2")
 UPCAST_MIN_ROWS = 8
 
 
 # Products of a few rows (decode, verification) with a row-major [out, in] weight run as W @ X^T: MKL's
-# GEMM with 2..15 columns streams the weight ~2x faster than its x W^T path or its GEMV (measured on
-# a 2-core Zen 5 EPYC, fp32: [768, 256] 21 us at 2 rows vs 57 us row-major / 35 us column-major
-# F.linear at 1 row; 4x on the [8192, 256] output head at 4 rows). One row is padded to two columns. The layout
-# chooser (layout.py) times this path against column-major F.linear per shape at load.
+# GEMM with 2..15 columns can stream the weight much faster than its x W^T path or its GEMV (fp32; most of
+# all on the output head). One row is padded to two columns. The layout chooser (layout.py) times this path
+# against column-major F.linear per shape at load.
 MMT_MAX_ROWS = 15
 
 
@@ -32,7 +31,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear; few-row fp32 products with a row-major weight on CPU go through W @ X^T (see above); multi-row
     bf16 products on CPUs without fast bf16 GEMM run in fp32.
 
-    The bf16 upcast makes prefill and verification cost what fp32 costs instead of 8x more; the weights stay
+    The bf16 upcast makes prefill and verification cost what fp32 costs instead of several times more; the weights stay
     bf16 in memory and the result is rounded back to bf16 (more accurate than a bf16 GEMM, not bit-equal to it).
     """
     if type(w) in QUANTIZED:            # int8 / int4 weights (quant/weights.py) run their own kernels

@@ -2,11 +2,11 @@
 
 Decode is memory-bound: each token streams every active weight once through a matrix-vector
 product, and the speed of that product depends on whether the [out, in] matrix is stored row-major
-or column-major, in a way that varies with the shape and the BLAS (measured on a 2-core AVX2 EPYC
-with F.linear: [2048, 512] runs 1.6x faster column-major, [512, 1024] 1.4x faster row-major; on a
-Zen 5 EPYC row-major through layers.linear's W @ X^T path wins every shape, up to 1.8x at one row
-and 3x at four). So each distinct shape is timed once at load (one row and four rows: decode and
-verification), on matrices too many to stay in cache, and the faster layout is kept.
+or column-major, in a way that varies with the shape, the CPU and the BLAS (with F.linear on one AVX2
+CPU some shapes ran faster column-major and others row-major; on another CPU row-major through
+layers.linear's W @ X^T path won every shape, by more at four rows than at one). So each distinct
+shape is timed once at load (one row and four rows: decode and verification), on matrices too many to
+stay in cache, and the faster layout is kept.
 Both layouts give the same logical [out, in] tensor, so compute code is unchanged.
 """
 from __future__ import annotations

@@ -48,8 +48,8 @@ def route_probs(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bo
 
     The one implementation behind route(), so the budget path routes bit-identically to the normal one.
     """
-    # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product costs ~25 us through oneDNN,
-    # the float32 one ~5 us, and float32 logits pick experts at least as exactly as the model's dtype would.
+    # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product through oneDNN costs several
+    # times the float32 one, and float32 logits pick experts at least as exactly as the model's dtype would.
     probs = F.softmax(F.linear(x.float(), router), dim=-1)
     w, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk:

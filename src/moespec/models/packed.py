@@ -1,11 +1,11 @@
 """bf16 weights prepacked for oneDNN on CPUs with native bf16 (AVX512-BF16, AMX).
 
 A bf16 `F.linear` on CPU reorders the weight into oneDNN's blocked layout on every call, so a decode step
-streams each weight twice (read, write the reordered copy, read it again): on a 2-core Zen 5 EPYC a one-row
-bf16 product reached 20-28 GB/s, the same product on a weight reordered once at load 30-44 GB/s, for 1 to 8
-rows. The result is bit-identical to F.linear (the same oneDNN kernel runs on the same blocked layout), so
-packing changes speed only. A packed weight is an opaque tensor (`layout == torch._mkldnn`) with the logical
-shape [out, in]; `layers.linear` sends it to the prepacked kernel. `to_dense()` gives the matrix back.
+streams each weight twice (read, write the reordered copy, read it again), and the same product on a weight
+reordered once at load streams markedly faster, for one row as for a few. The result is bit-identical to
+F.linear (the same oneDNN kernel runs on the same blocked layout), so packing changes speed only. A packed
+weight is an opaque tensor (`layout == torch._mkldnn`) with the logical shape [out, in]; `layers.linear` sends
+it to the prepacked kernel. `to_dense()` gives the matrix back.
 
 Experts of a resident bf16 model are packed one matrix per expert (`PackedExperts`, the ExpertPool shape the
 MoE block reads: `w13[slot]`, `w2[slot]`); offloaded experts stay in their slot blobs, which I/O fills.

@@ -172,9 +172,9 @@ class SpecController:
     def t_verify(self, t: int, settled: int = 4) -> float | None:
         """Verify seconds for t tokens per row. A width measured `settled` times or more: the median of its recent
         steps. Otherwise a local straight line through the medians of the (up to 4) nearest measured widths, each
-        weighted by its steps (at most 8): single steps vary by 10% and more on a shared machine, and choosing k
-        weighs neighbouring widths against each other, so one unlucky step must not decide it (at batch 64, where a
-        batch is 8 steps at k = 16, single samples kept k at 16 although 8 ran 6% faster). Beyond the measured
+        weighted by its steps (at most 8): single steps vary widely on a shared machine, and choosing k weighs
+        neighbouring widths against each other, so one unlucky step must not decide it (at batch 64, where a batch
+        is 8 steps at k = 16, single samples kept k at 16 although k = 8 ran faster). Beyond the measured
         widths the line extends, rising or flat; with `verify_shape` (the perf model's curve) that shape, scaled to
         the measurements, prices the unmeasured widths instead."""
         pts = self._points()

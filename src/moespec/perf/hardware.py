@@ -11,14 +11,13 @@ then the step model is max(bytes / bw, flops / peak) per layer as before):
 - `rows_fp32_tflops` / `rows_bf16_tflops`: achieved TFLOPS of a product of M rows with a weight matrix of S
   bytes read from memory (not from cache), as (S, M, TFLOPS) triples over a grid of S and M. Some BLAS builds
   run a product of 2-16 rows at nearly the cost of M matrix-vector products, and a small matrix read cold
-  streams at a fraction of `mem_bw` (0.25-1 MiB weights reach ~7 GB/s against ~24 GB/s for a 256 MiB one on
-  the development CPU); one bandwidth and one peak express neither. A product of M rows with P parameters in
-  matrices of S bytes costs 2 P x c(S, M) seconds. For each measured S, c(M) = M / rate(M) is interpolated
-  linearly in M between measured rows (so time is piecewise linear in M), scales with M below the first
-  row, and above the last row each further row costs 1 / peak; between measured sizes c is interpolated
-  linearly in log S, and outside them the nearest size is used. Example: the table ((2**20, 1, 0.012),
-  (2**20, 2, 0.0105), (2**20, 4, 0.0104)) prices 3 rows of a 1 M-parameter fp32 weight at
-  2e6 x (2 / 10.5e9 + 4 / 10.4e9) / 2 = 0.575 ms, against 0.17 ms for one row.
+  streams at a fraction of `mem_bw` (well below a large one's rate on the development CPU); one bandwidth and
+  one peak express neither. A product of M rows with P parameters in matrices of S bytes costs 2 P x c(S, M)
+  seconds. For each measured S, c(M) = M / rate(M) is interpolated linearly in M between measured rows (so
+  time is piecewise linear in M), scales with M below the first row, and above the last row each further row
+  costs 1 / peak; between measured sizes c is interpolated linearly in log S, and outside them the nearest
+  size is used. Example: the table ((2**20, 1, 0.012), (2**20, 2, 0.0105), (2**20, 4, 0.0104)) prices 3 rows
+  of a 1 M-parameter fp32 weight at 2e6 x (2 / 10.5e9 + 4 / 10.4e9) / 2 = 0.575 ms, against 0.17 ms for one row.
 - `step_overhead_s`: fixed seconds per forward outside the model (sampling, bookkeeping of the generation
   loop), so decode TPOT = forward + step overhead.
 """

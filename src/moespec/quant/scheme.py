@@ -2,7 +2,7 @@
 
 Weight-only quantization, applied at load from an ordinary checkpoint folder. Activations stay in the run's
 dtype and enter the kernels as bf16 (torch's CPU int8 / int4 products are fast only with bf16 activations:
-5-20x slower with float32 ones), so a quantized model computes with bf16 activations in its quantized
+many times slower with float32 ones), so a quantized model computes with bf16 activations in its quantized
 products whatever `--dtype` says. It is lossy with respect to the checkpoint; speculation over a quantized
 model stays lossless with respect to that quantized model (the kernels give each row the same result
 whatever the number of rows, so verification and plain decoding agree bit for bit).

@@ -98,7 +98,7 @@ def unpack_int4(packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Ten
 
 
 # -- the weights the model reads -----------------------------------------------------------------------
-# Decode multiplies one row at a time, where every torch call costs about a microsecond: the helpers skip the
+# Decode multiplies one row at a time, where the fixed cost of every torch call adds up: the helpers skip the
 # conversions a bf16 row does not need (checked in Python, which is cheaper than a no-op call).
 def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., I] as the contiguous bf16 [M, I] the kernels take."""

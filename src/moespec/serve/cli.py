@@ -73,7 +73,8 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
     threads = a.threads or (None if os.environ.get("OMP_NUM_THREADS") else max(1, _cores() - 1))
     if threads is not None:
         # On a machine with few cores, an engine using every core loses time whenever the HTTP thread runs
-        # (its parallel kernels wait for the preempted worker): measured 2x slower decoding on 2 cores.
+        # (its parallel kernels wait for the preempted worker): on a 2-core machine decoding slowed badly, so one
+        # core is left to the server.
         torch.set_num_threads(threads)
     from ..flags import quant_config
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec,

@@ -11,9 +11,9 @@ reaches its layer, and every one takes a slot. The automatic cutoff is the large
 L * m * t_load <= T_draft (m: experts per layer per step the draft predicts that were not cached,
 t_load: measured seconds per expert read, T_draft: measured drafting seconds per step; moving averages)
 and whose layers' predictions fit in their free slots (m_l <= slots - draft set, per MoE layer l): past
-that, prefetches push out experts verification was going to hit (on the reference model with a 25%
-cache, 4 slots and a draft set of 2, deeper cutoffs cut the stall but not TPOT, and the time rule alone
-chose 6 layers, 8.7% slower than the best cutoff).
+that, prefetches push out experts verification was going to hit (on the reference model with a small
+cache, deeper cutoffs cut the stall but not TPOT, and the time rule alone chose a cutoff measurably slower
+than the best one).
 
 Predictor quality is measured against what verification really routed: per layer, recall = |P & U| / |U|
 and precision = |P & U| / |P| (P: experts predicted this step, U: experts the verification forward used).
