@@ -71,7 +71,30 @@ def test_variants_take_turns_and_report_their_ratio_and_identical_tokens(tmp_pat
     assert spec["vs_moespec[plain]"]["identical_sequences"] == "2/2"
     ratio = spec["decode_tok_s"]["mean"] / plain["decode_tok_s"]["mean"]
     assert abs(spec["vs_moespec[plain]"]["speedup"] - ratio) < 1e-9
+    # and batch by batch: each measured batch's ratio (the two took turns on it), their geometric mean and range
+    per = [a / b for a, b in zip(spec["decode_tok_s"]["values"], plain["decode_tok_s"]["values"])]
+    paired = spec["vs_moespec[plain]"]["paired_speedup"]
+    assert paired["n"] == len(per) == 2 and (paired["min"], paired["max"]) == (min(per), max(per))
+    assert abs(paired["geomean"] - (per[0] * per[1]) ** 0.5) < 1e-9
     assert spec["speculation"]["acceptance_rate"]["mean"] > 0.9      # int8 shadow copies agree with the model
     bad = subprocess.run([sys.executable, "-m", "moespec.cli", "bench", str(tmp_path / "m"), "--variant", "a=",
                           "--variant", "a=--spec ngram"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--variant name 'a' is given twice" in bad.stderr
+
+
+def test_runners_take_every_place_in_the_turn():
+    """A place in the turn is not neutral on a shared machine: the runner that goes first moves on each batch."""
+    from moespec.bench.loop import run_interleaved
+    order = []
+
+    class Fake:
+        def __init__(self, name):
+            self.engine = name
+
+        def generate(self, batch, new):
+            order.append(self.engine)
+            return [[1] * new for _ in batch], 0.01, 0.1, None
+    res = run_interleaved([Fake("a"), Fake("b"), Fake("c")], [[1], [2], [3]], 1, 4, reps=3, warmup=1)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert [r["decode_tok_s"]["n"] for r in res] == [3, 3, 3]
+    assert res[0]["decode_tok_s"]["values"] == [30.0, 30.0, 30.0]        # 1 row x 3 tokens after the first / 0.1 s

@@ -3,6 +3,8 @@ with transformers' `generate` on the same checkpoint, plus the cost curve of one
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -201,8 +203,22 @@ def compare(mine: dict, theirs: dict, kind: str) -> None:
     name = theirs["engine"] + (f":{Path(theirs['peer_model']).name}" if "peer_model" in theirs else "")
     mine[f"vs_{name}"] = {"speedup": ratio, "identical_sequences": f"{same_seq}/{len(pairs)}",
                           "identical_tokens": f"{same}/{total}"}
-    print(f"  {mine['engine']} / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x; identical "
-          f"sequences {same_seq}/{len(pairs)}, tokens {same}/{total}", file=sys.stderr)
+    paired = paired_speedup(mine[key], theirs[key]) if kind == "tg" else None
+    if paired is not None:
+        mine[f"vs_{name}"]["paired_speedup"] = paired
+    print(f"  {mine['engine']} / {name} ({'decode tok/s' if kind == 'tg' else 'prefill speed'}): {ratio:.2f}x"
+          + (f" (paired by batch: {paired['geomean']:.2f}x, {paired['min']:.2f}-{paired['max']:.2f})" if paired else "")
+          + f"; identical sequences {same_seq}/{len(pairs)}, tokens {same}/{total}", file=sys.stderr)
+
+
+def paired_speedup(mine: dict, theirs: dict) -> dict | None:
+    """Ratios of the two runs' tokens/s batch by batch (they take turns on the same batches, so a slow spell of the
+    machine hits a pair alike): their geometric mean, smallest and largest; None without per-batch figures."""
+    a, b = mine.get("values"), theirs.get("values")
+    if not a or not b or len(a) != len(b) or min(b) <= 0:
+        return None
+    r = [x / y for x, y in zip(a, b)]
+    return {"geomean": math.exp(statistics.fmean(math.log(x) for x in r)), "min": min(r), "max": max(r), "n": len(r)}
 
 
 def expert_delta(before: dict, after: dict, run: dict) -> dict:
