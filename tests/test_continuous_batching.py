@@ -88,3 +88,26 @@ def test_a_short_request_is_answered_while_a_long_one_streams(text_model):
         finished = [ts for ts, reason in events if reason is not None]
         assert finished and answered < finished[0]            # answered while the long request still decoded
         assert sum(1 for ts, _ in events if ts > answered) > 10
+
+
+def test_the_step_engine_takes_sequences_between_steps(text_model):
+    """StepEngine as a server drives it: add, step, add more while it runs, step until nothing is unfinished.
+    Each sequence decodes exactly what it decodes alone, and a sequence added to an engine that ran dry starts
+    the batch over."""
+    from moespec.step_engine import StepEngine
+    llm = LLM(text_model)
+    alone = [llm.generate(p, params(n))[0].token_ids for p, n in zip(PROMPTS[:3], (12, 6, 5))]
+    eng = StepEngine(llm.model)
+    assert not eng.has_unfinished() and not eng.step()
+    eng.add(llm._sequences([PROMPTS[0]], params(12)))
+    steps = 0
+    while eng.step():
+        steps += 1
+        if steps == 3:
+            eng.add(llm._sequences([PROMPTS[1]], params(6)))
+    assert not eng.has_unfinished() and steps == 11     # the 12-token row set the pace (its prefill made one)
+    eng.add(llm._sequences([PROMPTS[2]], params(5)))    # the batch ran dry: it starts over from this one
+    while eng.step():
+        pass
+    assert [s.token_ids for s in eng.seqs] == alone
+    assert [s.finish_reason for s in eng.seqs] == ["length"] * 3

@@ -12,7 +12,8 @@ import torch
 from moespec.config import OffloadConfig
 from moespec.errors import MoespecError
 from moespec.experts import profile_from_routing, save_profile
-from moespec.generate import generate, new_sequence
+from moespec.generate import generate
+from moespec.sequence import new_sequence
 from moespec.models import ForwardPlan
 from moespec.loading import load_model
 from moespec.sampling import SamplingParams

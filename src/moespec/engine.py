@@ -12,7 +12,8 @@ from .assets import resolve_model
 from .config import OffloadConfig
 from .spec_config import SpecConfig
 from .errors import MoespecError
-from .generate import Sequence, draft_slack, generate, kv_capacity, new_sequence
+from .generate import generate
+from .sequence import Sequence, draft_slack, kv_capacity, new_sequence
 from .loading import load_model
 from .sampling import SamplingParams
 from .perf.chooser import DrafterChooser
