@@ -113,3 +113,29 @@ def test_spec_auto_equals_plain_decoding_on_the_bundled_model(offloaded, tmp_pat
     ctl = outs[0].stats["controller"]
     assert set(ctl["steps"]) == {"shadow", "self", "draft_model", "ngram"} and all(ctl["steps"].values())
     llm.close()
+
+
+def test_a_revisit_probes_one_candidate_at_a_time():
+    """Every probe step of a drafter that loses costs a whole step: a revisit measures one candidate (the one
+    revisited longest ago), never all of them at once."""
+    drafters = {"good": CHEAP_GOOD, "bad": CHEAP_BAD, "dear": DEAR_GOOD, "other": (3e-4, iid(0.6))}
+    c = DrafterChooser(list(drafters), revisit=8)
+    names = []
+    real = c.next_step
+
+    def spy():
+        got = real()
+        names.append(got[0])
+        return got
+    c.next_step = spy
+    simulate(c, drafters, tokens=6000)
+    late = names[len(names) // 3:]                        # after exploring and settling
+    runs, cur = [], []
+    for n in late:
+        if n != c.active and n is not None:
+            cur.append(n)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    assert runs, "no revisit happened"
+    assert all(len(set(r)) == 1 and len(r) <= c.probe for r in runs), runs

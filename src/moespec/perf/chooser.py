@@ -11,9 +11,10 @@ drafter's k and knows its acceptance, draft cost and verify cost). The generatio
 - Exploit: the candidate whose controller predicts the highest speedup (measured acceptance per depth, measured
   draft and verify seconds, the best k) drafts at that k (a longer one now and then, to measure it). Plain steps
   when even its optimistic model loses; speculation again once its estimate clearly wins.
-- Revisit: every `revisit` steps the others whose optimistic prediction (upper bounds of their per-depth
-  acceptance) beats the active one's estimate get `probe` steps each (all others once the interval has reached
-  its maximum), so a drafter that starts to win (prompt lookup once the output repeats its prompt) is noticed;
+- Revisit: every `revisit` steps one of the others whose optimistic prediction (upper bounds of their per-depth
+  acceptance) beats the active one's estimate gets `probe` steps, the one revisited longest ago (any other once
+  the interval has reached its maximum), so a drafter that starts to win (prompt lookup once the output repeats
+  its prompt) is noticed;
   the interval doubles after each revisit that changes nothing, and starts over after one that does.
 Plain steps are reported to every candidate's controller, and they share one table of verification costs: both
 are the target's, whoever drafted.
@@ -44,6 +45,8 @@ class DrafterChooser:
         self.switches = 0
         self.on = True
         self._probing: str | None = None        # the leader when a revisit started, until it ends
+        self._probed: dict[str, int] = {}       # candidate -> the step its last revisit started
+        self.since_start = 0                    # steps handed out
         self.last: str | None = None            # the drafter of the step handed out last (what record_spec reports)
 
     def _score(self, name: str) -> float:
@@ -89,6 +92,7 @@ class DrafterChooser:
             self.queue = [n for n in close for _ in range(self.probe)]
             return self.next_step()
         self.since += 1
+        self.since_start += 1
         if self.since >= self.revisit and len(self.names) > 1:
             self.since = 0
             # Candidates whose optimistic model (upper bounds of their per-depth acceptance) could beat the
@@ -99,6 +103,11 @@ class DrafterChooser:
             # drafter's acceptance changes with the text: prompt lookup once the output repeats its prompt).
             if not hopeful and self.revisit >= self.revisit_max:
                 hopeful = [n for n in self.names if n != self.active]
+            # One candidate per revisit, the one measured longest ago: a probe step of a drafter that loses costs
+            # a whole step (at batch 64 a batch is 8 steps, and probing three candidates at once cost 6-10%).
+            hopeful = sorted(hopeful, key=lambda n: self._probed.get(n, -1))[:1]
+            for n in hopeful:
+                self._probed[n] = self.since_start
             self.queue = [n for n in hopeful for _ in range(self.probe)]
             self._probing = self.active if hopeful else None
             self.revisit = min(2 * self.revisit, self.revisit_max)      # back to revisit0 if a probe wins
