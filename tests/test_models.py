@@ -106,3 +106,17 @@ def test_prepacked_bf16_weights_give_bit_identical_logits(family, tmp_path):
         kv.advance(6)
         out[name] = (prefill, m.forward(torch.tensor([[13], [14]]), kv).logits)     # then one decode step
     assert torch.equal(out["dense"][0], out["packed"][0]) and torch.equal(out["dense"][1], out["packed"][1])
+
+
+def test_bf16_products_run_at_a_bounded_set_of_row_counts():
+    """oneDNN keeps what it builds per bf16 product shape for good: rows past 16 are padded to a bucket, so a server
+    that sees every row count keeps a bounded set of shapes; the padded rows are dropped."""
+    from moespec.models.layers import linear, row_bucket
+    assert [row_bucket(m) for m in (1, 16, 17, 32, 33, 256, 257, 321)] == [1, 16, 32, 32, 48, 256, 320, 384]
+    assert len({row_bucket(m) for m in range(1, 2049)}) == 16 + 15 + 28
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 7, 32, generator=g).to(torch.bfloat16)          # 21 rows: run as 32
+    got = linear(x, w)
+    assert got.shape == (3, 7, 64) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), x.float() @ w.float().T, atol=0.1, rtol=0.02)

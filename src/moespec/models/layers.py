@@ -37,16 +37,47 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if type(w) in QUANTIZED:            # int8 / int4 weights (quant/weights.py) run their own kernels
         return w.linear(x, b)
     if x.device.type == "cpu":
-        if w.layout == torch._mkldnn:   # a bf16 weight prepacked at load (packed.py); bit-identical to F.linear
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         d = x.shape[-1]
         m = x.numel() // d if d else 0
+        if x.dtype is torch.bfloat16 and m > BUCKET_FROM and not (SLOW_BF16_GEMM and m >= UPCAST_MIN_ROWS):
+            return _bucketed(x, w, b, m)
+        if w.layout == torch._mkldnn:   # a bf16 weight prepacked at load (packed.py); bit-identical to F.linear
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         if (0 < m <= MMT_MAX_ROWS and x.dtype is torch.float32 and w.dtype is torch.float32
                 and w.stride() == (d, 1)):
             return linear_mmt(x, w, b, m)
         if x.dtype is torch.bfloat16 and SLOW_BF16_GEMM and m >= UPCAST_MIN_ROWS:
             return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
     return F.linear(x, w, b)
+
+
+# oneDNN keeps what it builds for each bf16 product shape (primitives, JIT kernels) for the life of the process: a
+# server sees a new row count with every batch and prompt length, and its RSS grew without bound (a 1024 x 512
+# weight times 400 row counts kept 200 MB). Rows past BUCKET_FROM are padded to a bucket (multiples of 16 up to
+# 256, then of 64), which bounds the shapes and costs a few zero rows of compute.
+BUCKET_FROM = 16
+
+
+def row_bucket(m: int) -> int:
+    """The row count a bf16 product of m rows runs at: m up to BUCKET_FROM, then the next multiple of 16 (of 64 past
+    256)."""
+    if m <= BUCKET_FROM:
+        return m
+    step = 16 if m <= 256 else 64
+    return -(-m // step) * step
+
+
+def _bucketed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int) -> torch.Tensor:
+    """x [..., in] (m rows, bf16) times w, run at row_bucket(m) rows (zero rows appended, then dropped)."""
+    x2 = x.reshape(m, x.shape[-1])
+    pad = row_bucket(m) - m
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[-1])])
+    if w.layout == torch._mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
+    else:
+        y = F.linear(x2, w, b)
+    return y[:m].view(*x.shape[:-1], y.shape[-1])
 
 
 def linear_mmt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int) -> torch.Tensor:
