@@ -3,7 +3,6 @@ streams concatenate to the non-streamed text, errors are OpenAI error objects wi
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from moespec import LLM, SamplingParams
 from moespec.serve.app import create_app
+from servers import free_port, wait_healthy
 
 NAME = "tiny"
 
@@ -194,12 +194,6 @@ def test_an_aborted_row_stops_and_the_others_are_unchanged(llm):
     assert outs[1].token_ids == greedy(llm, "import sys", 12, ignore_eos=True).token_ids
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(args: list[str], port: int, env: dict | None = None):
     """`moespec serve ARGS` as a user starts it; yields its base URL once /health answers, stops it after."""
@@ -207,13 +201,7 @@ def running_server(args: list[str], port: int, env: dict | None = None):
                          env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert p.poll() is None, p.stderr.read()
-                time.sleep(0.1)
+        wait_healthy(p, base)
         yield base
     finally:
         p.terminate()
@@ -222,7 +210,7 @@ def running_server(args: list[str], port: int, env: dict | None = None):
 
 def test_moespec_serve_from_the_command_line(text_model):
     """As a user runs it: start the server, wait for /health, ask a chat completion, stop it."""
-    port = _free_port()
+    port = free_port()
     with running_server([str(text_model), "--served-model-name", "m"], port, {"MOESPEC_PORT": str(port)}) as base:
         req = urllib.request.Request(base + "/v1/chat/completions", method="POST",
                                      headers={"Content-Type": "application/json"},

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from moespec import SamplingParams
 from moespec.serve.app import Limits, create_app
 from moespec.serve.worker import Job
+from servers import free_port, wait_healthy
 
 NAME = "tiny"
 
@@ -63,16 +64,13 @@ def test_the_kv_flag_is_checked(text_model):
 def test_shutdown_is_bounded_while_a_request_decodes(text_model):
     """SIGTERM while a long stream decodes (each engine step slowed to 50 ms: 2,000 tokens would take 100 s): the
     server exits within --shutdown-timeout and a step or two, without a traceback, and the stream ends without [DONE]."""
+    import http.client
     import json
     import signal
-    import socket
     import subprocess
     import sys
     import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    import http.client
+    port = free_port()
     code = ("import sys, time\n"
             "import moespec.models.decoder as d\n"
             "real = d.DecoderLM.forward\n"
@@ -86,13 +84,7 @@ def test_shutdown_is_bounded_while_a_request_decodes(text_model):
                           "--shutdown-timeout", "2", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert p.poll() is None, p.stderr.read()
-                time.sleep(0.1)
+        wait_healthy(p, base)
         req = urllib.request.Request(base + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"prompt": "def", "max_tokens": 2000, "ignore_eos": True,
                                                       "stream": True}).encode())
