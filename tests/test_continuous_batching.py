@@ -62,8 +62,8 @@ def test_joining_seeded_samples_are_their_own(text_model):
 
 
 def test_a_short_request_is_answered_while_a_long_one_streams(text_model):
-    from test_serve import _free_port, running_server
-    port = _free_port()
+    from servers import free_port, running_server
+    port = free_port()
     with running_server([str(text_model), "--port", str(port)], port) as base:
         def post(body):
             return urllib.request.urlopen(urllib.request.Request(

@@ -1,8 +1,6 @@
 """`moespec serve`: the OpenAI API as clients use it. Replies equal the Python API's output token for token,
 streams concatenate to the non-streamed text, errors are OpenAI error objects with the right status."""
-import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from moespec import LLM, SamplingParams
 from moespec.serve.app import create_app
-from servers import free_port, wait_healthy
+from servers import free_port, running_server
 
 NAME = "tiny"
 
@@ -192,20 +190,6 @@ def test_an_aborted_row_stops_and_the_others_are_unchanged(llm):
     assert outs[0].finish_reason == "abort" and finished == {0: "abort", 1: "length"}
     assert outs[0].token_ids == greedy(llm, "def f():", 12, ignore_eos=True).token_ids[:4]
     assert outs[1].token_ids == greedy(llm, "import sys", 12, ignore_eos=True).token_ids
-
-
-@contextlib.contextmanager
-def running_server(args: list[str], port: int, env: dict | None = None):
-    """`moespec serve ARGS` as a user starts it; yields its base URL once /health answers, stops it after."""
-    p = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", *args, "--log-level", "warning"],
-                         env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(p, base)
-        yield base
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
 
 
 def test_moespec_serve_from_the_command_line(text_model):
