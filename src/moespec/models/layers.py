@@ -41,8 +41,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         m = x.numel() // d if d else 0
         if x.dtype is torch.bfloat16 and m > BUCKET_FROM and not (SLOW_BF16_GEMM and m >= UPCAST_MIN_ROWS):
             return _bucketed(x, w, b, m)
-        if w.layout == torch._mkldnn:   # a bf16 weight prepacked at load (packed.py); bit-identical to F.linear
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        if w.layout == torch._mkldnn:
+            return _product(x, w, b)
         if (0 < m <= MMT_MAX_ROWS and x.dtype is torch.float32 and w.dtype is torch.float32
                 and w.stride() == (d, 1)):
             return linear_mmt(x, w, b, m)
@@ -73,11 +73,15 @@ def _bucketed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int) 
     pad = row_bucket(m) - m
     if pad:
         x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[-1])])
-    if w.layout == torch._mkldnn:
-        y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
-    else:
-        y = F.linear(x2, w, b)
+    y = _product(x2, w, b)
     return y[:m].view(*x.shape[:-1], y.shape[-1])
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x times w: a bf16 weight prepacked at load (packed.py) through oneDNN, bit-identical to F.linear; else F.linear."""
+    if w.layout == torch._mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
 
 
 def linear_mmt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int) -> torch.Tensor:

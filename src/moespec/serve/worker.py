@@ -38,6 +38,7 @@ class Job:
     cancelled: bool = False              # set by the HTTP layer when the client goes away
     t_arrival: float = field(default_factory=time.perf_counter)
     t_last: list[float] = field(default_factory=list)    # per choice, time of its last text (for ITL)
+    kv_tokens: int = 0                   # KV slots per row its sequences need (EngineWorker.job_tokens)
 
     def emit(self, *event) -> None:
         try:
@@ -66,8 +67,12 @@ class EngineWorker(threading.Thread):
         self.last_error: tuple[float, str] | None = None    # (monotonic time, why) of the last failed batch
 
     def job_tokens(self, job: Job) -> int:
-        """KV slots per row the job's sequences need (LLM.kv_row_tokens; the batch sizes rows alike)."""
-        return max(self.llm.kv_row_tokens(len(p), sp.max_new_tokens) for p, sp in zip(job.prompts, job.params))
+        """KV slots per row the job's sequences need (LLM.kv_row_tokens; the batch sizes rows alike), computed once:
+        admission asks after every step while jobs wait."""
+        if not job.kv_tokens:
+            job.kv_tokens = max(self.llm.kv_row_tokens(len(p), sp.max_new_tokens)
+                                for p, sp in zip(job.prompts, job.params))
+        return job.kv_tokens
 
     def _fits(self, rows: int, tokens: int) -> bool:
         return self.kv_budget is None or rows * tokens * self.llm.kv_bytes_per_token <= self.kv_budget
