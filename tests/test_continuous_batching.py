@@ -18,18 +18,22 @@ def params(n, **kw):
     return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
 
 
-def joining(schedule):
-    """An admit callback: on its call number c it returns schedule[c] (a list of (prompt, params)), and
-    schedule["empty"] the first time the batch has no live row. Records what it saw."""
-    seen = {"calls": 0, "live": []}
-
-    def admit(n_live):
-        seen["calls"] += 1
-        seen["live"].append(n_live)
-        if n_live == 0 and "empty" in schedule:
-            return schedule.pop("empty")
-        return schedule.pop(seen["calls"], [])
-    return admit, seen
+def joining(llm, first, schedule):
+    """Steps a batch as the server's engine thread does: the (prompt, params) pairs of `first` start it; after step c
+    the pairs of schedule[c] join, and those of schedule["empty"] the first time the batch has run dry. Returns the
+    Outputs and the live rows seen after each step."""
+    batch = llm.batch(len(first))
+    batch.add(llm.sequences([p for p, _ in first], [sp for _, sp in first]))
+    live, c = [], 0
+    while True:
+        busy = batch.step()
+        c += 1
+        live.append(batch.live_rows)
+        got = schedule.pop("empty", []) if batch.live_rows == 0 else schedule.pop(c, [])
+        if got:
+            batch.add(llm.sequences([p for p, _ in got], [sp for _, sp in got]))
+        elif not busy:
+            return batch.outputs(), live
 
 
 @pytest.mark.parametrize("spec, offload", [
@@ -44,10 +48,10 @@ def test_joining_sequences_decode_as_they_would_alone(text_model, tmp_path, spec
     llm = LLM(text_model, speculative=spec, offload=off)
     want = [llm.generate(p, params(n))[0].token_ids for p, n in zip(PROMPTS, (6, 30, 12, 9))]
     # two start; one joins after the 3rd step; the last joins when the batch has run dry
-    admit, seen = joining({3: [(PROMPTS[2], params(12))], "empty": [(PROMPTS[3], params(9))]})
-    outs = llm.generate(PROMPTS[:2], [params(6), params(30)], admit=admit)
+    outs, live = joining(llm, [(PROMPTS[0], params(6)), (PROMPTS[1], params(30))],
+                         {3: [(PROMPTS[2], params(12))], "empty": [(PROMPTS[3], params(9))]})
     assert [o.token_ids for o in outs] == want
-    assert seen["live"][2] >= 1 and 0 in seen["live"]    # one joined a running batch, one a batch run dry
+    assert live[2] >= 1 and 0 in live[:-1]    # one joined a running batch, one a batch run dry
     llm.close()
 
 
@@ -56,8 +60,7 @@ def test_joining_seeded_samples_are_their_own(text_model):
     p = [SamplingParams(max_new_tokens=15, temperature=0.9, seed=s, ignore_eos=True, frequency_penalty=0.3)
          for s in (1, 2)]
     alone = [llm.generate(PROMPTS[i], p[i])[0].token_ids for i in range(2)]
-    admit, _ = joining({2: [(PROMPTS[1], p[1])]})
-    outs = llm.generate(PROMPTS[0], p[0], admit=admit)
+    outs, _ = joining(llm, [(PROMPTS[0], p[0])], {2: [(PROMPTS[1], p[1])]})
     assert [o.token_ids for o in outs] == alone
 
 
@@ -97,17 +100,22 @@ def test_the_step_engine_takes_sequences_between_steps(text_model):
     from moespec.step_engine import StepEngine
     llm = LLM(text_model)
     alone = [llm.generate(p, params(n))[0].token_ids for p, n in zip(PROMPTS[:3], (12, 6, 5))]
-    eng = StepEngine(llm.model)
+    finished = []
+    eng = StepEngine(llm.model, on_finish=lambda i, s: finished.append(i))
     assert not eng.has_unfinished() and not eng.step()
-    eng.add(llm._sequences([PROMPTS[0]], params(12)))
+    seqs = llm.sequences([PROMPTS[0]], params(12))
+    eng.add(seqs)
     steps = 0
     while eng.step():
         steps += 1
         if steps == 3:
-            eng.add(llm._sequences([PROMPTS[1]], params(6)))
+            seqs += llm.sequences([PROMPTS[1]], params(6))
+            eng.add(seqs[1:])
     assert not eng.has_unfinished() and steps == 11     # the 12-token row set the pace (its prefill made one)
-    eng.add(llm._sequences([PROMPTS[2]], params(5)))    # the batch ran dry: it starts over from this one
+    assert finished == [1, 0] and eng.seqs == {}        # finished sequences leave the engine
+    seqs += llm.sequences([PROMPTS[2]], params(5))
+    eng.add(seqs[2:])                                   # the batch ran dry: it starts over from this one
     while eng.step():
         pass
-    assert [s.token_ids for s in eng.seqs] == alone
-    assert [s.finish_reason for s in eng.seqs] == ["length"] * 3
+    assert [s.token_ids for s in seqs] == alone and finished == [1, 0, 2]
+    assert [s.finish_reason for s in seqs] == ["length"] * 3

@@ -126,8 +126,8 @@ def test_invalid_json_is_a_400(client):
 def test_waiting_requests_decode_as_one_batch_and_overload_is_503(llm):
     app = create_app(llm, NAME, max_waiting=2, start=False)      # engine not started: requests wait
     worker, calls = app.state.worker, []
-    real = llm.generate
-    llm.generate = lambda prompts, *a, **k: (calls.append(len(prompts)), real(prompts, *a, **k))[1]
+    real = llm.batch
+    llm.batch = lambda size, *a, **k: (calls.append(size), real(size, *a, **k))[1]
     try:
         import threading
         with TestClient(app) as c:
@@ -147,7 +147,7 @@ def test_waiting_requests_decode_as_one_batch_and_overload_is_503(llm):
             for t in threads:
                 t.join()
     finally:
-        llm.generate = real
+        llm.batch = real
     assert calls == [2]                                   # both waiting requests in one batch
     for p, r in replies.items():
         assert r.json()["choices"][0]["text"] == greedy(llm, p, 5, ignore_eos=True).text

@@ -106,12 +106,12 @@ def test_a_request_past_its_timeout_is_cancelled_with_a_408(llm):
         r = complete(c, max_tokens=100000 // 1000, ignore_eos=True)       # fast enough: done in time
         assert r.status_code == 200
         worker = app.state.worker
-        slow = worker.llm.generate
-        worker.llm.generate = lambda *a, **k: (time.sleep(2.0), slow(*a, **k))[1]     # a stuck engine
+        slow = worker.llm.batch
+        worker.llm.batch = lambda *a, **k: (time.sleep(2.0), slow(*a, **k))[1]     # a stuck engine
         try:
             r = complete(c, max_tokens=4)
         finally:
-            worker.llm.generate = slow
+            worker.llm.batch = slow
         assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
 
 
@@ -123,17 +123,15 @@ def test_a_non_streaming_request_whose_client_left_is_cancelled(llm):
     import uvicorn
     app = create_app(llm, NAME)
     seen = []
-    real = llm.generate
+    real = llm.batch
 
-    def spy(prompts, params, **kw):
-        aborted = kw["aborted"]
+    def spy(size, on_text, aborted, *a, **kw):
         def slow_aborted(i):          # about 10 ms per token: the tiny model would finish before the client leaves
             time.sleep(0.01)
             seen.append(aborted(i))
             return seen[-1]
-        kw["aborted"] = slow_aborted
-        return real(prompts, params, **kw)
-    app.state.worker.llm.generate = spy
+        return real(size, on_text, slow_aborted, *a, **kw)
+    app.state.worker.llm.batch = spy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -153,7 +151,7 @@ def test_a_non_streaming_request_whose_client_left_is_cancelled(llm):
             time.sleep(0.1)
         assert any(seen), "the engine was never told the client left"
     finally:
-        app.state.worker.llm.generate = real
+        app.state.worker.llm.batch = real
         server.should_exit = True
         t.join(10)
 
@@ -258,18 +256,15 @@ def test_the_server_answers_a_failed_request_500_and_the_others_200(llm):
     import asyncio
     app = create_app(llm, NAME, start=False)
     worker = app.state.worker
-    real = worker.llm.generate
+    real = worker.llm.batch
 
-    def faulty(prompts, params, **kw):
-        on_text = kw["on_text"]
-
+    def faulty(size, on_text, *a, **kw):          # the batch's text callback fails for the first request
         def boom(i, delta):
             if i == 0:
                 raise ValueError("stop matcher broke")
             on_text(i, delta)
-        kw["on_text"] = boom
-        return real(prompts, params, **kw)
-    worker.llm.generate = faulty
+        return real(size, boom, *a, **kw)
+    worker.llm.batch = faulty
 
     async def run():
         import httpx
@@ -285,7 +280,7 @@ def test_the_server_answers_a_failed_request_500_and_the_others_200(llm):
     try:
         ra, rb = asyncio.run(run())
     finally:
-        worker.llm.generate = real
+        worker.llm.batch = real
         worker.stop()
     assert ra.status_code == 500 and "stop matcher broke" in ra.json()["error"]["message"], ra.text
     ref = llm.generate("import os", SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]

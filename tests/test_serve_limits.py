@@ -104,3 +104,69 @@ def test_shutdown_is_bounded_while_a_request_decodes(text_model):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_the_heap_is_trimmed_as_requests_finish_at_most_once_a_second(llm, monkeypatch):
+    """Freed blocks of ever-changing batch shapes go back to the OS (glibc keeps them in RSS otherwise): once when a
+    batch ends, and while one decodes at most once a TRIM_EVERY_S as its requests finish."""
+    from moespec.serve import worker as wmod
+    trims = []
+    monkeypatch.setattr(wmod, "release_free_memory", lambda: trims.append(time.monotonic()))
+    with TestClient(create_app(llm, NAME)) as c:
+        w = c.app.state.worker
+        before = len(trims)
+        r = c.post("/v1/completions", json={"prompt": [5] * 8, "max_tokens": 4})
+        assert r.status_code == 200 and len(trims) > before
+        n = len(trims)
+        w.trim_heap()
+        w.trim_heap()
+        assert len(trims) == n                     # just trimmed: not again within the second
+        w.trim_heap(force=True)
+        assert len(trims) == n + 1
+        w._trimmed -= wmod.TRIM_EVERY_S
+        w.trim_heap()
+        assert len(trims) == n + 2
+
+
+def test_a_batch_that_never_drains_keeps_nothing_of_finished_requests(llm, loop):
+    """Requests keep joining a batch whose long request decodes on: once a short one has finished, neither its job
+    nor its sequence is referenced any more (under steady load the batch never ends)."""
+    import gc
+    import weakref
+    app = create_app(llm, NAME, start=False)
+    w = app.state.worker
+    made, real, real_batch = [], llm.sequences, llm.batch
+
+    def spy(prompts, params):
+        seqs = real(prompts, params)
+        made.extend(weakref.ref(s) for s in seqs)
+        return seqs
+
+    def slow(size, on_text, aborted, *a, **kw):      # >= 10 ms a step: the long request outlives the short ones
+        return real_batch(size, on_text, lambda i: (time.sleep(0.01 if i == 0 else 0), aborted(i))[1], *a, **kw)
+    llm.sequences, llm.batch = spy, slow
+    long_ = Job([[5] * 8], [SamplingParams(max_new_tokens=10_000, ignore_eos=True)], loop)
+    try:
+        w.submit(long_)
+        w.start()
+        while not w._running:
+            time.sleep(0.01)
+        shorts = []
+        for _ in range(6):
+            j = job(loop, 8, 3)
+            w.submit(j)
+            shorts.append(weakref.ref(j))
+            del j
+            time.sleep(0.05)
+        deadline = time.time() + 30
+        while (len(w._running) > 1 or not w.queue.empty()) and time.time() < deadline:
+            time.sleep(0.01)
+        assert list(w._running) == [id(long_)], "the short requests never finished"
+        gc.collect()
+        assert [r() for r in shorts] == [None] * 6                   # no finished job is held
+        assert sum(r() is not None for r in made) == 1               # only the long request's sequence is alive
+    finally:
+        long_.cancelled = True
+        llm.sequences, llm.batch = real, real_batch
+        w.stop()
+        w.join(30)

@@ -38,15 +38,15 @@ def test_the_loop_follows_the_controller_and_stays_lossless(text_model, method):
     plain = [o.token_ids for o in llm.generate(PROMPTS, p)]
     spec = LLM(text_model, speculative={"method": method, "num_speculative_tokens": 5})
     script = Scripted([0, 0, 3, 1, 0, 5, 2])
-    seqs = spec._sequences(PROMPTS, p)
+    seqs = spec.sequences(PROMPTS, p)
     timing = generate(spec.model, seqs, None, spec.drafter, 5, controller=script)
     assert [s.token_ids for s in seqs] == plain
     kinds = [t[0] for t in script.told]
     assert kinds[:7] == ["plain", "plain", "spec", "spec", "plain", "spec", "spec"]
     assert [t[1] for t in script.told[:7]] == [0, 0, 3, 1, 0, 5, 2]
     assert all(t[3] == 2 and t[4] for t in script.told)            # both rows live, real timings
-    assert timing["spec"]["plain_steps"] == kinds.count("plain")
-    assert sum(t[2] for t in script.told) == timing["spec"]["accepted"]
+    assert timing["spec"].plain_steps == kinds.count("plain")
+    assert sum(t[2] for t in script.told) == timing["spec"].accepted
     for t in script.told:                  # each row's accepted drafts, within k; the forward's width, within k + 1
         assert t[0] == "plain" or (len(t[5]) == 2 and sum(t[5]) == t[2] and max(t[5]) <= t[1] and 1 <= t[6] <= t[1] + 1)
 

@@ -6,6 +6,7 @@ import torch
 import hf_models
 from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import OffloadConfig
+from moespec.spec_decode.drafters import Drafter
 from moespec.spec_decode.prefetch import DraftPrefetch, auto_cutoff
 
 PROMPTS = ["def wrap(text, width=70):\n    return wrap(text, width=70)\n\ndef wrap(",
@@ -60,7 +61,7 @@ def test_prefetch_modes_batch_of_four_are_lossless(moe3, plain, tmp_path):
     llm.close()
 
 
-class Probe:
+class Probe(Drafter):
     """Wraps a SelfDrafter: counts demand misses per layer inside propose (drafting) and between
     proposes (the verification forward), and optionally replays the real routing as an oracle."""
 

@@ -9,7 +9,8 @@ from moespec import LLM, MoespecError, SamplingParams
 from moespec.config import OffloadConfig
 from moespec.spec_config import SpecConfig
 from moespec.loading import load_model
-from moespec.spec_decode.drafters import Draft, NgramDrafter
+from moespec.spec_decode.drafters import Draft, Drafter, NgramDrafter
+from moespec.spec_decode.stats import SpecStats
 from moespec.spec_decode.step import speculative_step
 from moespec.spec_decode.tree import (
     ancestor_mask,
@@ -197,17 +198,12 @@ def test_tree_forward_gives_every_node_its_paths_logits(which, request):
         assert torch.allclose(got[i + 1], ref, atol=1e-5), i
 
 
-class FixedDrafts:
+class FixedDrafts(Drafter):
     def __init__(self, drafts):
         self.drafts = drafts
 
     def propose(self, key, context, k, params, generator):
         return self.drafts[key]
-
-
-def _stats():
-    return {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.0,
-            "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0, "draft_nodes": 0}
 
 
 @pytest.mark.parametrize("which", ["text_model", "window_model"])
@@ -234,14 +230,14 @@ def test_tree_step_commits_the_accepted_path_exactly(which, request):
         2: Draft([g[2][1], w(g[2][2])]),                                                        # chain: 1 accepted
     }
     params = [SamplingParams(temperature=0).with_defaults({})] * B
-    stats = _stats()
+    stats = SpecStats()
     emitted, nxt = speculative_step(m, kv, [0, 1, 2], [p + [gr[0]] for p, gr in zip(prompts, g)],
                                     torch.tensor([gr[0] for gr in g]), params, [None] * B, FixedDrafts(drafts),
                                     3, stats)
     assert emitted == [g[0][1:5], g[1][1:4], g[2][1:3]]
     assert kv.lens == [lens[0] + 4, lens[1] + 3, lens[2] + 2]
-    assert stats["accepted"] == 3 + 2 + 1 and stats["drafted"] == 3 + 2 + 2 and stats["draft_nodes"] == 10
-    assert stats["accepted_per_pos"] == {0: 3, 1: 2, 2: 1}
+    assert stats.accepted == 3 + 2 + 1 and stats.drafted == 3 + 2 + 2 and stats.draft_nodes == 10
+    assert stats.accepted_per_pos == {0: 3, 1: 2, 2: 1}
     got = m.forward(nxt[:, None], kv).logits[:, 0]
     for r in range(B):
         seq = prompts[r] + [g[r][0]] + emitted[r]

@@ -3,8 +3,9 @@ each request picked at random among
   streaming greedy completions (45%), non-streaming ones (35%), streams the client drops after two chunks (10%),
   requests the client abandons after 0.2 s (5%) and bad requests (5%, must be a 400).
 Every completed greedy reply must equal the same request run alone (asked one at a time first, which is also the
-warm-up). Reports: replies by status, 5xx (must be 0), lost or mixed-up replies (must be 0), p50/p99 TTFT of the
-streams, output tokens/s, the server's RSS after warm-up and at the end, /health after.
+warm-up); one that does not is mixed up if it is closer to another request's reply than to its own. Reports: replies
+by status, 5xx (must be 0), lost or mixed-up replies (must be 0), p50/p99 TTFT of the streams, output tokens/s, the
+server's RSS after warm-up and at the end, /health after.
 
     python tools/load_serve.py [--users 64] [--duration 600] [--output docs/bench/load-serve.json]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import socket
 import statistics
@@ -110,7 +112,9 @@ def main() -> None:
             status, text = complete(port, pr, n)
             assert status == 200, text
             ref[(pr, n)] = text
-        stats = {"status": {}, "mismatch": 0, "ttft": [], "tokens": 0, "errors": []}
+        fresh = lambda: {"status": {}, "mismatch": 0, "mixed": 0, "diverged_at": [], "ttft": [], "tokens": 0,  # noqa: E731
+                         "errors": []}
+        stats = fresh()
         mu = threading.Lock()
         stop = 0.0
 
@@ -121,6 +125,20 @@ def main() -> None:
                 if ttft is not None:
                     stats["ttft"].append(ttft)
 
+        def check(pr: str, n: int, text: str) -> None:
+            """A reply that differs from its request run alone is mixed up when it is closer (a longer common prefix)
+            to another request's reply; else it diverged from its own (a near-tie decided differently in bf16)."""
+            own = ref[(pr, n)]
+            if text == own:
+                return
+            common = len(os.path.commonprefix([text, own]))
+            mixed = any(len(os.path.commonprefix([text, other])) > common for key, other in ref.items()
+                        if key != (pr, n))
+            with mu:
+                stats["mismatch"] += 1
+                stats["mixed"] += mixed
+                stats["diverged_at"].append(common / max(len(own), 1))
+
         def user(seed: int) -> None:
             r = random.Random(seed)
             while time.monotonic() < stop:
@@ -130,15 +148,13 @@ def main() -> None:
                     if roll < 0.45:
                         status, text, ttft = stream(port, pr, n)
                         note(status, n if status == 200 else 0, ttft)
-                        if status == 200 and text != ref[(pr, n)]:
-                            with mu:
-                                stats["mismatch"] += 1
+                        if status == 200:
+                            check(pr, n, text)
                     elif roll < 0.80:
                         status, text = complete(port, pr, n)
                         note(status, n if status == 200 else 0)
-                        if status == 200 and text != ref[(pr, n)]:
-                            with mu:
-                                stats["mismatch"] += 1
+                        if status == 200:
+                            check(pr, n, text)
                     elif roll < 0.90:
                         status, _, _ = stream(port, pr, n, drop_after=2)
                         note("dropped" if status == -1 else status)
@@ -173,7 +189,7 @@ def main() -> None:
         # Warm-up under the same load (batches of every size, so the allocator has seen them), then measure.
         run(min(60.0, a.duration / 5), 10_000)
         warm = {k: v for k, v in stats.items()}
-        stats.update({"status": {}, "mismatch": 0, "ttft": [], "tokens": 0, "errors": []})
+        stats.update(fresh())
         rss_warm = rss(srv.pid)
         wall = run(a.duration, 0)
         rss_end = rss(srv.pid)
@@ -183,6 +199,10 @@ def main() -> None:
         tt = sorted(stats["ttft"])
         report = {"machine": machine(), "users": a.users, "duration_s": wall, "server_args": a.server_args,
                   "replies": stats["status"], "mismatched_replies": stats["mismatch"],
+                  # of those, replies closer to another request's than to their own (must be 0), and where the
+                  # others left their own reply (fraction of its text in common)
+                  "mixed_up_replies": stats["mixed"],
+                  "diverged_at_fraction": sorted(round(f, 2) for f in stats["diverged_at"])[:50],
                   "server_errors_5xx": sum(v for k, v in stats["status"].items() if k[:1] == "5" or k[:5] == "bad-5"),
                   "lost": stats["status"].get("lost", 0), "transport_errors": stats["errors"][:10],
                   "output_tokens_per_s": stats["tokens"] / wall,

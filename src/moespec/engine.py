@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,24 +12,13 @@ from .assets import resolve_model
 from .config import OffloadConfig
 from .spec_config import SpecConfig
 from .errors import MoespecError
-from .generate import generate
+from .batch import Batch
 from .sequence import Sequence, draft_slack, kv_capacity, new_sequence
 from .loading import load_model
+from .outputs import Output
 from .sampling import SamplingParams
-from .perf.chooser import DrafterChooser
-from .perf.controller import SpecController
 from .quant.scheme import QuantConfig
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class Output:
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str                  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
-                                        # (this sequence failed alone: stats["error"] says why)
-    stats: dict = field(default_factory=dict)
 
 
 class LLM:
@@ -88,8 +77,8 @@ class LLM:
         self.budget = self._budget()            # lossy verification expert budget, or None
         self.drafter = self._drafter(dtype, device)
         self.dtype = str(self.model.dtype).removeprefix("torch.")
-        # batch size -> controller (draft length "auto"; with method "auto" the drafter too)
-        self._controllers: dict[int, SpecController | DrafterChooser] = {}
+        # batch size -> controller (draft length "auto"; with method "auto" the drafter too): batch.py
+        self.controllers: dict = {}
         if self.drafter is not None and self.spec.tree is not None:
             self.drafter.tree = list(self.spec.tree)     # static draft trees (spec_decode/tree.py)
 
@@ -143,7 +132,9 @@ class LLM:
             raise MoespecError(f"model folder {self.path} has no tokenizer, so it has no chat template")
         return self.tokenizer.encode_chat(messages)
 
-    def _sequences(self, prompts, params) -> list[Sequence]:
+    def sequences(self, prompts, params) -> list[Sequence]:
+        """Validated sequences to decode (a Batch's input): prompts as text or token ids, one SamplingParams for all
+        or one each; generation defaults applied, max_new_tokens cut at the context limit."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -167,63 +158,34 @@ class LLM:
                  on_text: Callable[[int, str], None] | None = None,
                  aborted: Callable[[int], bool] | None = None,
                  on_finish: Callable[[int, Output], None] | None = None,
-                 admit: Callable[[int], list[tuple[str | list[int], SamplingParams]]] | None = None,
                  release_finished: bool = False) -> list[Output]:
         """Generate for one prompt or a batch (text or token ids); one Output per prompt, in order.
 
         on_text(i, delta) is called with each piece of new text of prompt i as it decodes; aborted(i),
         asked before each step, ends prompt i early (finish_reason "abort") when it returns True;
         on_finish(i, output) is called as soon as prompt i ends (its stats are per sequence only: the batch
-        figures, speculation and expert counters, exist once the whole batch is done). admit(live_rows),
-        asked after every step, returns (prompt, SamplingParams) pairs that join the running batch
-        (continuous batching); they are numbered after the prompts given, and their Outputs follow.
-        release_finished (with on_finish): a finished sequence's tokens are dropped once on_finish has its Output,
-        so the Outputs returned at the end carry only its stats (a server whose batch never drains holds nothing
-        per finished request).
+        figures, speculation and expert counters, exist once the whole batch is done). release_finished (with
+        on_finish): a finished sequence's tokens are dropped once on_finish has its Output, so the Outputs returned
+        at the end carry only its stats. To add sequences while a batch decodes, step a `batch()` yourself.
         """
-        seqs = self._sequences(prompts, sampling_params)
-        if self.memory_plan is not None and len(seqs) > self.memory_plan.batch:
-            raise MoespecError(f"{len(seqs)} prompts at once, but the --memory plan left KV room for "
+        seqs = self.sequences(prompts, sampling_params)
+        batch = self.batch(len(seqs), on_text, aborted, on_finish, release=release_finished)
+        batch.add(seqs)
+        while batch.step():
+            pass
+        return batch.outputs()
+
+    def batch(self, size: int, on_text: Callable[[int, str], None] | None = None,
+              aborted: Callable[[int], bool] | None = None, on_finish: Callable[[int, Output], None] | None = None,
+              keep: bool = True, release: bool = False) -> Batch:
+        """A batch to step yourself (batch.py): add(self.sequences(...)), step() until False, adding sequences between
+        steps as they arrive (continuous batching), then outputs(). size: the rows it starts with (draft length
+        "auto" keeps one controller per batch size); keep / release: Batch's (a server keeps nothing of a finished
+        request beyond on_finish)."""
+        if self.memory_plan is not None and size > self.memory_plan.batch:
+            raise MoespecError(f"{size} prompts at once, but the --memory plan left KV room for "
                                f"{self.memory_plan.batch} (max_batch / --max-num-seqs / --batch-size)")
-        more = None
-        if admit is not None:
-            def more(n_live: int) -> list[Sequence]:
-                got = admit(n_live)
-                return self._sequences([p for p, _ in got], [sp for _, sp in got]) if got else []
-        before = self.expert_stats() if self.offload is not None else None
-        # "auto" draft length: one controller per batch size, kept across calls (step costs depend on the
-        # batch; what it learned about acceptance and costs carries over to the next request).
-        controller = None
-        if self.spec is not None and self.spec.adaptive:
-            if len(seqs) not in self._controllers:
-                kw = dict(k_max=self.spec.k_max, k_init=min(3, self.spec.k_max))
-                self._controllers[len(seqs)] = DrafterChooser(list(self.drafter.members), **kw) \
-                    if self.spec.method == "auto" else SpecController(**kw)
-            controller = self._controllers[len(seqs)]
-        done = None if on_finish is None else (lambda i: on_finish(i, self._early_output(seqs[i])))
-        timing = generate(self.model, seqs, on_text, self.drafter, self.spec.k_max if self.spec else 0,
-                          budget=self.budget, controller=controller, aborted=aborted, on_finish=done,
-                          admit=more, release=release_finished and on_finish is not None)
-        if controller is not None:
-            timing["spec"]["controller"] = controller.stats()
-        if before is not None:
-            after = self.expert_stats()
-            mid = timing.pop("prefill_experts")
-            timing["experts"] = {"expert_hits": after["hits"] - before["hits"],
-                                 "expert_misses": after["misses"] - before["misses"],
-                                 # decoding alone (a prefill touches most experts of every layer at once)
-                                 "decode_expert_hits": after["hits"] - mid["hits"],
-                                 "decode_expert_misses": after["misses"] - mid["misses"],
-                                 "expert_bytes_read": after["bytes_read"] - before["bytes_read"],
-                                 "stall_s": after["stall_s"] - before["stall_s"],
-                                 "cache_capacity": after["capacity"],
-                                 **{k: after[k] - before[k] for k in ("prefetch_issued", "prefetch_used",
-                                                                      "prefetch_wasted")}}
-            members = getattr(self.drafter, "members", {"": self.drafter})     # --spec auto: any member's
-            pf = next((m.prefetcher for m in members.values() if getattr(m, "prefetcher", None)), None)
-            if pf is not None:                       # cumulative since load, like expert_stats()
-                timing["experts"].update(pf.stats())
-        return [self._output(s, timing, len(seqs)) for s in seqs]
+        return Batch(self, size, on_text, aborted, on_finish, keep, release)
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one prompt as they decode (runs the loop in this thread)."""
@@ -263,62 +225,6 @@ class LLM:
     def close(self) -> None:
         """Stop the expert loader threads and close the offload file (no-op without offloading)."""
         self.model.experts.close()
-
-    def _early_output(self, s: Sequence, stats: dict | None = None) -> Output:
-        """The sequence's output; stats default to what is known before the batch ends."""
-        if stats is None:
-            stats = {"prompt_tokens": len(s.prompt_ids), "new_tokens": len(s.token_ids), **self._lossy()}
-        if s.error is not None:
-            stats = {**stats, "error": s.error}
-        return Output(s.text if s.detok is not None else "", list(s.token_ids), list(s.prompt_ids),
-                      s.finish_reason or "length", stats)
-
-    def _lossy(self) -> dict:
-        """lossy: outputs may differ from plain decoding of the checkpoint, and why: a verify budget (outputs differ
-        from plain decoding) or quantized weights (plain decoding itself differs from the checkpoint's; speculation
-        still equals plain decoding of the quantized model)."""
-        why = (["verify_budget"] if self.budget is not None else []) + ([self.quant.tag] if self.quant else [])
-        return {"lossy": bool(why), "lossy_reasons": why, "dtype": self.dtype,
-                "quantize": self.quant.tag if self.quant else "none"}
-
-    def _output(self, s: Sequence, timing: dict, batch: int) -> Output:
-        n_prompt, n = s.released or (len(s.prompt_ids), len(s.token_ids))
-        ttft = s.t_first - timing["t0"]
-        decode = s.t_last - s.t_first
-        stats = {"prompt_tokens": n_prompt, "new_tokens": n, "ttft_s": ttft, "decode_s": decode,
-                 "tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else 0.0,
-                 "tpot_s": decode / (n - 1) if n > 1 else 0.0, "batch_size": batch}
-        stats.update(timing.get("experts", {}))     # per generate call (the whole batch), when offloading
-        stats.update(self._lossy())
-        if self.memory_plan is not None:
-            stats["memory_plan"] = self.memory_plan.describe()
-        if self.budget is not None:
-            stats.update({k: v for k, v in (("verify_budget", self.spec.verify_budget),
-                                            ("verify_budget_mass", self.spec.verify_budget_mass)) if v is not None})
-            stats.update({"budget_mode": self.spec.budget_mode, "budget_decay": self.spec.budget_decay})
-        spec = timing.get("spec")
-        if spec is not None:                         # per generate call (the whole batch)
-            stats.update({"draft_steps": spec["steps"], "draft_tokens": spec["drafted"],
-                          "draft_s": spec["draft_s"], "verify_s": spec["verify_s"],
-                          "verify_tokens": spec["verify_tokens"], "row_steps": spec["row_steps"],
-                          "accepted_tokens": spec["accepted"],
-                          "acceptance_rate": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
-                          "mean_accepted_len": (spec["accepted"] + spec["row_steps"]) / spec["row_steps"]
-                          if spec["row_steps"] else 0.0,
-                          "accepted_per_position": [spec["accepted_per_pos"].get(i, 0)
-                                                    for i in range(self.spec.k_max)],
-                          "draft_len": self.spec.num_speculative_tokens,
-                          "draft_kv": ("shared" if getattr(self.drafter, "batched", False) else "own")
-                          if self.spec.method == "self" else None,
-                          "draft_experts": getattr(self.drafter, "kind", None) if self.spec.method == "self" else None,
-                          "distinct_experts_per_verify": spec["verify_experts"] / spec["verify_layers"]
-                          if spec["verify_layers"] else 0.0,
-                          "verify_experts": spec["verify_experts"], "verify_layers": spec["verify_layers"]})
-            if self.spec.tree is not None:           # tree drafts: draft_tokens counts depths, draft_nodes nodes
-                stats.update({"tree": list(self.spec.tree), "draft_nodes": spec["draft_nodes"]})
-            if "controller" in spec:                 # draft length "auto": what the controller saw and chose
-                stats.update({"plain_steps": spec["plain_steps"], "controller": spec["controller"]})
-        return self._early_output(s, stats)
 
 
 def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) -> OffloadConfig | None:

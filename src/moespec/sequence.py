@@ -73,7 +73,7 @@ def room_left(seq: Sequence, slack: int) -> int:
 
 def draft_slack(drafter, draft_len: int) -> int:
     """KV slots a verification writes past a row's pending token: the draft (a static tree: all its nodes)."""
-    tree = getattr(drafter, "tree", None)
+    tree = drafter.tree if drafter is not None else None
     return max(draft_len, shape_nodes(tree)) if tree else draft_len
 
 

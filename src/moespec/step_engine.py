@@ -6,15 +6,16 @@ token (emitted, not yet in the KV). `step()` runs one iteration:
   1. join: sequences added since the last step are prefilled on their own and their KV rows appended (the first
      join is the batch's prefill);
   2. emit: each row's new tokens go to its sequence (text, stop strings, finish reason; on_text);
-  3. leave: finished rows leave the batch (on_finish; their KV room is given back);
-  4. admit: the `admit` hook may add sequences, which join at the next step (continuous batching);
-  5. decode: one plain step (a token per live row) or one speculative step (spec_decode/step.py); a controller
+  3. leave: finished rows leave the batch and the engine (on_finish; their KV room is given back);
+  4. decode: one plain step (a token per live row) or one speculative step (spec_decode/step.py); a controller
      (perf/controller.py) picks the draft length, and the drafter with --spec auto.
-It returns False once no row is live and none waits. `generate()` (generate.py) is the loop over it.
+It returns False once no row is live and none waits. Its caller may `add` sequences between steps, which join at
+the next one (continuous batching: batch.py; the server's engine thread). `generate()` (generate.py) is the loop.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -23,28 +24,27 @@ from .kv_cache import KVCache
 from .models.decoder import DecoderLM
 from .sampling import make_generator, sample
 from .sequence import Sequence, draft_slack, kv_capacity, room_left
+from .spec_decode.stats import SpecStats
 from .spec_decode.step import speculative_step
 
 
 class StepEngine:
     """drafter / draft_len: speculation (draft_len tokens per step, or what `controller` picks); budget: a
     VerifyBudget (lossy). Hooks, all optional: on_text(i, delta), aborted(i) (asked before each step: True ends
-    sequence i with finish_reason "abort"), on_finish(i) (as soon as sequence i has ended), admit(live_rows) ->
-    sequences joining at the next step. release: once on_finish(i) has seen it, a sequence drops its tokens, text
-    and generator (a server whose batch never drains then holds nothing per finished request). seqs: the (empty)
-    list the sequences are kept in as they join, seqs[i] being sequence i (default a new one)."""
+    sequence i with finish_reason "abort"), on_finish(i, seq) (as soon as sequence i has ended). Sequences are
+    numbered as they are added; a finished one leaves the engine once on_finish has seen it (a server whose batch
+    never drains holds nothing per finished request): callers that want them keep their own references."""
 
     def __init__(self, model: DecoderLM, drafter=None, draft_len: int = 0, budget=None, controller=None,
                  on_text: Callable[[int, str], None] | None = None, aborted: Callable[[int], bool] | None = None,
-                 on_finish: Callable[[int], None] | None = None,
-                 admit: Callable[[int], list[Sequence]] | None = None, release: bool = False,
-                 seqs: list[Sequence] | None = None):
+                 on_finish: Callable[[int, Sequence], None] | None = None):
         self.model, self.drafter, self.draft_len, self.budget, self.controller = \
             model, drafter, draft_len, budget, controller
-        self.on_text, self.aborted, self.on_finish, self.admit, self.release = on_text, aborted, on_finish, admit, release
+        self.on_text, self.aborted, self.on_finish = on_text, aborted, on_finish
         self.slack = draft_slack(drafter, draft_len)
-        self.seqs: list[Sequence] = [] if seqs is None else seqs
-        self.gens: list = []
+        self.seqs: dict[int, Sequence] = {}            # the sequences not finished yet, by number
+        self.gens: dict[int, object] = {}              # their random generators
+        self.added = 0                                 # sequences numbered so far
         self.waiting: list[Sequence] = []
         self.live: list[int] = []
         self.kv: KVCache | None = None
@@ -54,12 +54,10 @@ class StepEngine:
         self.t0: float | None = None
         self.t_prefill = 0.0
         self.prefill_experts: dict | None = None       # expert counters at the end of the first prefill
-        self.spec = {"steps": 0, "row_steps": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.0,
-                     "accepted_per_pos": {}, "verify_experts": 0, "verify_layers": 0, "plain_steps": 0,
-                     "draft_nodes": 0, "verify_tokens": 0}
+        self.spec = SpecStats()
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Sequences that join the batch at the next step (numbered after those already in it, in this order)."""
+        """Sequences that join the batch at the next step (numbered after those added before, in this order)."""
         self.waiting.extend(seqs)
 
     def has_unfinished(self) -> bool:
@@ -71,10 +69,8 @@ class StepEngine:
             self._join()
         self._emit()
         self._leave()
-        if self.admit is not None:
-            self.add(self.admit(len(self.live)))
-        if not self.live:                      # the batch ran dry: newcomers, if any, start it over
-            return bool(self.waiting)
+        if not self.live:                      # the batch ran dry: sequences added now start it over
+            return False
         self._decode()
         self.steps += 1
         return True
@@ -87,12 +83,14 @@ class StepEngine:
 
     # -- the phases of a step ---------------------------------------------------------------------------------
     def _join(self) -> None:
-        first, added, self.waiting = len(self.seqs), self.waiting, []
+        first, added, self.waiting = self.added, self.waiting, []
         start = time.perf_counter()
         self.t0 = self.t0 or start
-        self.seqs.extend(added)
-        self.gens.extend(make_generator(s.params.seed) for s in added)
-        kv, nxt = _prefill(self.model, added, self.gens[first:], self.slack)
+        ids = range(first, first + len(added))
+        self.added += len(added)
+        for i, s in zip(ids, added):
+            self.seqs[i], self.gens[i] = s, make_generator(s.params.seed)
+        kv, nxt = _prefill(self.model, added, [self.gens[i] for i in ids], self.slack)
         if self.live:
             self.kv, self.nxt = self.kv.append_rows(kv), torch.cat([self.nxt, nxt])
         else:
@@ -100,7 +98,7 @@ class StepEngine:
         if self.prefill_experts is None:       # the batch's own prefill: decode-only counts start here
             self.t_prefill = time.perf_counter() - start
             self.prefill_experts = self.model.experts.stats()
-        self.live += range(first, len(self.seqs))
+        self.live += ids
         self.new += [[t] for t in nxt.tolist()]
 
     def _emit(self) -> None:
@@ -129,10 +127,8 @@ class StepEngine:
                 if self.drafter is not None:
                     self.drafter.forget(i)
                 if self.on_finish is not None:
-                    self.on_finish(i)
-                if self.release:
-                    self.seqs[i].release()
-                    self.gens[i] = None
+                    self.on_finish(i, self.seqs[i])
+                del self.seqs[i], self.gens[i]
         self.live = [self.live[r] for r in keep]
         if keep:
             self.kv.select_rows(keep, max(self.kv.lens[r] + room_left(self.seqs[i], self.slack)
@@ -146,16 +142,16 @@ class StepEngine:
             name, k = ctl.next_step()
             d = self.drafter.members[name] if name is not None else self.drafter
         t_step = time.perf_counter()
-        before = (spec["draft_s"], spec["verify_s"], spec["accepted"], spec["verify_tokens"])
+        before = replace(spec)
         params, gens = [seqs[i].params for i in live], [self.gens[i] for i in live]
         if k > 0:
             self.new, self.nxt = speculative_step(
                 self.model, self.kv, live, [seqs[i].prompt_ids + seqs[i].token_ids for i in live], self.nxt, params,
                 gens, d, k, spec, budget=self.budget, prompt_lens=[len(seqs[i].prompt_ids) for i in live])
             if ctl is not None:
-                ctl.record_spec(k, spec["draft_s"] - before[0], spec["verify_s"] - before[1],
-                                spec["accepted"] - before[2], rows=len(live), lens=[len(x) - 1 for x in self.new],
-                                width=(spec["verify_tokens"] - before[3]) // len(live))
+                ctl.record_spec(k, spec.draft_s - before.draft_s, spec.verify_s - before.verify_s,
+                                spec.accepted - before.accepted, rows=len(live), lens=[len(x) - 1 for x in self.new],
+                                width=(spec.verify_tokens - before.verify_tokens) // len(live))
             return
         logits = self.model.forward(self.nxt[:, None], self.kv).logits[:, 0]
         self.kv.advance(1)
@@ -166,7 +162,7 @@ class StepEngine:
         self.new = [[t] for t in self.nxt.tolist()]
         if ctl is not None:
             ctl.record_plain(time.perf_counter() - t_step, rows=len(live))
-            spec["plain_steps"] += 1
+            spec.plain_steps += 1
 
 
 def _prefill(model: DecoderLM, seqs: list[Sequence], gens: list, slack: int) -> tuple[KVCache, torch.Tensor]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import random
 
-from ..spec_decode.drafters import Draft
+from ..spec_decode.drafters import Draft, Drafter
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     def __init__(self, reference: dict[tuple[int, ...], list[int]], acceptance: float, vocab: int, seed: int = 0):
         """reference: prompt ids (as a tuple) -> its plain greedy output ids."""
         self.reference, self.acceptance, self.vocab = reference, acceptance, vocab

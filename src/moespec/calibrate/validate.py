@@ -140,15 +140,16 @@ def _draft_cost(llm, desc, profile, rows: float, per_row_drafts: float, context:
     for every row; the others draft row by row, one forward per token."""
     from ..perf.model import ModelDesc
     from ..perf.spec import Drafter
+    from ..spec_decode.drafters import DraftModelDrafter
     d = llm.drafter
-    if getattr(d, "batched", False):
+    if d.batched:
         if d.shadow is not None:
             bits = 8 * d.shadow.expert_bytes() / (3 * llm.config.hidden_size * llm.config.moe_intermediate_size)
             drafter = Drafter("shadow", 0.0, bits=bits)
         else:
             drafter = Drafter("self", 0.0, draft_experts=float(d.n))
         return per_row_drafts * drafter.draft_time(desc, profile, max(1, round(rows)), context)
-    if hasattr(d, "model") and hasattr(d.model, "cfg"):            # a draft model
+    if isinstance(d, DraftModelDrafter):                           # a draft model
         draft = ModelDesc.from_file(llm.spec.model, name="draft", dtype_bytes=4.0)
         return rows * per_row_drafts * Drafter("draft_model", 0.0, model=draft).draft_time(desc, profile, 1, context)
     return rows * per_row_drafts * Drafter("ngram", 0.0).draft_time(desc, profile, 1, context)

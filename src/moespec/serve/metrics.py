@@ -7,10 +7,13 @@ seconds), and distinct experts per verification layer is kept as two counters wh
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..spec_decode.stats import SpecStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -56,17 +59,19 @@ class ServerMetrics:
         self._generated.inc(len(out.token_ids))
         self._e2e.observe(latency_s)
 
-    def batch_done(self, stats: dict) -> None:
-        """Speculation counters of one generate call (they are per batch, shared by its outputs)."""
-        if "draft_steps" not in stats:
-            return
-        self._drafts.inc(stats["row_steps"])
-        self._draft_tokens.inc(stats["draft_tokens"])
-        self._accepted.inc(stats["accepted_tokens"])
-        for pos, n in enumerate(stats["accepted_per_position"]):
-            self._per_pos.labels(position=str(pos), **self._lab).inc(n)
-        self._verify_experts.inc(stats.get("verify_experts", 0))
-        self._verify_layers.inc(stats.get("verify_layers", 0))
+    def speculation(self, spec: SpecStats, seen: SpecStats) -> SpecStats:
+        """Adds the speculation counters a batch gained since `seen` (what the last call returned): a server's batch
+        may never end, so they are reported as it goes. Returns the new `seen`."""
+        if spec.row_steps != seen.row_steps:
+            self._drafts.inc(spec.row_steps - seen.row_steps)
+            self._draft_tokens.inc(spec.drafted - seen.drafted)
+            self._accepted.inc(spec.accepted - seen.accepted)
+            for pos, n in spec.accepted_per_pos.items():
+                if n != seen.accepted_per_pos.get(pos, 0):
+                    self._per_pos.labels(position=str(pos), **self._lab).inc(n - seen.accepted_per_pos.get(pos, 0))
+            self._verify_experts.inc(spec.verify_experts - seen.verify_experts)
+            self._verify_layers.inc(spec.verify_layers - seen.verify_layers)
+        return replace(spec, accepted_per_pos=dict(spec.accepted_per_pos))
 
 
 class _ExpertCollector:

@@ -1,8 +1,8 @@
 """The engine thread of `moespec serve`: requests queue up and join the running batch between steps.
 
 One thread owns the model (the KV cache, expert cache and drafter state are not shared between threads).
-It decodes one batch at a time; after every step, requests waiting in the queue join it (continuous
-batching: `LLM.generate(..., admit=...)`) as long as the batch has fewer than max_num_seqs sequences.
+It steps one batch at a time (batch.py); after every step, requests waiting in the queue join it (continuous
+batching) as long as the batch has fewer than max_num_seqs sequences.
 Events go back to each request's asyncio queue through its event loop: ("text", choice, delta),
 ("finish", choice, Output), ("error", status, message).
 """
@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 
 from ..engine import LLM, Output
 from ..errors import MoespecError
+from ..spec_decode.stats import SpecStats
+from ..heap import release_free_memory
 from ..sampling import SamplingParams
 from .metrics import ServerMetrics
+
+
+TRIM_EVERY_S = 1.0          # a trim costs 1-5 ms: at most ~0.5% of a decoding batch's time
 
 
 class Overloaded(Exception):
@@ -48,7 +53,7 @@ class Job:
 
 
 class EngineWorker(threading.Thread):
-    """Runs `llm.generate` over the waiting jobs, admitting more while it decodes, at most max_num_seqs
+    """Steps a batch of the waiting jobs (LLM.batch), admitting more while it decodes, at most max_num_seqs
     sequences at once (a job larger than that runs when the batch is empty)."""
 
     def __init__(self, llm: LLM, metrics: ServerMetrics, max_num_seqs: int = 16, max_waiting: int = 64,
@@ -63,8 +68,18 @@ class EngineWorker(threading.Thread):
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self._held: Job | None = None          # a job that did not fit the batch: first to join next
         self._stopping = False
-        self._running: list[Job] = []          # the jobs of the batch decoding now (shutdown cancels them)
+        self._running: dict[int, list] = {}    # the jobs of the batch decoding now -> [job, choices left]
         self.last_error: tuple[float, str] | None = None    # (monotonic time, why) of the last failed batch
+        self._trimmed = 0.0                    # monotonic time the heap was last trimmed
+
+    def trim_heap(self, force: bool = False) -> None:
+        """Return the heap's free pages to the OS, at most once a TRIM_EVERY_S while a batch decodes. Batches of
+        ever-changing shapes leave freed blocks between live ones that glibc keeps: a bf16 server's RSS grew 20% over
+        a few hundred requests without this, and stays within a few percent with it (docs/serving.md)."""
+        now = time.monotonic()
+        if force or now - self._trimmed >= TRIM_EVERY_S:
+            release_free_memory()
+            self._trimmed = time.monotonic()
 
     def job_tokens(self, job: Job) -> int:
         """KV slots per row the job's sequences need (LLM.kv_row_tokens; the batch sizes rows alike), computed once:
@@ -100,7 +115,7 @@ class EngineWorker(threading.Thread):
         if self.is_alive():
             self.join(timeout_s)
         if self.is_alive():
-            for job in list(self._running) + list(self.queue.queue) + [self._held]:
+            for job in [j for j, _ in list(self._running.values())] + list(self.queue.queue) + [self._held]:
                 if job is not None:
                     job.cancelled = True
             self.join(10.0)
@@ -141,25 +156,28 @@ class EngineWorker(threading.Thread):
         self.metrics.waiting.set(self.queue.qsize() + (self._held is not None))
         return jobs
 
-    def run_batch(self, jobs: list[Job]) -> None:
-        rows = [(job, c) for job in jobs for c in range(len(job.prompts))]    # sequence i -> (job, choice)
-        m = self.metrics
-        running = self._running = list(jobs)       # every job of this batch (errors reach them all)
-        left = {id(job): len(job.prompts) for job in jobs}      # choices still decoding, per job
-        m.running.set(len(left))
+    def _sequences(self, jobs: list[Job]) -> list:
+        return self.llm.sequences([p for job in jobs for p in job.prompts], [sp for job in jobs for sp in job.params])
 
-        def admit(n_live: int) -> list[tuple]:
-            if self.queue.empty() and self._held is None:     # the common case, asked after every step
-                return []
-            # The rows of finished jobs have left (and the engine shrinks the KV to the rows still decoding).
-            self._cap = max((self.job_tokens(j) for j in running if id(j) in left), default=0)
-            more = self._take(self.max_num_seqs - n_live, live=n_live)
-            running.extend(more)
-            left.update((id(job), len(job.prompts)) for job in more)
-            m.running.set(len(left))
-            got = [(job, c) for job in more for c in range(len(job.prompts))]
-            rows.extend(got)
-            return [(job.prompts[c], job.params[c]) for job, c in got]
+    def _admit(self, n_live: int, left: dict[int, list]) -> list[Job]:
+        """Waiting jobs that join the batch (n_live rows decoding) at its next step; asked after every step."""
+        if self.queue.empty() and self._held is None:     # the common case
+            return []
+        # The rows of finished jobs have left (and the engine shrinks the KV to the rows still decoding).
+        self._cap = max((self.job_tokens(job) for job, _ in left.values()), default=0)
+        more = self._take(self.max_num_seqs - n_live, live=n_live)
+        left.update((id(job), [job, len(job.prompts)]) for job in more)
+        self.metrics.running.set(len(left))
+        return more
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        rows: dict[int, tuple[Job, int]] = {}          # sequence i -> (job, choice), while it decodes
+        m = self.metrics
+        # The jobs still decoding -> [job, choices left] (errors reach them; shutdown cancels them). Nothing of a
+        # finished request stays: a batch may never drain while requests keep coming.
+        left = self._running = {id(job): [job, len(job.prompts)] for job in jobs}
+        m.running.set(len(left))
+        seen = SpecStats()
 
         def on_text(i: int, delta: str) -> None:
             job, c = rows[i]
@@ -172,30 +190,46 @@ class EngineWorker(threading.Thread):
             job.emit("text", c, delta)
 
         def on_finish(i: int, out: Output) -> None:
-            job, c = rows[i]
+            nonlocal seen
+            job, c = rows.pop(i)
             if out.finish_reason != "abort":
                 m.finished(out, time.perf_counter() - job.t_arrival)
-            left[id(job)] -= 1
-            if not left[id(job)]:
+            left[id(job)][1] -= 1
+            if not left[id(job)][1]:
                 del left[id(job)]
                 m.running.set(len(left))
-            rows[i] = None                          # nothing of a finished request stays with the batch
+                seen = m.speculation(batch.spec, seen)
+                self.trim_heap()
             if out.finish_reason == "error":        # this request failed alone; the batch decodes on
                 job.emit("error", 500, f"generation failed for this request: {out.stats.get('error')}")
             else:
                 job.emit("finish", c, out)
 
+        def number(new: list[Job]) -> None:
+            first = batch.engine.added + len(batch.engine.waiting)
+            for n, (job, c) in enumerate((job, c) for job in new for c in range(len(job.prompts))):
+                rows[first + n] = (job, c)
+            batch.add(self._sequences(new))
+
         try:
-            outs = self.llm.generate([job.prompts[c] for job, c in rows], [job.params[c] for job, c in rows],
-                                     on_text=on_text, aborted=lambda i: rows[i][0].cancelled, on_finish=on_finish,
-                                     admit=admit, release_finished=True)
-            m.batch_done(outs[0].stats)
+            batch = self.llm.batch(sum(len(j.prompts) for j in jobs), on_text, lambda i: rows[i][0].cancelled,
+                                   on_finish, keep=False)
+            number(jobs)
+            while True:
+                busy = batch.step()
+                more = self._admit(batch.live_rows, left)
+                if more:
+                    number(more)
+                elif not busy:
+                    break
+            m.speculation(batch.spec, seen)
         except Exception as e:       # the engine failed (a read error, say): the batch's requests learn it, the
             # server goes on and /health reports degraded for a while. Requests were validated before queueing,
             # so this is the server's failure, never the client's: a 5xx.
             why = str(e) if isinstance(e, MoespecError) else f"{type(e).__name__}: {e}"
             self.last_error = (time.monotonic(), why)
-            for job in running:
+            for job, _ in left.values():
                 job.emit("error", 500, f"the engine failed while decoding: {why}")
         finally:
             m.running.set(0)
+            self.trim_heap(force=True)

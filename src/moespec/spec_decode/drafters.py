@@ -23,8 +23,36 @@ class Draft:
     parents: list[int] | None = None
 
 
+class Drafter:
+    """What speculative_step (step.py) asks of a drafter, with defaults for the optional parts. A drafter either
+    proposes row by row (`propose`) or, with `batched`, for every row in one call on the target's KV
+    (`propose_batch`, self_shared.py)."""
+    batched = False                    # propose_batch once for all rows instead of propose per row
+    tree: list[int] | None = None      # a static draft tree shape (spec_decode/tree.py); None = chains
+    prefetcher = None                  # draft-guided prefetch (spec_decode/prefetch.py), told of every step
+    kind: str | None = None            # which experts a self draft computes (stats: draft_experts)
+
+    def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
+        raise NotImplementedError
+
+    def propose_batch(self, kv, pending: torch.Tensor, params: list[SamplingParams], gens: list, k: int
+                      ) -> list[Draft]:
+        raise NotImplementedError
+
+    def observe_verification(self, routing: list[torch.Tensor], keep: torch.Tensor) -> None:
+        """After each verification: the target's routing per MoE layer [N, K] and which of its N tokens were kept
+        (self drafting refreshes its expert set from it)."""
+
+    def forget(self, key) -> None:
+        """Sequence `key` has finished: drop what is kept for it."""
+
+    def parts(self) -> list[Drafter]:
+        """The drafters this one stands for (several under --spec auto)."""
+        return [self]
+
+
 @dataclass
-class NgramDrafter:
+class NgramDrafter(Drafter):
     """Prompt lookup: find an earlier occurrence of the context's last n tokens (n from n_max down to n_min)
     and propose the tokens that followed it: the latest occurrence followed by k tokens, else the one
     followed by the most. Free to draft; strong on code and on text that quotes its prompt.
@@ -95,7 +123,7 @@ class NgramDrafter:
 
 
 @dataclass
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     """A separate small model with the same tokenizer drafts k tokens autoregressively.
 
     Each sequence keeps its own draft KV cache; before drafting, the cache is rolled back to the longest

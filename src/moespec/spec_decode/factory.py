@@ -4,19 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MoespecError
-from .drafters import DraftModelDrafter, NgramDrafter, SelfDrafter
+from .drafters import DraftModelDrafter, Drafter, NgramDrafter, SelfDrafter
 from .prefetch import DraftPrefetch
 
 
 @dataclass
-class Drafters:
+class Drafters(Drafter):
     """Several drafters for `--spec auto`: the controller (perf/chooser.py) names the one each step uses."""
     members: dict
-    tree = None
 
     def forget(self, key) -> None:
         for d in self.members.values():
             d.forget(key)
+
+    def parts(self) -> list[Drafter]:
+        return list(self.members.values())
 
 
 def make_drafter(spec, model, path, offload, tokenizer, capacity: int, dtype: str, device: str):

@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 
 from ..sampling import SamplingParams, target_probs
-from .drafters import Draft
+from .drafters import Draft, Drafter
 
 
-class SharedSelfDrafter:
+class SharedSelfDrafter(Drafter):
     batched = True            # speculative_step calls propose_batch once for all rows
     tree = None               # chains only
 

@@ -7,12 +7,14 @@ import torch
 
 from ..models.decoder import ForwardPlan
 from ..sampling import SamplingParams, apply_penalties, target_probs
+from .drafters import Drafter
+from .stats import SpecStats
 from .tree import chain_parents, depths, pack
 from .verify import chain_accept, greedy_accept, tree_accept, tree_greedy_accept
 
 
 def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: torch.Tensor,
-                     params: list[SamplingParams], gens: list, drafter, k: int, stats: dict,
+                     params: list[SamplingParams], gens: list, drafter: Drafter, k: int, stats: SpecStats,
                      budget=None, prompt_lens: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """contexts[r]: row r's tokens so far (prompt + output, ending with pending[r], which is not in the KV yet);
     keys[r] names the sequence for drafters that keep per-sequence state.
@@ -29,11 +31,11 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     acceptance, same output). Stats count along depth:
     "drafted" adds each draft's depth, "accepted" the path length; "draft_nodes" adds its nodes.
     """
-    prefetch = getattr(drafter, "prefetcher", None)     # draft-guided prefetch (spec_decode/prefetch.py)
+    prefetch = drafter.prefetcher                      # draft-guided prefetch (spec_decode/prefetch.py)
     if prefetch is not None:
         prefetch.begin_step()
     t0 = time.perf_counter()
-    if getattr(drafter, "batched", False):          # every row in one draft forward per position (self_shared.py)
+    if drafter.batched:                             # every row in one draft forward per position (self_shared.py)
         proposals = drafter.propose_batch(kv, pending, params, gens, k)
     else:
         proposals = [drafter.propose(key, c, k, p, g) for key, c, p, g in zip(keys, contexts, params, gens)]
@@ -49,7 +51,6 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     # depth [R, width]: the pending token 0, a node its depth in its tree (a chain's j-th token: j),
     # padding past a short draft -1; vis [R, width, width]: each row's ancestor mask (trees only).
     vis, depth = pack(parents, width)
-    observe = getattr(drafter, "observe_verification", None)
     plan = ForwardPlan(record_routing=True)
     if budget is not None:     # lossy: hold each MoE layer to the verify budget (models/budget.py)
         # Padding (depth -1) is routed inside the kept set but does not vote for experts.
@@ -60,13 +61,13 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
     else:
         out = model.forward(tokens, kv, plan=plan)
     logits = out.logits                                            # [R, width, V]
-    stats["draft_s"] += t1 - t0
-    stats["verify_s"] += time.perf_counter() - t1
-    stats["verify_tokens"] = stats.get("verify_tokens", 0) + tokens.numel()   # rows x width, padding included
+    stats.draft_s += t1 - t0
+    stats.verify_s += time.perf_counter() - t1
+    stats.verify_tokens += tokens.numel()                 # rows x width, padding included
     # One verification forward reads each distinct expert once per layer (coalesced): count them.
     # (With a budget, out.kept counts what was computed; out.routing is what the router chose.)
-    stats["verify_experts"] += sum(out.kept) if out.kept else sum(int(torch.unique(ids).numel()) for ids in out.routing)
-    stats["verify_layers"] += len(out.routing)
+    stats.verify_experts += sum(out.kept) if out.kept else sum(int(torch.unique(ids).numel()) for ids in out.routing)
+    stats.verify_layers += len(out.routing)
     if prefetch is not None:
         prefetch.end_step(out.routing, t1 - t0)
     emitted, nxt, paths = [], [], []
@@ -88,11 +89,11 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
         emitted.append([d[i] for i in path] + [tok])
         nxt.append(tok)
         paths.append(path)
-        stats["drafted"] += max(depths(parents[r]), default=0)
-        stats["draft_nodes"] = stats.get("draft_nodes", 0) + len(d)
-        stats["accepted"] += len(path)
+        stats.drafted += max(depths(parents[r]), default=0)
+        stats.draft_nodes += len(d)
+        stats.accepted += len(path)
         for pos in range(len(path)):
-            stats["accepted_per_pos"][pos] = stats["accepted_per_pos"].get(pos, 0) + 1
+            stats.accepted_per_pos[pos] = stats.accepted_per_pos.get(pos, 0) + 1
     # Commit the pending token and the accepted path: a chain's is a prefix of what the forward wrote,
     # a tree's is compacted (its nodes are scattered among the written entries).
     keep = torch.zeros(len(drafts), width, dtype=torch.bool)
@@ -105,10 +106,9 @@ def speculative_step(model, kv, keys: list, contexts: list[list[int]], pending: 
             kv.keep(r, [base] + [base + 1 + i for i in path])
     else:
         kv.advance([1 + len(path) for path in paths])
-    if observe is not None:                # self-drafting: refresh the draft experts from what was verified
-        observe(out.routing, keep.reshape(-1))
-    stats["steps"] += 1
-    stats["row_steps"] += len(drafts)
+    drafter.observe_verification(out.routing, keep.reshape(-1))    # self drafting refreshes its experts
+    stats.steps += 1
+    stats.row_steps += len(drafts)
     return emitted, torch.tensor(nxt, dtype=torch.long)
 
 
