@@ -1,4 +1,4 @@
-"""The shape of the code: no import cycles between modules or between packages, no oversized source files.
+"""The shape of the code: no import cycles between modules or between packages, no oversized source files or functions.
 
 Every import counts, those inside functions too: an import deferred into a function to dodge a cycle is still a
 dependency that runs the wrong way."""
@@ -94,3 +94,11 @@ def test_no_import_cycles_between_packages():
 def test_no_source_file_is_over_400_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def test_no_function_is_over_60_lines():
+    """A function reads on one screen: longer ones are split where a step of theirs has a name."""
+    long = [f"{p.relative_to(SRC)}: {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in SRC.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert long == []

@@ -7,7 +7,7 @@ warm-up); one that does not is mixed up if it is closer to another request's rep
 by status, 5xx (must be 0), lost or mixed-up replies (must be 0), p50/p99 TTFT of the streams, output tokens/s, the
 server's RSS after warm-up and at the end, /health after.
 
-    python tools/load_serve.py [--users 64] [--duration 600] [--output docs/bench/load-serve.json]
+    python tools/load_serve.py [--users 64] [--duration 600] [--server-args "--dtype float32 ..."] [--output docs/bench/load-serve.json]
 """
 from __future__ import annotations
 

@@ -9,20 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import MoespecError
-
-# model_type -> (query/key norm kind, default norm_topk_prob); dense families have no experts.
-FAMILIES = {
-    "mixtral": ("none", True),
-    "qwen2_moe": ("none", False),
-    "qwen3_moe": ("head", False),
-    "olmoe": ("full", False),
-    "qwen3": ("head", False),
-    "qwen2": ("none", False),
-    "llama": ("none", False),
-}
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -70,89 +59,140 @@ class ModelConfig:
         mt = raw.get("model_type")
         if mt not in FAMILIES:
             raise MoespecError(f"unsupported model_type {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
-        qk_norm, default_norm = FAMILIES[mt]
-
-        def need(key, *alts, kind=int):
-            for k in (key, *alts):
-                if raw.get(k) is not None:
-                    v = raw[k]
-                    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                        raise MoespecError(f"config.json field {k}={v!r} must be a positive integer")
-                    return v
-            raise MoespecError(f"config.json ({mt}) is missing the field {key!r}")
-
-        def optional(key, default, kind=int):
-            """An optional field: absent or null is `default`; present, it must be a positive number of its kind."""
-            v = raw.get(key)
-            if v is None:
-                return default
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or
-                                                                                       isinstance(v, int))
-            if not ok:
-                raise MoespecError(f"config.json field {key}={v!r} must be a positive "
-                                   f"{'integer' if kind is int else 'number'}")
-            return v
-
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        layers = need("num_hidden_layers")
-        for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "intermediate_size",
-                    "moe_intermediate_size", "vocab_size"):
-            optional(key, None)
-        for key in ("rms_norm_eps", "rope_theta"):
-            optional(key, None, float)
-        if optional("max_position_embeddings", 4096) > 1 << 24:
-            raise MoespecError(f"config.json field max_position_embeddings={raw['max_position_embeddings']} is "
-                               "implausible (more than 16M positions)")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise MoespecError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        head_dim = raw.get("head_dim") or hidden // heads
-        if raw.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise MoespecError(f"config.json: hidden_act={raw.get('hidden_act')!r} is not supported (only silu)")
-        experts, top_k, moe_i, inter, shared_i = 0, 0, 0, raw.get("intermediate_size") or 0, 0
-        moe_layers = [False] * layers
-        if mt == "mixtral":
-            experts, top_k = need("num_local_experts"), need("num_experts_per_tok")
-            moe_i = need("intermediate_size")
-            moe_layers = [True] * layers
-        elif mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
-            experts, top_k = need("num_experts", "num_local_experts"), need("num_experts_per_tok")
-            moe_i = need("intermediate_size") if mt == "olmoe" else need("moe_intermediate_size")
-            if mt == "olmoe":
-                moe_layers = [True] * layers
-            else:
-                step = raw.get("decoder_sparse_step", 1) or 1
-                dense = set(raw.get("mlp_only_layers") or [])
-                moe_layers = [(i not in dense) and (i + 1) % step == 0 for i in range(layers)]
-                if not all(moe_layers):
-                    inter = need("intermediate_size")
-            if mt == "qwen2_moe":
-                shared_i = raw.get("shared_expert_intermediate_size") or 0
-        else:
-            inter = need("intermediate_size")
-        if experts and not 0 < top_k <= experts:
-            raise MoespecError(f"config.json: num_experts_per_tok={top_k} must be in [1, {experts}]")
+        fam, f = FAMILIES[mt], _Fields(raw, mt)
+        layers = f.need("num_hidden_layers")
+        moe = fam.experts(f, layers)
+        if moe.get("num_experts") and not 0 < moe["top_k"] <= moe["num_experts"]:
+            raise MoespecError(f"config.json: num_experts_per_tok={moe['top_k']} must be in [1, {moe['num_experts']}]")
+        moe.setdefault("intermediate_size", raw.get("intermediate_size") or 0)
         eos = raw.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-        if mt == "qwen2_moe" and raw.get("use_sliding_window"):
-            raise MoespecError("config.json: use_sliding_window=true is not supported for qwen2_moe yet")
         return ModelConfig(
-            model_type=mt, vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers,
-            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            model_type=mt, num_layers=layers, **_attention_fields(f), **moe,
+            vocab_size=f.need("vocab_size"), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=raw.get("max_position_embeddings") or 4096,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            rope=rope_params(raw),
-            qkv_bias=bool(raw.get("qkv_bias", True) if mt in ("qwen2_moe", "qwen2") else raw.get("attention_bias", False)),
-            o_bias=bool(raw.get("attention_bias", False)) if mt in ("llama", "qwen3", "qwen3_moe", "olmoe") else False,
-            qk_norm=qk_norm, clip_qkv=raw.get("clip_qkv"),
-            sliding_window=raw.get("sliding_window") if mt == "mixtral" else None,
-            num_experts=experts, top_k=top_k, moe_intermediate_size=moe_i,
-            norm_topk_prob=True if mt == "mixtral" else bool(raw.get("norm_topk_prob", default_norm)),
-            intermediate_size=inter, shared_expert_intermediate_size=shared_i,
-            moe_layers=tuple(moe_layers), hidden_act="silu", eos_token_id=eos,
-            bos_token_id=raw.get("bos_token_id"),
-        )
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), rope=rope_params(raw),
+            qkv_bias=fam.qkv_bias(raw), o_bias=fam.o_bias(raw), qk_norm=fam.qk_norm, clip_qkv=raw.get("clip_qkv"),
+            sliding_window=raw.get("sliding_window") if fam.sliding_window else None,
+            hidden_act="silu", eos_token_id=eos, bos_token_id=raw.get("bos_token_id"))
+
+
+class _Fields:
+    """config.json's fields, read with checks that name the field."""
+
+    def __init__(self, raw: dict, mt: str):
+        self.raw, self.mt = raw, mt
+
+    def need(self, key: str, *alts: str):
+        """A required positive integer (the first of key, *alts present)."""
+        for k in (key, *alts):
+            if self.raw.get(k) is not None:
+                v = self.raw[k]
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise MoespecError(f"config.json field {k}={v!r} must be a positive integer")
+                return v
+        raise MoespecError(f"config.json ({self.mt}) is missing the field {key!r}")
+
+    def optional(self, key: str, default, kind=int):
+        """An optional field: absent or null is `default`; present, it must be a positive number of its kind."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or
+                                                                                      isinstance(v, int))):
+            raise MoespecError(f"config.json field {key}={v!r} must be a positive "
+                               f"{'integer' if kind is int else 'number'}")
+        return v
+
+
+def _attention_fields(f: _Fields) -> dict:
+    """Sizes every family shares (hidden size, heads, head dim), checked; and the checks of optional sizes."""
+    raw = f.raw
+    hidden, heads = f.need("hidden_size"), f.need("num_attention_heads")
+    for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "intermediate_size",
+                "moe_intermediate_size", "vocab_size"):
+        f.optional(key, None)
+    for key in ("rms_norm_eps", "rope_theta"):
+        f.optional(key, None, float)
+    if f.optional("max_position_embeddings", 4096) > 1 << 24:
+        raise MoespecError(f"config.json field max_position_embeddings={raw['max_position_embeddings']} is "
+                           "implausible (more than 16M positions)")
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise MoespecError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise MoespecError(f"config.json: hidden_act={raw.get('hidden_act')!r} is not supported (only silu)")
+    return {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv_heads,
+            "head_dim": raw.get("head_dim") or hidden // heads}
+
+
+# -- families: how each model_type's config.json maps onto ModelConfig -------------------------------------------------
+def _dense(f: _Fields, layers: int) -> dict:
+    return {"intermediate_size": f.need("intermediate_size"), "moe_layers": (False,) * layers}
+
+
+def _mixtral(f: _Fields, layers: int) -> dict:
+    return {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok"),
+            "moe_intermediate_size": f.need("intermediate_size"), "norm_topk_prob": True,
+            "moe_layers": (True,) * layers}
+
+
+def _olmoe(f: _Fields, layers: int) -> dict:
+    return {"num_experts": f.need("num_experts", "num_local_experts"), "top_k": f.need("num_experts_per_tok"),
+            "moe_intermediate_size": f.need("intermediate_size"),
+            "norm_topk_prob": bool(f.raw.get("norm_topk_prob", False)), "moe_layers": (True,) * layers}
+
+
+def _qwen_moe(f: _Fields, layers: int) -> dict:
+    """Qwen2-MoE / Qwen3-MoE: MoE every decoder_sparse_step layers but those in mlp_only_layers (dense)."""
+    raw = f.raw
+    step = raw.get("decoder_sparse_step", 1) or 1
+    dense = set(raw.get("mlp_only_layers") or [])
+    moe_layers = tuple((i not in dense) and (i + 1) % step == 0 for i in range(layers))
+    out = {"num_experts": f.need("num_experts", "num_local_experts"), "top_k": f.need("num_experts_per_tok"),
+           "moe_intermediate_size": f.need("moe_intermediate_size"),
+           "norm_topk_prob": bool(raw.get("norm_topk_prob", False)), "moe_layers": moe_layers}
+    if not all(moe_layers):
+        out["intermediate_size"] = f.need("intermediate_size")
+    if f.mt == "qwen2_moe":
+        if raw.get("use_sliding_window"):
+            raise MoespecError("config.json: use_sliding_window=true is not supported for qwen2_moe yet")
+        out["shared_expert_intermediate_size"] = raw.get("shared_expert_intermediate_size") or 0
+    return out
+
+
+def _attention_bias(raw: dict) -> bool:
+    return bool(raw.get("attention_bias", False))
+
+
+def _qwen2_bias(raw: dict) -> bool:
+    return bool(raw.get("qkv_bias", True))
+
+
+def _no_bias(raw: dict) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model_type: its MoE fields (experts(fields, layers) -> ModelConfig fields; a dense family has none),
+    its q/k norm kind and biases. The forward and the loader read only ModelConfig."""
+    experts: Callable[[_Fields, int], dict]
+    qk_norm: str = "none"
+    qkv_bias: Callable[[dict], bool] = _attention_bias
+    o_bias: Callable[[dict], bool] = _attention_bias
+    sliding_window: bool = False
+
+
+FAMILIES = {
+    "mixtral": Family(_mixtral, o_bias=_no_bias, sliding_window=True),
+    "qwen2_moe": Family(_qwen_moe, qkv_bias=_qwen2_bias, o_bias=_no_bias),
+    "qwen3_moe": Family(_qwen_moe, qk_norm="head"),
+    "olmoe": Family(_olmoe, qk_norm="full"),
+    "qwen3": Family(_dense, qk_norm="head"),
+    "qwen2": Family(_dense, qkv_bias=_qwen2_bias, o_bias=_no_bias),
+    "llama": Family(_dense),
+}
 
 
 def read_config_json(p: Path) -> dict:

@@ -194,22 +194,7 @@ def spec_config(a):
         raise MoespecError("--draft-model is the draft of --spec draft_model (or auto): add it, or give the model in "
                            "--speculative-config")
     if a.speculative_config:
-        given = [flag for flag, v in (("--spec", None if a.spec == "none" else a.spec), ("--draft-len", a.draft_len),
-                                      ("--draft-experts", a.draft_experts), ("--draft-kv", a.draft_kv),
-                                      ("--draft-refresh", a.draft_refresh), ("--draft-profile", a.draft_profile),
-                                      ("--draft-pin", a.draft_pin or None), ("--draft-top-k", a.draft_top_k),
-                                      ("--draft-layers", a.draft_layers), ("--draft-routing", a.draft_routing))
-                 if v is not None]
-        if given:
-            raise MoespecError(f"{', '.join(given)} and --speculative-config both describe speculation: put "
-                               "everything in the JSON (its fields: method, num_speculative_tokens, draft_experts, ...)")
-        try:
-            d = json.loads(a.speculative_config)
-        except json.JSONDecodeError as e:
-            raise MoespecError(f"--speculative-config is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise MoespecError("--speculative-config must be a JSON object")
-        cfg = SpecConfig.from_dict({**d, **budget, **({"tree": tree} if tree is not None else {})})
+        cfg = _spec_json(a, budget, tree)
     elif a.spec == "none":
         if a.draft_len is not None:
             raise MoespecError("--draft-len needs a drafter: add --spec ngram")
@@ -239,3 +224,24 @@ def spec_config(a):
     if cfg.budget() is not None:
         print(LOSSY_NOTE, file=sys.stderr)
     return cfg
+
+
+def _spec_json(a, budget: dict, tree):
+    """The SpecConfig of --speculative-config (no other speculation flag may be given with it but the budget's)."""
+    from .spec_config import SpecConfig
+    given = [flag for flag, v in (("--spec", None if a.spec == "none" else a.spec), ("--draft-len", a.draft_len),
+                                  ("--draft-experts", a.draft_experts), ("--draft-kv", a.draft_kv),
+                                  ("--draft-refresh", a.draft_refresh), ("--draft-profile", a.draft_profile),
+                                  ("--draft-pin", a.draft_pin or None), ("--draft-top-k", a.draft_top_k),
+                                  ("--draft-layers", a.draft_layers), ("--draft-routing", a.draft_routing))
+             if v is not None]
+    if given:
+        raise MoespecError(f"{', '.join(given)} and --speculative-config both describe speculation: put "
+                           "everything in the JSON (its fields: method, num_speculative_tokens, draft_experts, ...)")
+    try:
+        d = json.loads(a.speculative_config)
+    except json.JSONDecodeError as e:
+        raise MoespecError(f"--speculative-config is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise MoespecError("--speculative-config must be a JSON object")
+    return SpecConfig.from_dict({**d, **budget, **({"tree": tree} if tree is not None else {})})

@@ -94,26 +94,7 @@ class SpecConfig:
             if v is not None and not (name == "draft_experts" and isinstance(v, str)) and \
                     (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise MoespecError(f"{name}={v!r} must be a positive integer")
-        if self.draft_kv not in ("auto", "shared", "own"):
-            raise MoespecError(f"draft_kv={self.draft_kv!r} is not one of: auto, shared, own")
-        if self.draft_kv != "auto" and self.method != "self":
-            raise MoespecError("draft_kv chooses the self drafter's KV cache: it needs method 'self' (--spec self)")
-        if self.shadow is not None and self.method not in ("self", "auto"):
-            raise MoespecError("shadow draft experts are the self drafter's: they need method 'self' (--spec self)")
-        if self.draft_refresh not in DRAFT_REFRESH:
-            raise MoespecError(f"draft_refresh={self.draft_refresh!r} is not one of: {', '.join(DRAFT_REFRESH)}")
-        if (self.draft_refresh == "hot-global") != (self.draft_profile is not None):
-            raise MoespecError("draft_refresh 'hot-global' ranks experts by a routing profile: give draft_profile "
-                               "(--draft-profile, from `moespec profile`)" if self.draft_profile is None else
-                               "draft_profile is what draft_refresh 'hot-global' ranks experts by: add it")
-        if (self.draft_refresh != "hot-temporal" or self.draft_pin) and (self.method != "self" or self.shadow):
-            raise MoespecError("draft_refresh and draft_pin choose the self drafter's cached draft experts: they need "
-                               "method 'self' without shadow experts")
-        if self.draft_routing not in ("substitute", "reroute"):
-            raise MoespecError(f"draft_routing={self.draft_routing!r} is not one of: substitute, reroute")
-        if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":
-            raise MoespecError("draft_top_k, draft_layers and draft_routing shape the self drafter's forward: they "
-                               "need method 'self' (--spec self)")
+        self._validate_self_drafter()
         k = self.num_speculative_tokens
         if self.method == "auto":
             # The drafter is chosen per step from measurements (perf/chooser.py); its k too.
@@ -147,6 +128,29 @@ class SpecConfig:
                                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         self._validate_budget()
         return self
+
+    def _validate_self_drafter(self) -> None:
+        """The options that shape the self drafter need it (method self), and take one of their values."""
+        if self.draft_kv not in ("auto", "shared", "own"):
+            raise MoespecError(f"draft_kv={self.draft_kv!r} is not one of: auto, shared, own")
+        if self.draft_kv != "auto" and self.method != "self":
+            raise MoespecError("draft_kv chooses the self drafter's KV cache: it needs method 'self' (--spec self)")
+        if self.shadow is not None and self.method not in ("self", "auto"):
+            raise MoespecError("shadow draft experts are the self drafter's: they need method 'self' (--spec self)")
+        if self.draft_refresh not in DRAFT_REFRESH:
+            raise MoespecError(f"draft_refresh={self.draft_refresh!r} is not one of: {', '.join(DRAFT_REFRESH)}")
+        if (self.draft_refresh == "hot-global") != (self.draft_profile is not None):
+            raise MoespecError("draft_refresh 'hot-global' ranks experts by a routing profile: give draft_profile "
+                               "(--draft-profile, from `moespec profile`)" if self.draft_profile is None else
+                               "draft_profile is what draft_refresh 'hot-global' ranks experts by: add it")
+        if (self.draft_refresh != "hot-temporal" or self.draft_pin) and (self.method != "self" or self.shadow):
+            raise MoespecError("draft_refresh and draft_pin choose the self drafter's cached draft experts: they need "
+                               "method 'self' without shadow experts")
+        if self.draft_routing not in ("substitute", "reroute"):
+            raise MoespecError(f"draft_routing={self.draft_routing!r} is not one of: substitute, reroute")
+        if (self.draft_top_k or self.draft_layers or self.draft_routing != "reroute") and self.method != "self":
+            raise MoespecError("draft_top_k, draft_layers and draft_routing shape the self drafter's forward: they "
+                               "need method 'self' (--spec self)")
 
     @property
     def shadow(self) -> str | None:

@@ -60,124 +60,49 @@ def add_bench_parser(sub, model_args, offload_args, spec_args) -> None:
 def run_bench(a) -> None:
     import torch
 
-    from ..assets import resolve_model
-    from ..engine import LLM
-    from .loop import run_interleaved
-    from .runners import MoespecRunner, TransformersRunner, forward_curve
-    from .synthetic import make_synthetic
     from .workloads import load_prompts
 
-    if a.synthetic:
-        path = make_synthetic(Path(a.synthetic_dir) / f"{a.synthetic}-{a.synthetic_dtype}", a.synthetic,
-                              dtype=getattr(torch, a.synthetic_dtype))
-    else:
-        path = resolve_model(a.model)
-    for name in ("repetitions", "num_prompts", "max_new_tokens"):
-        if getattr(a, name) < 1:
-            raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.memory_cap and a.variant:
-        raise MoespecError("--variant compares settings in one process; --memory-cap runs each in its own: use one")
+    path = _model_path(a)
+    _check_flags(a)
     if a.memory_cap:
-        if a.peer == "transformers":
-            raise MoespecError("--memory-cap compares with --peer llama.cpp (transformers has no memory budget)")
-        if a.peer == "llama.cpp" and not a.peer_model:
-            raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
         from ..config import ModelConfig
         from ..tokenizer import Tokenizer
         from .capped import run_capped
         tok = Tokenizer.from_folder(path) if (path / "tokenizer.json").is_file() else None
         prompts = load_prompts(a.prompts, a.num_prompts, a.prompt_len, ModelConfig.from_folder(path).vocab_size, tok)
-        report = run_capped(a, path, prompts, sys.argv[1:] if a.argv is None else a.argv)
-        text = json.dumps(report, indent=1)
-        if a.output:
-            Path(a.output).write_text(text)
-        print(text)
-        return
+        return _emit(a, run_capped(a, path, prompts, sys.argv[1:] if a.argv is None else a.argv))
     prompts_file = None
     if a.prompts_file:
         prompts_file = json.loads(Path(a.prompts_file).read_text())
         a.prompt_len = max(map(len, prompts_file))
-    from ..flags import offload_config, quant_config, spec_config
     if a.threads is not None:
-        if a.threads < 1:
-            raise MoespecError(f"--threads {a.threads} is out of range (at least 1)")
         torch.set_num_threads(a.threads)
-    if a.peer == "llama.cpp" and not a.peer_model:
-        raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
-    if a.peer_model and a.peer != "llama.cpp":
-        raise MoespecError("--peer-model is the GGUF file of --peer llama.cpp")
-    def build(ns):
-        llm = LLM(path, dtype=ns.dtype, offload=offload_config(ns), speculative=spec_config(ns),
-                  quantize=quant_config(ns), show_progress=False, memory=ns.memory, max_batch=max(a.batch_size),
-                  max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if ns.memory else None)
-        if llm.memory_plan is not None:
-            print(llm.memory_plan.summary(), file=sys.stderr)
-        return llm
     from .variants import parse_variants, read_throttle
     t0 = time.perf_counter()
-    variants = [(name, build(ns)) for name, ns in parse_variants(a)] if a.variant else [(None, build(a))]
+    variants = [(name, _build(a, path, ns)) for name, ns in parse_variants(a)] if a.variant else \
+        [(None, _build(a, path, a))]
     llm = variants[0][1]
     load_s = time.perf_counter() - t0
     load_rss = peak_rss_bytes()           # before any peer is loaded: what loading moespec took
     throttle = read_throttle(a, [v.offload for _, v in variants])
     prompts = prompts_file or load_prompts(a.prompts, a.num_prompts, a.prompt_len, llm.config.vocab_size,
                                            llm.tokenizer)
-    peers = []
-    if a.peer == "transformers":
-        peers = [TransformersRunner(path, llm.model.dtype)]
-    elif a.peer == "llama.cpp":
-        from .llamacpp import LlamaCppRunner
-        ctx = max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 8
-        peers = [LlamaCppRunner(f, torch.get_num_threads(), max(a.batch_size), ctx) for f in a.peer_model]
-    report = {"model": str(path), "dtype": llm.dtype, "quantize": llm.quant.tag if llm.quant else "none",
-              "quantize_dense": bool(llm.quant and llm.quant.dense),
-              "memory_plan": llm.memory_plan.describe() if llm.memory_plan is not None else None,
-              "prompts": a.prompts, "prompt_len": a.prompt_len,
-              "max_new_tokens": a.max_new_tokens, "repetitions": a.repetitions, "warmup": a.warmup,
-              "machine": machine(), "load_s": load_s, "load_peak_rss_bytes": load_rss,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": []}
+    report = _report_head(a, path, variants, load_s, load_rss)
+    if throttle is not None:
+        report["read_limit_bps"] = throttle.read_bps
     jobs = [("tg", b, prompts, a.max_new_tokens) for b in a.batch_size]
     if a.prefill_len:
         jobs.append(("pp", 1, load_prompts("random", 4, a.prefill_len, llm.config.vocab_size, None), 1))
-    if a.variant:
-        flags = dict(x.split("=", 1) for x in a.variant)        # parse_variants checked the NAME=FLAGS form
-        report["variants"] = {name: {"flags": flags[name], "quantize": v.quant.tag if v.quant else "none",
-                                     "speculative": v.spec.__dict__ if v.spec else None,
-                                     "offload": v.offload.__dict__ if v.offload else None}
-                              for name, v in variants}
-    if throttle is not None:
-        report["read_limit_bps"] = throttle.read_bps
-    n = len(variants)
+    peers = _peers(a, path, llm)
     try:
-        for kind, batch, ps, new in jobs:
-            before: list[dict] = [{} for _ in variants]
-
-            def snap():
-                for b, (_, v) in zip(before, variants):
-                    if v.offload is not None:
-                        b.update(v.expert_stats())
-            runners = [MoespecRunner(v) for _, v in variants]
-            results = run_interleaved([*runners, *peers], ps, batch, new, a.repetitions, a.warmup, snap)
-            for r, b, (name, v) in zip(results, before, variants):
-                if b:
-                    r["experts"] = expert_delta(b, v.expert_stats(), r)
-                if name is not None:
-                    r["engine"], r["variant"] = f"moespec[{name}]", name
-            for r in results:
-                r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
-                _log(r)
-            for mine in results[1:n]:           # each variant against the first
-                compare(mine, results[0], kind)
-            for theirs in results[n:]:          # the first against each peer
-                compare(results[0], theirs, kind)
-            for r in results:
-                r.pop("_tokens")
-            report["runs"].extend(results)
+        for job in jobs:
+            report["runs"].extend(_run_job(a, variants, peers, job))
     finally:
         if throttle is not None:
             throttle.leave()
             throttle.__exit__()
     if a.curve:
+        from .runners import forward_curve
         report["forward_curve"] = forward_curve(llm.model)
         for row in report["forward_curve"]:
             print(f"  forward n={row['n']:>2}: {row['ms']:7.2f} ms ({row['x_one_token']:.2f}x), distinct experts "
@@ -185,6 +110,114 @@ def run_bench(a) -> None:
     if llm.offload is not None:
         report["experts"] = llm.expert_stats()
     report["peak_rss_bytes"] = peak_rss_bytes()
+    _emit(a, report)
+
+
+def _report_head(a, path: Path, variants: list, load_s: float, load_rss: int) -> dict:
+    """What the report says before any run: the model, its settings (each variant's), the machine, the load."""
+    llm = variants[0][1]
+    report = {"model": str(path), "dtype": llm.dtype, "quantize": llm.quant.tag if llm.quant else "none",
+              "quantize_dense": bool(llm.quant and llm.quant.dense),
+              "memory_plan": llm.memory_plan.describe() if llm.memory_plan is not None else None,
+              "prompts": a.prompts, "prompt_len": a.prompt_len,
+              "max_new_tokens": a.max_new_tokens, "repetitions": a.repetitions, "warmup": a.warmup,
+              "machine": machine(), "load_s": load_s, "load_peak_rss_bytes": load_rss,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": []}
+    if a.variant:
+        flags = dict(x.split("=", 1) for x in a.variant)        # parse_variants checked the NAME=FLAGS form
+        report["variants"] = {name: {"flags": flags[name], "quantize": v.quant.tag if v.quant else "none",
+                                     "speculative": v.spec.__dict__ if v.spec else None,
+                                     "offload": v.offload.__dict__ if v.offload else None}
+                              for name, v in variants}
+    return report
+
+
+def _model_path(a) -> Path:
+    if not a.synthetic:
+        from ..assets import resolve_model
+        return resolve_model(a.model)
+    import torch
+
+    from .synthetic import make_synthetic
+    return make_synthetic(Path(a.synthetic_dir) / f"{a.synthetic}-{a.synthetic_dtype}", a.synthetic,
+                          dtype=getattr(torch, a.synthetic_dtype))
+
+
+def _check_flags(a) -> None:
+    """Combinations of bench flags that cannot work, refused before anything loads."""
+    for name in ("repetitions", "num_prompts", "max_new_tokens"):
+        if getattr(a, name) < 1:
+            raise MoespecError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.memory_cap and a.variant:
+        raise MoespecError("--variant compares settings in one process; --memory-cap runs each in its own: use one")
+    if a.memory_cap and a.peer == "transformers":
+        raise MoespecError("--memory-cap compares with --peer llama.cpp (transformers has no memory budget)")
+    if a.peer == "llama.cpp" and not a.peer_model:
+        raise MoespecError("--peer llama.cpp needs --peer-model FILE.gguf (tools/make_gguf.py makes them)")
+    if a.peer_model and a.peer != "llama.cpp" and not a.memory_cap:
+        raise MoespecError("--peer-model is the GGUF file of --peer llama.cpp")
+    if a.threads is not None and a.threads < 1:
+        raise MoespecError(f"--threads {a.threads} is out of range (at least 1)")
+
+
+def _build(a, path: Path, ns):
+    """The LLM of one variant (ns: its flags)."""
+    from ..engine import LLM
+    from ..flags import offload_config, quant_config, spec_config
+    llm = LLM(path, dtype=ns.dtype, offload=offload_config(ns), speculative=spec_config(ns),
+              quantize=quant_config(ns), show_progress=False, memory=ns.memory, max_batch=max(a.batch_size),
+              max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if ns.memory else None)
+    if llm.memory_plan is not None:
+        print(llm.memory_plan.summary(), file=sys.stderr)
+    return llm
+
+
+def _peers(a, path: Path, llm) -> list:
+    import torch
+
+    from .runners import TransformersRunner
+    if a.peer == "transformers":
+        return [TransformersRunner(path, llm.model.dtype)]
+    if a.peer == "llama.cpp":
+        from .llamacpp import LlamaCppRunner
+        ctx = max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 8
+        return [LlamaCppRunner(f, torch.get_num_threads(), max(a.batch_size), ctx) for f in a.peer_model]
+    return []
+
+
+def _run_job(a, variants: list, peers: list, job: tuple) -> list[dict]:
+    """One test (kind "tg" or "pp", batch, prompts, new tokens) over every variant and peer, taking turns; each
+    variant compared with the first, the first with each peer."""
+    from .loop import run_interleaved
+    from .runners import MoespecRunner
+    kind, batch, ps, new = job
+    before: list[dict] = [{} for _ in variants]
+
+    def snap():
+        for b, (_, v) in zip(before, variants):
+            if v.offload is not None:
+                b.update(v.expert_stats())
+    runners = [MoespecRunner(v) for _, v in variants]
+    results = run_interleaved([*runners, *peers], ps, batch, new, a.repetitions, a.warmup, snap)
+    for r, b, (name, v) in zip(results, before, variants):
+        if b:
+            r["experts"] = expert_delta(b, v.expert_stats(), r)
+        if name is not None:
+            r["engine"], r["variant"] = f"moespec[{name}]", name
+    for r in results:
+        r["test"] = f"pp{len(ps[0])}" if kind == "pp" else f"tg{new}"
+        _log(r)
+    n = len(variants)
+    for mine in results[1:n]:           # each variant against the first
+        compare(mine, results[0], kind)
+    for theirs in results[n:]:          # the first against each peer
+        compare(results[0], theirs, kind)
+    for r in results:
+        r.pop("_tokens")
+    return results
+
+
+def _emit(a, report: dict) -> None:
     text = json.dumps(report, indent=1)
     if a.output:
         Path(a.output).write_text(text)

@@ -44,8 +44,28 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
         rows_fp32_tflops=tables["fp32"], rows_bf16_tflops=tables["bf16"])
     say("per-layer and per-step overhead (reference model forwards and generation, batch 1)")
     ov = overheads(hw, k)
+    sources = _sources(when, threads, k, mem, disk, folder, ov)
+    hw = replace(hw, layer_overhead_s=ov["overhead_s"], step_overhead_s=ov["step_overhead_s"])
+    say("speculative step overhead (prompt lookup, k = 4, batch 1)")
+    sov = spec_overhead(hw, k)
+    sources += (_spec_source(sov),)
+    say("expert miss costs (25% expert cache over the SSD tier, batch 1 and 8)")
+    mov = miss_overhead(replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"]), k, folder)
+    sources += (_miss_source(mov, folder),)
+    hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], miss_overhead_s=mov["miss_overhead_s"],
+                 miss_read_gbs=mov["miss_read_gbs"],
+                 sources=sources,
+                 notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
+                       "1.0); valid for this thread count and a machine otherwise idle")
+    return hw, {"time": when, "threads": threads, "fp32_tflops": fp32, "bf16_tflops": bf16, "memory": mem,
+                "rows_tables": {key: [list(r) for r in t] for key, t in tables.items()},
+                "ssd": disk, "overhead": ov, "spec_overhead": sov, "miss_overhead": mov, "offload_dir": str(folder)}
+
+
+def _sources(when: str, threads: int, k: Knobs, mem: dict, disk: dict, folder: Path, ov: dict) -> tuple[str, ...]:
+    """How each figure of the profile was measured (Hardware.sources)."""
     io = "O_DIRECT" if disk["direct"] else "buffered reads (O_DIRECT refused by the filesystem; page cache dropped)"
-    sources = (
+    return (
         f"moespec calibrate {when}, torch {torch.__version__}, {threads} threads",
         (f"matmul: square products via models.layers.linear, best of {k.reps}, fp32 sizes "
          f"{list(k.fp32_sizes)}, bf16 sizes {list(k.bf16_sizes)}"),
@@ -65,26 +85,18 @@ def calibrate(offload_dir: str | Path, knobs: Knobs = Knobs(), log=None) -> tupl
         (f"step overhead: median over {k.step_runs} greedy generations of {k.step_tokens} tokens at batch 1 "
          f"(median TPOT {ov['tpot_s'] * 1e3:.2f} ms) of TPOT minus the forwards timed right after it"),
     )
-    hw = replace(hw, layer_overhead_s=ov["overhead_s"], step_overhead_s=ov["step_overhead_s"])
-    say("speculative step overhead (prompt lookup, k = 4, batch 1)")
-    sov = spec_overhead(hw, k)
-    sources += ((f"speculative step overhead: median over {sov['runs']} prompt-lookup generations (k = 4, batch 1, "
-                 f"mean verify width {sov['mean_width']:.2f}) of decode time per step minus the predicted "
-                 f"verification forward and drafting: {sov['spec_step_overhead_s'] * 1e6:.0f} us"),)
-    say("expert miss costs (25% expert cache over the SSD tier, batch 1 and 8)")
-    mov = miss_overhead(replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"]), k, folder)
-    rate = f"{mov['miss_read_gbs']:.2f} GB/s" if mov["miss_read_gbs"] else "not fitted (single random reads used)"
-    sources += (("miss costs: decoding with a 25% expert cache in " + str(folder) + ", per batch (measured step "
-                 "- the model's resident step) / layers against misses per layer: "
-                 + "; ".join(f"batch {p['batch']}: {p['misses_per_layer']:.2f} misses, {p['extra_per_layer_s'] * 1e6:.0f} us"
-                             for p in mov["batches"])
-                 + f"; fitted wait per layer that misses {mov['miss_overhead_s'] * 1e6:.0f} us, engine read rate {rate}"),)
-    hw = replace(hw, spec_step_overhead_s=sov["spec_step_overhead_s"], miss_overhead_s=mov["miss_overhead_s"],
-                 miss_read_gbs=mov["miss_read_gbs"],
-                 sources=sources,
-                 notes=f"measured on {cpu} with {threads} torch threads; rates are achieved rates (efficiencies "
-                       "1.0); valid for this thread count and a machine otherwise idle")
-    return hw, {"time": when, "threads": threads, "fp32_tflops": fp32, "bf16_tflops": bf16, "memory": mem,
-                "rows_tables": {key: [list(r) for r in t] for key, t in tables.items()},
-                "ssd": disk, "overhead": ov, "spec_overhead": sov, "miss_overhead": mov, "offload_dir": str(folder)}
 
+
+def _spec_source(sov: dict) -> str:
+    return (f"speculative step overhead: median over {sov['runs']} prompt-lookup generations (k = 4, batch 1, "
+            f"mean verify width {sov['mean_width']:.2f}) of decode time per step minus the predicted "
+            f"verification forward and drafting: {sov['spec_step_overhead_s'] * 1e6:.0f} us")
+
+
+def _miss_source(mov: dict, folder: Path) -> str:
+    rate = f"{mov['miss_read_gbs']:.2f} GB/s" if mov["miss_read_gbs"] else "not fitted (single random reads used)"
+    return ("miss costs: decoding with a 25% expert cache in " + str(folder) + ", per batch (measured step "
+            "- the model's resident step) / layers against misses per layer: "
+            + "; ".join(f"batch {p['batch']}: {p['misses_per_layer']:.2f} misses, {p['extra_per_layer_s'] * 1e6:.0f} us"
+                        for p in mov["batches"])
+            + f"; fitted wait per layer that misses {mov['miss_overhead_s'] * 1e6:.0f} us, engine read rate {rate}")

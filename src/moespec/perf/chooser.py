@@ -94,23 +94,7 @@ class DrafterChooser:
         self.since += 1
         self.since_start += 1
         if self.since >= self.revisit and len(self.names) > 1:
-            self.since = 0
-            # Candidates whose optimistic model (upper bounds of their per-depth acceptance) could beat the
-            # active one are measured again soon; when none could, all are, ever more rarely.
-            now = max(self._score(self.active), 1.0)
-            hopeful = [n for n in self.names if n != self.active and self.ctl[n].best_k(upper=True)[1] > now]
-            # Only those that could win are probed; once the interval has grown to its maximum, all of them (a
-            # drafter's acceptance changes with the text: prompt lookup once the output repeats its prompt).
-            if not hopeful and self.revisit >= self.revisit_max:
-                hopeful = [n for n in self.names if n != self.active]
-            # One candidate per revisit, the one measured longest ago: a probe step of a drafter that loses costs
-            # a whole step (at batch 64 a batch is 8 steps, and probing three candidates at once cost 6-10%).
-            hopeful = sorted(hopeful, key=lambda n: self._probed.get(n, -1))[:1]
-            for n in hopeful:
-                self._probed[n] = self.since_start
-            self.queue = [n for n in hopeful for _ in range(self.probe)]
-            self._probing = self.active if hopeful else None
-            self.revisit = min(2 * self.revisit, self.revisit_max)      # back to revisit0 if a probe wins
+            self._schedule_revisit()
         # On / off with hysteresis, as controller.py: off when even the leader's optimistic model loses, on again
         # once its estimate clearly wins (the revisits keep measuring while off).
         c = self.ctl[self.active]
@@ -124,6 +108,26 @@ class DrafterChooser:
             return None, 0
         self.last = self.active
         return self.active, c.explore_k(k)
+
+    def _schedule_revisit(self) -> None:
+        """Queue probe steps of one candidate (or none) other than the active drafter."""
+        self.since = 0
+        # Candidates whose optimistic model (upper bounds of their per-depth acceptance) could beat the
+        # active one are measured again soon; when none could, all are, ever more rarely.
+        now = max(self._score(self.active), 1.0)
+        hopeful = [n for n in self.names if n != self.active and self.ctl[n].best_k(upper=True)[1] > now]
+        # Only those that could win are probed; once the interval has grown to its maximum, all of them (a
+        # drafter's acceptance changes with the text: prompt lookup once the output repeats its prompt).
+        if not hopeful and self.revisit >= self.revisit_max:
+            hopeful = [n for n in self.names if n != self.active]
+        # One candidate per revisit, the one measured longest ago: a probe step of a drafter that loses costs
+        # a whole step (at batch 64 a batch is 8 steps, and probing three candidates at once cost 6-10%).
+        hopeful = sorted(hopeful, key=lambda n: self._probed.get(n, -1))[:1]
+        for n in hopeful:
+            self._probed[n] = self.since_start
+        self.queue = [n for n in hopeful for _ in range(self.probe)]
+        self._probing = self.active if hopeful else None
+        self.revisit = min(2 * self.revisit, self.revisit_max)      # back to revisit0 if a probe wins
 
     def record_spec(self, k: int, draft_s: float, verify_s: float, accepted: int, rows: int = 1, lens=(),
                     width: int | None = None) -> None:

@@ -55,6 +55,40 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
     substitutes the nearest resident expert: routing is then taken as uniform over them), `budget` caps the
     distinct experts per layer (MoE-Spec), `logits_per_row` defaults to t (verification needs every position)."""
     N = batch * t
+    union, misses = _experts_read(model, N, offload, profile, experts, budget)
+    kv_read, attn_flops = _attention(model, batch, t, context)
+    moe_bytes = model.moe_layer_dense_bytes + union * model.expert_bytes + kv_read
+    moe_flops = 2 * N * (model.attn_params + model.moe_dense_params + model.top_k * model.expert_params) + attn_flops
+    dense_bytes = model.dense_layer_bytes + kv_read
+    dense_flops = 2 * N * (model.attn_params + model.mlp_params) + attn_flops
+    rows = t if logits_per_row is None else logits_per_row
+    head_bytes, head_flops = model.head_bytes, 2 * batch * rows * model.head_params
+    moe_compute, dense_compute, head_compute = _compute(model, hw, batch * rows, N, union, kv_read, attn_flops,
+                                                        (moe_bytes, moe_flops), (dense_bytes, dense_flops),
+                                                        (head_bytes, head_flops))
+    ov = offload or Offload(model.experts)
+    pre = min(ov.prefetched_layers, model.moe_layers)
+    layer_misses = [misses * (1 - ov.prefetch_accuracy)] * pre + [misses] * (model.moe_layers - pre)
+    total, slow_total = 0.0, 0.0
+    for m in layer_misses:
+        s = _slow(model, hw, m)
+        slow_total += s
+        total += (max(moe_compute, s) if ov.overlap else moe_compute + s) + hw.layer_overhead_s
+    total += model.dense_layers * (dense_compute + hw.layer_overhead_s) + head_compute + hw.layer_overhead_s
+    total += hw.step_overhead_s
+    return ForwardCost(
+        time=total,
+        compute_time=model.moe_layers * moe_compute + model.dense_layers * dense_compute + head_compute,
+        slow_time=slow_total,
+        bytes=model.moe_layers * moe_bytes + model.dense_layers * dense_bytes + head_bytes,
+        slow_bytes=sum(layer_misses) * model.expert_bytes,
+        flops=model.moe_layers * moe_flops + model.dense_layers * dense_flops + head_flops,
+        union=union, misses=misses)
+
+
+def _experts_read(model: ModelDesc, N: int, offload: Offload | None, profile, experts: float | None,
+                  budget: float | None) -> tuple[float, float]:
+    """Distinct experts a MoE layer computes for N tokens (the union), and how many of them miss the cache."""
     E, K = model.experts, model.top_k
     if experts is not None and E:
         E = max(float(min(experts, E)), float(K))
@@ -76,9 +110,12 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
     if budget is not None and union > budget:
         misses *= budget / union
         union = float(budget)
+    return union, misses
 
-    # Attention: every row reads its whole cache once and each new token attends to the cache and the new
-    # tokens before it; sliding layers see at most their window. Averaged over layers.
+
+def _attention(model: ModelDesc, batch: int, t: int, context: int) -> tuple[float, float]:
+    """KV bytes read and attention flops of a layer, averaged over layers: every row reads its whole cache once and
+    each new token attends to the cache and the new tokens before it; sliding layers see at most their window."""
     def kv_len(full):
         return model.kv_len(context + t, full)
 
@@ -87,62 +124,40 @@ def forward_cost(model: ModelDesc, hw: Hardware, batch: int, t: int, context: in
 
     sliding = model.layers - model.full_attn_layers
     avg = lambda f: (model.full_attn_layers * f(True) + sliding * f(False)) / model.layers  # noqa: E731
-    kv_read = batch * avg(kv_len) * model.kv_values * model.kv_bytes_per_value
-    attn_flops = batch * avg(pairs) * model.attn_pair_flops
+    return batch * avg(kv_len) * model.kv_values * model.kv_bytes_per_value, batch * avg(pairs) * model.attn_pair_flops
 
+
+def _compute(model: ModelDesc, hw: Hardware, head_rows: int, N: int, union: float, kv_read: float,
+             attn_flops: float, moe: tuple, dense: tuple, head: tuple) -> tuple[float, float, float]:
+    """Compute seconds of a MoE layer, a dense layer and the head ((bytes, flops) each): the roofline, or the
+    measured M-rows rates when the hardware has them (module docstring)."""
     bw, peak = hw.mem_bw, hw.peak_flops(model.dtype_bytes)
-    moe_bytes = model.moe_layer_dense_bytes + union * model.expert_bytes + kv_read
-    moe_flops = 2 * N * (model.attn_params + model.moe_dense_params + K * model.expert_params) + attn_flops
-    dense_bytes = model.dense_layer_bytes + kv_read
-    dense_flops = 2 * N * (model.attn_params + model.mlp_params) + attn_flops
-    rows = t if logits_per_row is None else logits_per_row
-    head_bytes, head_flops = model.head_bytes, 2 * batch * rows * model.head_params
-
     if hw.rows_table(model.dtype_bytes) is None:
-        moe_compute = max(moe_bytes / bw, moe_flops / peak)
-        dense_compute = max(dense_bytes / bw, dense_flops / peak)
-        head_compute = max(head_bytes / bw, head_flops / peak)
-    else:               # measured M-rows rates (module docstring); the time is linear in params, so sum them
-        db = model.dtype_bytes
-        ew = model.expert_bits / 8 if model.expert_bits is not None else db
+        return tuple(max(b / bw, f / peak) for b, f in (moe, dense, head))
+    db = model.dtype_bytes                       # the time is linear in params, so sum them
+    ew = model.expert_bits / 8 if model.expert_bits is not None else db
 
-        def mm(params, n, width, matrices):      # `params` in `matrices` equal matrices, n rows each
-            return hw.matmul_time(params, n, width, params * width / matrices) if params > 0 else 0.0
-        router = model.experts * model.hidden if model.moe_layers else 0
-        attn = max(kv_read / bw, attn_flops / peak)
-        attn_mm = mm(model.attn_params, N, db, 4)                           # q, k, v, o
-        moe_mm = (attn_mm + mm(router, N, db, 1) + mm(model.moe_dense_params - router, N, db, 2)   # shared expert
-                  + (union * mm(model.expert_params, N * K / union, ew, 2) if union > 0 else 0.0))  # w13, w2
-        moe_compute = max((model.moe_layer_dense_bytes + union * model.expert_bytes) / bw, moe_mm) + attn
-        dense_compute = max(model.dense_layer_bytes / bw, attn_mm + mm(model.mlp_params, N, db, 2)) + attn
-        head_compute = max(head_bytes / bw, mm(model.head_params, batch * rows, db, 1))
+    def mm(params, n, width, matrices):          # `params` in `matrices` equal matrices, n rows each
+        return hw.matmul_time(params, n, width, params * width / matrices) if params > 0 else 0.0
+    router = model.experts * model.hidden if model.moe_layers else 0
+    attn = max(kv_read / bw, attn_flops / peak)
+    attn_mm = mm(model.attn_params, N, db, 4)                           # q, k, v, o
+    moe_mm = (attn_mm + mm(router, N, db, 1) + mm(model.moe_dense_params - router, N, db, 2)   # shared expert
+              + (union * mm(model.expert_params, N * model.top_k / union, ew, 2) if union > 0 else 0.0))  # w13, w2
+    moe_compute = max((model.moe_layer_dense_bytes + union * model.expert_bytes) / bw, moe_mm) + attn
+    dense_compute = max(model.dense_layer_bytes / bw, attn_mm + mm(model.mlp_params, N, db, 2)) + attn
+    head_compute = max(head[0] / bw, mm(model.head_params, head_rows, db, 1))
+    return moe_compute, dense_compute, head_compute
 
-    def slow(m):        # m expert reads per layer
-        if m <= 0:
-            return 0.0
-        wait = hw.miss_overhead_s * min(1.0, m)            # the layer waits for its loads once
-        if hw.slow_read_gbs or hw.miss_read_gbs:     # calibrated: the engine's miss rate, or one random read each
-            return m * hw.miss_read_s(model.expert_bytes) + wait
-        return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) + wait   # latency once per batch
 
-    ov = offload or Offload(model.experts)
-    pre = min(ov.prefetched_layers, model.moe_layers)
-    layer_misses = [misses * (1 - ov.prefetch_accuracy)] * pre + [misses] * (model.moe_layers - pre)
-    total, slow_total = 0.0, 0.0
-    for m in layer_misses:
-        s = slow(m)
-        slow_total += s
-        total += (max(moe_compute, s) if ov.overlap else moe_compute + s) + hw.layer_overhead_s
-    total += model.dense_layers * (dense_compute + hw.layer_overhead_s) + head_compute + hw.layer_overhead_s
-    total += hw.step_overhead_s
-    return ForwardCost(
-        time=total,
-        compute_time=model.moe_layers * moe_compute + model.dense_layers * dense_compute + head_compute,
-        slow_time=slow_total,
-        bytes=model.moe_layers * moe_bytes + model.dense_layers * dense_bytes + head_bytes,
-        slow_bytes=sum(layer_misses) * model.expert_bytes,
-        flops=model.moe_layers * moe_flops + model.dense_layers * dense_flops + head_flops,
-        union=union, misses=misses)
+def _slow(model: ModelDesc, hw: Hardware, m: float) -> float:
+    """Seconds a layer waits for m expert reads from the slow tier."""
+    if m <= 0:
+        return 0.0
+    wait = hw.miss_overhead_s * min(1.0, m)            # the layer waits for its loads once
+    if hw.slow_read_gbs or hw.miss_read_gbs:           # calibrated: the engine's miss rate, or one random read each
+        return m * hw.miss_read_s(model.expert_bytes) + wait
+    return m * model.expert_bytes / hw.slow_bw + hw.slow_latency_s * min(1.0, m) + wait   # latency once per batch
 
 
 def t_target(model: ModelDesc, hw: Hardware, batch: int, t: int, context: int, **kw) -> float:

@@ -171,58 +171,24 @@ class EngineWorker(threading.Thread):
         return more
 
     def run_batch(self, jobs: list[Job]) -> None:
-        rows: dict[int, tuple[Job, int]] = {}          # sequence i -> (job, choice), while it decodes
         m = self.metrics
         # The jobs still decoding -> [job, choices left] (errors reach them; shutdown cancels them). Nothing of a
         # finished request stays: a batch may never drain while requests keep coming.
         left = self._running = {id(job): [job, len(job.prompts)] for job in jobs}
         m.running.set(len(left))
-        seen = SpecStats()
-
-        def on_text(i: int, delta: str) -> None:
-            job, c = rows[i]
-            now = time.perf_counter()
-            if job.t_last[c] == 0.0:
-                m.ttft.observe(now - job.t_arrival)
-            else:
-                m.itl.observe(now - job.t_last[c])
-            job.t_last[c] = now
-            job.emit("text", c, delta)
-
-        def on_finish(i: int, out: Output) -> None:
-            nonlocal seen
-            job, c = rows.pop(i)
-            if out.finish_reason != "abort":
-                m.finished(out, time.perf_counter() - job.t_arrival)
-            left[id(job)][1] -= 1
-            if not left[id(job)][1]:
-                del left[id(job)]
-                m.running.set(len(left))
-                seen = m.speculation(batch.spec, seen)
-                self.trim_heap()
-            if out.finish_reason == "error":        # this request failed alone; the batch decodes on
-                job.emit("error", 500, f"generation failed for this request: {out.stats.get('error')}")
-            else:
-                job.emit("finish", c, out)
-
-        def number(new: list[Job]) -> None:
-            first = batch.engine.added + len(batch.engine.waiting)
-            for n, (job, c) in enumerate((job, c) for job in new for c in range(len(job.prompts))):
-                rows[first + n] = (job, c)
-            batch.add(self._sequences(new))
-
         try:
-            batch = self.llm.batch(sum(len(j.prompts) for j in jobs), on_text, lambda i: rows[i][0].cancelled,
-                                   on_finish, keep=False)
-            number(jobs)
+            run = _Running(self, left)
+            batch = run.batch = self.llm.batch(sum(len(j.prompts) for j in jobs), run.on_text,
+                                               lambda i: run.rows[i][0].cancelled, run.on_finish, keep=False)
+            run.add(jobs)
             while True:
                 busy = batch.step()
                 more = self._admit(batch.live_rows, left)
                 if more:
-                    number(more)
+                    run.add(more)
                 elif not busy:
                     break
-            m.speculation(batch.spec, seen)
+            m.speculation(batch.spec, run.seen)
         except Exception as e:       # the engine failed (a read error, say): the batch's requests learn it, the
             # server goes on and /health reports degraded for a while. Requests were validated before queueing,
             # so this is the server's failure, never the client's: a 5xx.
@@ -233,3 +199,45 @@ class EngineWorker(threading.Thread):
         finally:
             m.running.set(0)
             self.trim_heap(force=True)
+
+
+class _Running:
+    """The running batch's side of the worker: which job and choice each sequence is, and its events."""
+
+    def __init__(self, worker: EngineWorker, left: dict[int, list]):
+        self.worker, self.m, self.left = worker, worker.metrics, left
+        self.rows: dict[int, tuple[Job, int]] = {}      # sequence i -> (job, choice), while it decodes
+        self.seen = SpecStats()                          # speculation counters already reported
+        self.batch = None
+
+    def add(self, jobs: list[Job]) -> None:
+        """The jobs' sequences join the batch, numbered in order after those added before."""
+        first = self.batch.engine.added + len(self.batch.engine.waiting)
+        for n, (job, c) in enumerate((job, c) for job in jobs for c in range(len(job.prompts))):
+            self.rows[first + n] = (job, c)
+        self.batch.add(self.worker._sequences(jobs))
+
+    def on_text(self, i: int, delta: str) -> None:
+        job, c = self.rows[i]
+        now = time.perf_counter()
+        if job.t_last[c] == 0.0:
+            self.m.ttft.observe(now - job.t_arrival)
+        else:
+            self.m.itl.observe(now - job.t_last[c])
+        job.t_last[c] = now
+        job.emit("text", c, delta)
+
+    def on_finish(self, i: int, out: Output) -> None:
+        job, c = self.rows.pop(i)
+        if out.finish_reason != "abort":
+            self.m.finished(out, time.perf_counter() - job.t_arrival)
+        self.left[id(job)][1] -= 1
+        if not self.left[id(job)][1]:
+            del self.left[id(job)]
+            self.m.running.set(len(self.left))
+            self.seen = self.m.speculation(self.batch.spec, self.seen)
+            self.worker.trim_heap()
+        if out.finish_reason == "error":        # this request failed alone; the batch decodes on
+            job.emit("error", 500, f"generation failed for this request: {out.stats.get('error')}")
+        else:
+            job.emit("finish", c, out)
