@@ -24,6 +24,13 @@ FAMILY_CONFIGS = {
     "olmoe": dict(model_type="olmoe", vocab_size=211, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                   max_position_embeddings=512, tie_word_embeddings=False),
+    # sigmoid routing over 2 groups (1 chosen) with a correction bias and a scaling factor, one ungated shared
+    # expert, a first dense layer, partial rotary (12 of 24 head dims), per-head q/k norm, qkv bias
+    "glm4_moe": dict(model_type="glm4_moe", vocab_size=211, hidden_size=64, intermediate_size=96,
+                     moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, n_group=2,
+                     topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, use_qk_norm=True,
+                     attention_bias=True, max_position_embeddings=512, tie_word_embeddings=False),
 }
 # A dense model, as the draft-model drafter uses (same family code path, no experts).
 DENSE_CONFIGS = {
@@ -46,6 +53,9 @@ def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=t
         for n, p in model.named_parameters():
             if n.endswith("gate.weight") and p.shape[0] > 1:
                 p.normal_(0, 1.0)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):     # zero at init: make it matter
+                b.normal_(0, 0.3)
     model.to(dtype).save_pretrained(folder, save_original_format=not fused)
     return model.float()
 

@@ -9,6 +9,7 @@ from moespec import LLM, MoespecError, SamplingParams
 from moespec.cli import LOSSY_NOTE, main
 from moespec.spec_config import SpecConfig
 from moespec.models.budget import VerifyBudget, apply_budget, expert_scores, select_experts
+from moespec.models.routing import Routing
 
 
 def routed(probs: torch.Tensor, k: int, norm: bool):
@@ -29,9 +30,9 @@ def test_top_b_keeps_the_highest_aggregate_scores():
                           [0.05, 0.35, 0.05, 0.45, 0.10]])
     # scores: 0.65, 0.85, 0.75, 0.55, 0.20 -> top-2 = {1, 2}, top-3 = {1, 2, 0}; the union {0, 1, 2, 3} is 4.
     w, ids = routed(probs, 2, True)
-    _, _, kept = apply_budget(probs, w, ids, VerifyBudget(experts=2), 2, True)
+    _, _, kept = apply_budget(probs, probs, w, ids, VerifyBudget(experts=2), 2, Routing(norm_topk=True))
     assert kept.tolist() == [1, 2]
-    _, _, kept = apply_budget(probs, w, ids, VerifyBudget(experts=3), 2, True)
+    _, _, kept = apply_budget(probs, probs, w, ids, VerifyBudget(experts=3), 2, Routing(norm_topk=True))
     assert kept.tolist() == [1, 2, 0]
     # B below K is clamped to K: every token needs K experts.
     assert select_experts(probs.sum(0), VerifyBudget(experts=1), 2).tolist() == [1, 2]
@@ -47,7 +48,7 @@ def test_mass_keeps_the_smallest_prefix_reaching_tau():
     assert select_experts(scores, VerifyBudget(mass=1.0), 1).tolist() == [0, 1, 2, 3]  # every expert with mass
     assert len(select_experts(rand_probs(4, 8, 0).sum(0), VerifyBudget(mass=1.0), 1)) == 8   # softmax: all > 0
     w, ids = routed(probs, 1, True)
-    _, ids2, kept = apply_budget(probs, w, ids, VerifyBudget(mass=0.5), 1, True)
+    _, ids2, kept = apply_budget(probs, probs, w, ids, VerifyBudget(mass=0.5), 1, Routing(norm_topk=True))
     assert kept.tolist() == [0, 1] and torch.equal(ids2, ids)                           # union {0} inside
 
 
@@ -58,12 +59,12 @@ def test_decay_by_draft_depth_changes_the_choice():
                           [0.20, 0.70, 0.10]])
     depth = torch.tensor([0, 1, 2])
     w, ids = routed(probs, 1, True)                       # union {0, 1}
-    _, _, flat = apply_budget(probs, w, ids, VerifyBudget(experts=1), 1, True, depth)
-    _, _, decayed = apply_budget(probs, w, ids, VerifyBudget(experts=1, decay=0.5), 1, True, depth)
+    _, _, flat = apply_budget(probs, probs, w, ids, VerifyBudget(experts=1), 1, Routing(norm_topk=True), depth)
+    _, _, decayed = apply_budget(probs, probs, w, ids, VerifyBudget(experts=1, decay=0.5), 1, Routing(norm_topk=True), depth)
     assert flat.tolist() == [1]           # scores: expert 0 1.30, expert 1 1.45
     assert decayed.tolist() == [0]        # 0.9 + 0.1 + 0.05 = 1.05 vs 0.05 + 0.35 + 0.175 = 0.575
     # Padding (depth < 0) does not vote: the same two drafts as padding leave expert 0 on top.
-    _, _, pad = apply_budget(probs, w, ids, VerifyBudget(experts=1), 1, True, torch.tensor([0, -1, -1]))
+    _, _, pad = apply_budget(probs, probs, w, ids, VerifyBudget(experts=1), 1, Routing(norm_topk=True), torch.tensor([0, -1, -1]))
     assert pad.tolist() == [0]
 
 
@@ -80,7 +81,7 @@ def test_resident_expert_wins_a_tie():
                           ).tolist() == [1]
     # Through apply_budget (K = 1, union of two experts, B = 1).
     w1, ids1 = torch.full((2, 1), 1.0), torch.tensor([[1], [2]])
-    _, out, kept = apply_budget(probs, w1, ids1, VerifyBudget(experts=1), 1, True, None, resident)
+    _, out, kept = apply_budget(probs, probs, w1, ids1, VerifyBudget(experts=1), 1, Routing(norm_topk=True), None, resident)
     assert kept.tolist() == [2] and out.tolist() == [[2], [2]]
 
 
@@ -91,7 +92,7 @@ def test_substitution_gives_k_distinct_experts_inside_the_set(norm):
     probs = rand_probs(N, E, seed=3)
     w, ids = routed(probs, K, norm)
     assert torch.unique(ids).numel() > B
-    w2, ids2, kept = apply_budget(probs, w, ids, VerifyBudget(experts=B), K, norm)
+    w2, ids2, kept = apply_budget(probs, probs, w, ids, VerifyBudget(experts=B), K, Routing(norm_topk=norm))
     assert len(kept) == B
     inside = set(kept.tolist())
     moved = 0
@@ -117,7 +118,7 @@ def test_truncation_keeps_at_most_k_experts_inside_the_set(norm):
     N, E, K, B = 16, 8, 3, 3
     probs = rand_probs(N, E, seed=4)
     w, ids = routed(probs, K, norm)
-    w2, ids2, kept = apply_budget(probs, w, ids, VerifyBudget(experts=B, mode="truncate"), K, norm)
+    w2, ids2, kept = apply_budget(probs, probs, w, ids, VerifyBudget(experts=B, mode="truncate"), K, Routing(norm_topk=norm))
     inside = set(kept.tolist())
     assert len(inside) == B and set(ids2.unique().tolist()) <= inside        # no expert outside is touched
     fell_back = partial = 0
@@ -145,10 +146,10 @@ def test_budget_covering_the_union_returns_the_routing_untouched():
     union = torch.unique(ids)
     for b in (VerifyBudget(experts=len(union)), VerifyBudget(experts=8, mode="truncate"),
               VerifyBudget(mass=1.0), VerifyBudget(experts=len(union), decay=0.1)):
-        w2, ids2, kept = apply_budget(probs, w, ids, b, 2, True, torch.arange(6))
+        w2, ids2, kept = apply_budget(probs, probs, w, ids, b, 2, Routing(norm_topk=True), torch.arange(6))
         assert w2 is w and ids2 is ids
         assert set(union.tolist()) <= set(kept.tolist())
-    w2, ids2, _ = apply_budget(probs, w, ids, VerifyBudget(experts=len(union) - 1), 2, True)
+    w2, ids2, _ = apply_budget(probs, probs, w, ids, VerifyBudget(experts=len(union) - 1), 2, Routing(norm_topk=True))
     assert not torch.equal(ids2, ids)
 
 

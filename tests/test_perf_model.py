@@ -64,6 +64,13 @@ def test_other_families_parse_to_published_sizes():
           "num_attention_heads": 24, "num_key_value_heads": 8, "num_local_experts": 40, "num_experts_per_tok": 8,
           "vocab_size": 49155, "tie_word_embeddings": True}
     assert ModelDesc.from_config(gr).params_total == pytest.approx(3.3e9, rel=0.03)
+    air = {"model_type": "glm4_moe", "hidden_size": 4096, "num_hidden_layers": 46, "num_attention_heads": 96,
+           "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+           "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+           "vocab_size": 151552, "attention_bias": True, "num_nextn_predict_layers": 1}      # GLM-4.5-Air
+    d = ModelDesc.from_config(air)
+    assert d.params_total == pytest.approx(106e9, rel=0.01)
+    assert d.active_params_per_token == pytest.approx(12e9, rel=0.08)
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
     q3 = json.loads((CONFIG_DIR / "qwen3-30b-a3b.json").read_text())
     q3["num_local_experts"] = q3.pop("num_experts")

@@ -37,15 +37,16 @@ def test_rerouted_self_drafts_stay_lossless(text_model, plain, n):
 def test_reroute_keeps_each_token_inside_the_set():
     import torch
     from moespec.models.budget import reroute_inside
+    from moespec.models.routing import Routing
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
     w, ids = torch.tensor([[0.625, 0.375], [4 / 7, 3 / 7]]), torch.tensor([[0, 1], [3, 2]])
     inside = torch.tensor([True, True, False, True])
-    w2, ids2 = reroute_inside(probs, w, ids, inside, 2, norm_topk=True)
+    w2, ids2 = reroute_inside(probs, probs, w, ids, inside, 2, Routing(norm_topk=True))
     assert ids2.tolist() == [[0, 1], [3, 1]]                       # row 0 untouched; row 1: expert 2 -> 1
     assert torch.allclose(w2[1], torch.tensor([4 / 6, 2 / 6])) and torch.equal(w2[0], w[0])
-    _, ids3 = reroute_inside(probs, w, ids, torch.ones(4, dtype=torch.bool), 2, norm_topk=True)
+    _, ids3 = reroute_inside(probs, probs, w, ids, torch.ones(4, dtype=torch.bool), 2, Routing(norm_topk=True))
     assert ids3 is ids                                              # all inside: nothing changes
-    w4, _ = reroute_inside(probs, w, ids, inside, 2, norm_topk=False)
+    w4, _ = reroute_inside(probs, probs, w, ids, inside, 2, Routing(norm_topk=False))
     assert torch.allclose(w4[1], torch.tensor([0.4, 0.2]))         # softmax weights when not renormalised
 
 

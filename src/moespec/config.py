@@ -35,8 +35,14 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    scoring: str = "softmax"       # router scores: "softmax" | "sigmoid" (with a correction bias: GLM-4.5, DeepSeek-V3)
+    n_group: int = 1               # sigmoid routing chooses inside topk_group of n_group expert groups
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     intermediate_size: int = 0     # dense MLP layers
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True   # a sigmoid gate on the shared expert (Qwen2-MoE) or none (GLM-4.5)
+    rotary_dim: int = 0            # rope over the first rotary_dim of each head (partial rotary); 0 = all of it
     moe_layers: tuple[bool, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
@@ -45,6 +51,10 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and any(self.moe_layers)
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -67,14 +77,15 @@ class ModelConfig:
         moe.setdefault("intermediate_size", raw.get("intermediate_size") or 0)
         eos = raw.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-        return ModelConfig(
-            model_type=mt, num_layers=layers, **_attention_fields(f), **moe,
+        fields = dict(
+            model_type=mt, num_layers=layers, **_attention_fields(f),
             vocab_size=f.need("vocab_size"), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=raw.get("max_position_embeddings") or 4096,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), rope=rope_params(raw),
             qkv_bias=fam.qkv_bias(raw), o_bias=fam.o_bias(raw), qk_norm=fam.qk_norm, clip_qkv=raw.get("clip_qkv"),
             sliding_window=raw.get("sliding_window") if fam.sliding_window else None,
             hidden_act="silu", eos_token_id=eos, bos_token_id=raw.get("bos_token_id"))
+        return ModelConfig(**{**fields, **moe})        # a family's own fields win (q/k norm, partial rotary, ...)
 
 
 class _Fields:
@@ -161,6 +172,31 @@ def _qwen_moe(f: _Fields, layers: int) -> dict:
     return out
 
 
+def _glm4_moe(f: _Fields, layers: int) -> dict:
+    """GLM-4.5: the first first_k_dense_replace layers dense, sigmoid routing over groups with a correction bias,
+    n_shared_experts ungated shared experts, partial rotary, optional per-head q/k norm."""
+    raw = f.raw
+    first = raw.get("first_k_dense_replace", 1)
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
+        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
+    E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
+    groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
+    if E % groups or topk_group > groups or K > topk_group * (E // groups):
+        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
+                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
+    shared = raw.get("n_shared_experts", 1) or 0
+    factor = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5)))
+    head_dim = raw.get("head_dim") or f.need("hidden_size") // f.need("num_attention_heads")
+    out = {"num_experts": E, "top_k": K, "moe_intermediate_size": I, "moe_layers": tuple(i >= first for i in range(layers)),
+           "norm_topk_prob": bool(raw.get("norm_topk_prob", True)), "scoring": "sigmoid", "n_group": groups,
+           "topk_group": topk_group, "routed_scaling_factor": float(raw.get("routed_scaling_factor", 1.0)),
+           "shared_expert_intermediate_size": I * shared, "shared_expert_gated": False,
+           "rotary_dim": int(head_dim * factor), "qk_norm": "head" if raw.get("use_qk_norm") else "none"}
+    if first:
+        out["intermediate_size"] = f.need("intermediate_size")
+    return out
+
+
 def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
@@ -189,6 +225,7 @@ FAMILIES = {
     "qwen2_moe": Family(_qwen_moe, qkv_bias=_qwen2_bias, o_bias=_no_bias),
     "qwen3_moe": Family(_qwen_moe, qk_norm="head"),
     "olmoe": Family(_olmoe, qk_norm="full"),
+    "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
     "qwen3": Family(_dense, qk_norm="head"),
     "qwen2": Family(_dense, qkv_bias=_qwen2_bias, o_bias=_no_bias),
     "llama": Family(_dense),

@@ -113,10 +113,15 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
          quant: QuantConfig | None, experts: bool = True) -> tuple[MoEWeights, ExpertPool | None]:
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     block = _moe_block(ck, p)
-    mw = MoEWeights(ck.get(block + "gate.weight", (E, D)).to(dtype=torch.float32, device=device))  # moe.route_probs
+    mw = MoEWeights(ck.get(block + "gate.weight", (E, D)).to(dtype=torch.float32, device=device))  # routing.py
+    if c.scoring == "sigmoid" and ck.has(block + "gate.e_score_correction_bias"):
+        mw.bias = ck.get(block + "gate.e_score_correction_bias", (E,)).to(dtype=torch.float32, device=device)
     if c.shared_expert_intermediate_size:
-        mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)
-        mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
+        if c.shared_expert_gated:               # Qwen2-MoE: one shared expert behind a sigmoid gate
+            mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)
+            mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
+        else:                                   # GLM-4.5 / DeepSeek: the shared experts as one wider MLP
+            mw.shared = _mlp(get, block + "shared_experts.", c.shared_expert_intermediate_size, D, dense)
     if not experts:
         return mw, None
     pool = make_pool(expert_layout(c, dtype, device, lay.auto, quant, lay), E, device)

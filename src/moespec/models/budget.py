@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MoespecError
+from .routing import Routing, weigh
 
 MODES = ("substitute", "truncate")
 
@@ -84,32 +85,29 @@ def select_experts(scores: torch.Tensor, budget: VerifyBudget, top_k: int,
     return order[:n]
 
 
-def reroute_inside(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, inside: torch.Tensor, top_k: int,
-                   norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens with a choice outside `inside` [E] bool (at least K experts) take their top-K inside it instead,
-    weighted as the family weights top-K: renormalised over the K picks, or the original softmax
-    probabilities when it does not renormalise. probs [N, E] float32, w/ids [N, K] -> (w, ids); tokens
-    whose choices all lie inside keep them untouched."""
+def reroute_inside(choice: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                   inside: torch.Tensor, top_k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens with a choice outside `inside` [E] bool (at least K experts) take their top-K inside it instead
+    (ranked by choice [N, E]), weighted as the family weights top-K (moe.weigh from probs [N, E] float32).
+    w/ids [N, K] -> (w, ids); tokens whose choices all lie inside keep them untouched."""
     ok = inside[ids]                                                                     # [N, K]
     if bool(ok.all()):
         return w, ids
     rows = ~ok.all(1)
     w, ids = w.clone(), ids.clone()
-    restricted = probs[rows].masked_fill(~inside, -1.0)   # probs are >= 0: outside experts never win topk
-    nw, nid = torch.topk(restricted, top_k, dim=-1)                                      # [R, K]
-    if norm_topk:
-        nw = nw / nw.sum(-1, keepdim=True)
-    w[rows], ids[rows] = nw.to(w.dtype), nid
+    nid = torch.topk(choice[rows].masked_fill(~inside, float("-inf")), top_k, dim=-1)[1]   # [R, K]
+    w[rows], ids[rows] = weigh(probs[rows], nid, routing).to(w.dtype), nid
     return w, ids
 
 
-def apply_budget(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget: VerifyBudget, top_k: int,
-                 norm_topk: bool, depth: torch.Tensor | None = None, resident: torch.Tensor | None = None
+def apply_budget(choice: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget: VerifyBudget,
+                 top_k: int, routing: Routing, depth: torch.Tensor | None = None, resident: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hold one MoE layer of a verification forward to the budget.
 
-    probs [N, E] float32: the full router softmax; w [N, K] (model dtype) and ids [N, K] long: the routing
-    as the model computed it (route()); depth [N] long | None: draft depth per token (< 0: padding);
+    choice [N, E] and probs [N, E] float32: what the router ranked experts by and their weights (moe.route_probs;
+    the same softmax for softmax routing); w [N, K] (model dtype) and ids [N, K] long: the routing as the model
+    computed it (route()); routing: the family's moe.Routing; depth [N] long | None: draft depth per token (< 0: padding);
     resident [E] bool | None: experts in fast memory (tie-break only).
     Returns (w [N, K], ids [N, K], kept [n_kept] long). Every id returned lies in kept.
 
@@ -129,29 +127,30 @@ def apply_budget(probs: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget
     if bool(ok.all()):
         return w, ids, kept
     if budget.mode == "substitute":
-        w, ids = reroute_inside(probs, w, ids, inside, top_k, norm_topk)
+        w, ids = reroute_inside(choice, probs, w, ids, inside, top_k, routing)
         return w, ids, kept
     rows = ~ok.all(1)                                                                    # tokens to re-route
     w, ids = w.clone(), ids.clone()
-    restricted = probs.masked_fill(~inside, -1.0)      # probs are >= 0: outside experts never win topk
+    restricted = choice.masked_fill(~inside, float("-inf"))
     # truncate: keep the natural choices inside the set, zero the others.
     rw, rid, rok = w[rows], ids[rows], ok[rows]                                          # [R, K]
-    if norm_topk:
-        # Renormalise over the remaining choices (from the float32 softmax, as route() does).
+    if routing.norm_topk:
+        # Renormalise over the remaining choices (from the float32 probabilities, as route() does).
         p = probs[rows].gather(1, rid) * rok
         s = p.sum(-1, keepdim=True)
-        rw = torch.where(s > 0, p / s.clamp(min=1e-30), p).to(w.dtype)
+        rw = (torch.where(s > 0, p / s.clamp(min=1e-30), p) * routing.scale).to(w.dtype)
     else:
         rw = rw * rok
     # A token with every choice outside falls back to its best expert inside the set, weighted 1 when the
     # family renormalises (it is the only expert), else by its original softmax probability.
     none = ~rok.any(1)                                                                   # [R]
     if bool(none.any()):
-        bp, best = restricted[rows][none].max(-1)                                        # [R0]
+        best = restricted[rows][none].argmax(-1)                                         # [R0]
+        bp = probs[rows][none].gather(1, best[:, None])[:, 0]
         rid[none, 0] = best
         rok[none, 0] = True
         rw[none] = 0
-        rw[none, 0] = (torch.ones_like(bp) if norm_topk else bp).to(w.dtype)
+        rw[none, 0] = ((torch.ones_like(bp) if routing.norm_topk else bp) * routing.scale).to(w.dtype)
     # Dropped entries point at the token's first kept expert with weight exactly 0: no expert outside the
     # set is ever touched, and each token keeps at most K nonzero-weight experts.
     first = rid.gather(1, rok.to(torch.int8).argmax(1, keepdim=True))                    # [R, 1]

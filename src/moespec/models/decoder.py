@@ -18,6 +18,7 @@ from ..kv_cache import KVCache
 from .budget import VerifyBudget
 from .layers import apply_rope, attend, linear, rms_norm, rope_tables
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
+from .routing import Routing
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DecoderLM:
         self.cos, self.sin = rope_tables(cfg, min(self.max_len, 4096) + 256, dtype, self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.routing = Routing(cfg.scoring, cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor)
 
     def _grow_rope(self, n: int) -> None:
         limit = self.max_len + 256
@@ -130,7 +132,7 @@ class DecoderLM:
             top = int(positions.max()) + 1
         if top > self.cos.shape[0]:
             self._grow_rope(top)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, hd]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, rope_dim]
         mask = kv.mask(T, tree, c.sliding_window, given)
         record = [] if plan is not None and plan.record_routing else None
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
@@ -148,7 +150,7 @@ class DecoderLM:
                 emap = plan.expert_map.get(i) if plan is not None and plan.expert_map is not None else None
                 eset = plan.expert_sets.get(i) if plan is not None and plan.expert_sets is not None else None
                 rec = record if record is not None or plan is None or plan.after_moe is None else []
-                y = moe_block(x2, lw.moe, i, experts, top_k, c.norm_topk_prob, rec, emap,
+                y = moe_block(x2, lw.moe, i, experts, top_k, self.routing, rec, emap,
                               budget, kept, eset)
                 h = h + y.view(B, T, -1)
                 if plan is not None and plan.after_moe is not None:
@@ -176,7 +178,12 @@ class DecoderLM:
         qk = qkv[..., :self.q_size + self.kv_size].view(B, T, H + G, c.head_dim)
         if c.qk_norm == "head":                 # Qwen3: per-head norm, q and k with their own weights
             qk = rms_norm(qk, None, c.rms_norm_eps) * aw.qk_norm
-        qk = apply_rope(qk.transpose(1, 2), cos, sin)                            # [B, H + G, T, hd]
+        qk = qk.transpose(1, 2)                                                   # [B, H + G, T, hd]
+        if c.rotary_dim and c.rotary_dim < c.head_dim:      # partial rotary (GLM-4.5): the rest passes through
+            r = c.rotary_dim
+            qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
+        else:
+            qk = apply_rope(qk, cos, sin)
         v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
         keys, values = kv.write(layer, qk[:, H:], v)
         return linear(attend(qk[:, :H], keys, values, mask), aw.wo, aw.bo)

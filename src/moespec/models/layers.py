@@ -110,7 +110,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin scale for the config's rope type (HF formulas)."""
-    rp, dim = cfg.rope, cfg.head_dim
+    rp, dim = cfg.rope, cfg.rope_dim
     base = float(rp["rope_theta"])
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = rp["rope_type"]

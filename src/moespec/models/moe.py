@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..experts.pool import ExpertPool
 from .budget import apply_budget, reroute_inside
+from .routing import Routing, route_probs
 from .layers import linear
 
 
@@ -29,32 +30,15 @@ def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
 @dataclass
 class MoEWeights:
     router: torch.Tensor                  # [E, D] float32, whatever the model's dtype
-    shared: MLPWeights | None = None      # Qwen2-MoE shared expert
-    shared_gate: torch.Tensor | None = None  # [1, D], sigmoid gate of the shared expert
+    shared: MLPWeights | None = None      # shared expert(s), run on every token (Qwen2-MoE, GLM-4.5, DeepSeek)
+    shared_gate: torch.Tensor | None = None  # [1, D], sigmoid gate of the shared expert (Qwen2-MoE); None = ungated
+    bias: torch.Tensor | None = None      # [E] float32: sigmoid routing's score correction (choice only)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax over E -> top-K -> optional renormalisation (Mixtral always, Qwen/OLMoE by norm_topk_prob).
-
-    x [N, D] -> weights [N, K] (x.dtype), ids [N, K] long.
-    """
-    w, ids, _ = route_probs(x, router, top_k, norm_topk)
+def route(x: torch.Tensor, mw: MoEWeights, top_k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] -> weights [N, K] (x.dtype), ids [N, K] long."""
+    w, ids, _, _ = route_probs(x, mw.router, mw.bias, top_k, routing)
     return w, ids
-
-
-def route_probs(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """route() that also returns the full softmax: x [N, D] -> (w [N, K], ids [N, K], probs [N, E] float32).
-
-    The one implementation behind route(), so the budget path routes bit-identically to the normal one.
-    """
-    # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product through oneDNN costs several
-    # times the float32 one, and float32 logits pick experts at least as exactly as the model's dtype would.
-    probs = F.softmax(F.linear(x.float(), router), dim=-1)
-    w, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w.to(x.dtype), ids, probs
 
 
 def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool) -> torch.Tensor:
@@ -117,7 +101,7 @@ def sum_k(acc: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, norm_topk: bool,
+def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, routing: Routing,
               record: list | None, expert_map: torch.Tensor | None = None,
               budget: tuple | None = None, kept: list | None = None,
               allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +117,7 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     resident experts); a cache smaller than the union yields several chunks of at most S experts,
     each locked in its slots until we ask for the next one, and the chunks fill one [N, K, D] acc.
     """
-    w, ids, probs = route_probs(x, mw.router, top_k, norm_topk)
+    w, ids, choice, probs = route_probs(x, mw.router, mw.bias, top_k, routing)
     if record is not None:
         record.append(ids)
     if budget is not None:
@@ -144,11 +128,11 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
         if res.numel() < probs.shape[1]:
             resident = torch.zeros(probs.shape[1], dtype=torch.bool)
             resident[res] = True
-        w, ids, _ = apply_budget(probs, w, ids, vb, top_k, norm_topk, depth, resident)
+        w, ids, _ = apply_budget(choice, probs, w, ids, vb, top_k, routing, depth, resident)
     if expert_map is not None:
         ids = expert_map[ids]
     if allowed is not None:
-        w, ids = reroute_inside(probs, w, ids, allowed, top_k, norm_topk)
+        w, ids = reroute_inside(choice, probs, w, ids, allowed, top_k, routing)
     if kept is not None:
         kept.append(int(torch.unique(ids).numel()))
     pool = experts.pool(layer)
@@ -162,5 +146,6 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     if acc is not None:
         out = sum_k(acc)
     if mw.shared is not None:
-        out = out + torch.sigmoid(F.linear(x, mw.shared_gate)) * mlp(x, mw.shared)
+        shared = mlp(x, mw.shared)
+        out = out + (shared if mw.shared_gate is None else torch.sigmoid(F.linear(x, mw.shared_gate)) * shared)
     return out

@@ -138,6 +138,25 @@ def _deepseek(raw: dict, D: int, L: int) -> dict:
                 attn_pair_flops=2 * H * (kvr + rope) + 2 * H * kvr, notes=notes)
 
 
+def _glm4_moe(raw: dict, D: int, L: int) -> dict:
+    """GQA attention (q/k/v bias with attention_bias, per-head q/k norm with use_qk_norm) and DeepSeekMoE-style
+    experts: first_k_dense_replace dense layers, n_shared_experts shared experts, a router with a correction bias."""
+    E, K = _moe_common(raw, ("n_routed_experts", "num_local_experts"))
+    bias = bool(raw.get("attention_bias", False))
+    attn, kv, pair, H = _gqa(raw, D, bias, False)
+    if raw.get("use_qk_norm"):
+        attn += 2 * int(_get(raw, "head_dim", default=D // H))
+    moe_i = int(_get(raw, "moe_intermediate_size"))
+    first_dense = int(raw.get("first_k_dense_replace", 1) or 0)
+    shared = 3 * D * moe_i * int(raw.get("n_shared_experts", 1) or 0)
+    notes = ("the multi-token-prediction module (num_nextn_predict_layers) is not counted",) \
+        if raw.get("num_nextn_predict_layers") else ()
+    return dict(moe_layers=L - first_dense, experts=E, top_k=K, expert_params=3 * D * moe_i, attn_params=attn,
+                moe_dense_params=E * D + E + shared,
+                mlp_params=3 * D * int(_get(raw, "intermediate_size")) if first_dense else 0,
+                kv_values=kv, attn_pair_flops=pair, notes=notes)
+
+
 def _gpt_oss(raw: dict, D: int, L: int) -> dict:
     """gpt-oss: biased attention with per-head sinks, alternating sliding (128) / full layers, experts with biases
     stored as MXFP4 (4.25 bits per parameter: 4-bit values + an 8-bit scale per 32) unless the config says the
@@ -172,6 +191,6 @@ def _dense(raw: dict, D: int, L: int) -> dict:
 
 _FAMILIES = {
     "mixtral": _mixtral_like, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
-    "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "gpt_oss": _gpt_oss, "phimoe": _phimoe,
+    "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "gpt_oss": _gpt_oss, "phimoe": _phimoe,
     "granitemoe": _granite, "llama": _dense, "mistral": _dense, "qwen2": _dense, "qwen3": _dense,
 }

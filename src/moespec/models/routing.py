@@ -1,0 +1,61 @@
+"""Routers: how a family turns a MoE layer's router logits into K experts per token and their weights.
+
+Shapes: N tokens, D hidden, E experts, K top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a family turns router logits into K experts and their weights.
+
+    softmax (Mixtral, Qwen, OLMoE): softmax over E, top-K, renormalised with norm_topk. sigmoid (GLM-4.5,
+    DeepSeek-V3): sigmoid scores; the choice ranks score + the layer's correction bias, only inside the topk_group
+    groups (of n_group) whose two best choice scores sum highest; the weights are the chosen scores, renormalised
+    with norm_topk, times scale (routed_scaling_factor)."""
+    scoring: str = "softmax"
+    norm_topk: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+
+
+def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, routing: Routing
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing with what it chose from: x [N, D], router [E, D] float32, bias [E] float32 | None (sigmoid routing's
+    correction) -> (w [N, K] x.dtype, ids [N, K], choice [N, E], probs [N, E]).
+
+    choice ranks the experts (-inf outside the allowed groups), probs gives their weights (float32; the same tensor
+    for softmax routing). The one implementation behind moe.route(), so the budget path routes bit-identically.
+    """
+    # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product through oneDNN costs several
+    # times the float32 one, and float32 logits pick experts at least as exactly as the model's dtype would.
+    logits = F.linear(x.float(), router)
+    if routing.scoring == "softmax":
+        probs = F.softmax(logits, dim=-1)
+        w, ids = torch.topk(probs, top_k, dim=-1)
+        if routing.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w.to(x.dtype), ids, probs, probs
+    probs = logits.sigmoid()
+    choice = probs + bias if bias is not None else probs
+    if routing.n_group > 1:
+        groups = choice.view(-1, routing.n_group, choice.shape[-1] // routing.n_group)        # [N, n_group, E/n]
+        best = torch.topk(groups.topk(2, dim=-1)[0].sum(-1), routing.topk_group, dim=-1)[1]   # [N, topk_group]
+        keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep[..., None].expand_as(groups).reshape(choice.shape), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1)[1]
+    return weigh(probs, ids, routing).to(x.dtype), ids, choice, probs
+
+
+def weigh(probs: torch.Tensor, ids: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The weights [N, K] float32 of chosen experts ids [N, K] from probs [N, E], as the family weighs them."""
+    w = probs.gather(1, ids)
+    if routing.norm_topk:
+        w = w / (w.sum(dim=-1, keepdim=True) + (1e-20 if routing.scoring == "sigmoid" else 0.0))
+    return w * routing.scale if routing.scale != 1.0 else w

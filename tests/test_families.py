@@ -1,0 +1,107 @@
+"""Every feature on the families added beyond the first four (logits and greedy parity with transformers are in
+test_models.py, which runs every family): rollback, offloading, speculation, the budget, quantization, inspect,
+plan from config.json alone, profile and the server."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_models
+from moespec import LLM, SamplingParams
+from moespec.config import OffloadConfig
+from moespec.loading import load_model
+
+FAMILIES = ["glm4_moe"]
+PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def plain(family_dirs):
+    """Each family's greedy tokens, resident, float32."""
+    return {f: [o.token_ids for o in LLM(family_dirs[f][0]).generate(PROMPTS, GREEDY)] for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rollback_per_row_equals_fresh_prefill(family, family_dirs):
+    m = load_model(family_dirs[family][0])
+    toks = torch.randint(0, m.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    kv = m.new_cache(2, 32)
+    m.forward(toks, kv)
+    kv.advance(10)
+    kv.rollback([3, 6])
+    nxt = torch.tensor([[11], [12]])
+    got = m.forward(nxt, kv).logits[:, 0]
+    for row, keep in ((0, 7), (1, 4)):
+        ref = m.forward(torch.cat([toks[row, :keep], nxt[row]])[None], m.new_cache(1, 32)).logits[0, -1]
+        assert torch.allclose(got[row], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_offloaded_output_equals_resident(family, tier, family_dirs, plain, tmp_path):
+    llm = LLM(family_dirs[family][0], offload=OffloadConfig(expert_cache=2, offload=tier, offload_dir=str(tmp_path)))
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == plain[family]
+    assert outs[0].stats["expert_misses"] > 0
+    llm.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec, offload", [
+    ({"method": "ngram", "num_speculative_tokens": 3}, None),
+    ({"method": "self", "draft_experts": 4, "num_speculative_tokens": 3}, None),
+    ({"method": "self", "draft_experts": "shadow-int8", "num_speculative_tokens": 4}, "disk"),
+    ({"method": "self", "draft_experts": 3, "num_speculative_tokens": 2, "draft_kv": "own"}, "disk"),
+])
+def test_speculative_output_equals_plain(family, spec, offload, family_dirs, plain, tmp_path):
+    off = OffloadConfig(expert_cache=3, offload=offload, offload_dir=str(tmp_path), prefetch="auto") if offload else None
+    llm = LLM(family_dirs[family][0], speculative=spec, offload=off)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == plain[family]
+    assert outs[0].stats["draft_tokens"] > 0
+    llm.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_and_quantization_run_and_say_they_are_lossy(family, family_dirs):
+    folder = family_dirs[family][0]
+    cfg = json.loads((folder / "config.json").read_text())
+    llm = LLM(folder, speculative={"method": "ngram", "num_speculative_tokens": 3,
+                                   "verify_budget": cfg["num_experts_per_tok"]})
+    out = llm.generate(PROMPTS, GREEDY)[0]
+    assert out.stats["lossy"] and out.stats["lossy_reasons"] == ["verify_budget"] and len(out.token_ids) == 24
+    m, q = load_model(folder), load_model(folder, quant="int8")
+    toks = torch.tensor([PROMPTS[0]])
+    ref, got = m.forward(toks, m.new_cache(1, 16)).logits, q.forward(toks, q.new_cache(1, 16)).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.02
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_plan_profile_and_serve(family, tmp_path):
+    folder = tmp_path / "m"
+    hf_models.build_text_model(folder, family=family)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moespec.cli", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=300)
+    r = run("inspect", str(folder), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["family"] == family and info["experts"] == 8
+    r = run("plan", str(folder), "--memory", "1GB", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout), r.stderr
+    (tmp_path / "p.txt").write_text("def wrap(text):\nimport os\n")
+    r = run("profile", str(folder), "--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads((tmp_path / "r.json").read_text())["layers"]) == {"1", "2"}      # the MoE layers
+    from fastapi.testclient import TestClient
+
+    from moespec.serve.app import create_app
+    llm = LLM(folder)
+    with TestClient(create_app(llm, "m")) as c:
+        reply = c.post("/v1/completions", json={"prompt": "def wrap(", "max_tokens": 8, "temperature": 0,
+                                                "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    want = llm.generate("def wrap(", SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0].text
+    assert reply.json()["choices"][0]["text"] == want
