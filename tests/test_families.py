@@ -13,7 +13,7 @@ from moespec import LLM, SamplingParams
 from moespec.config import OffloadConfig
 from moespec.loading import load_model
 
-FAMILIES = ["glm4_moe"]
+FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3"]
 PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
@@ -105,3 +105,22 @@ def test_inspect_plan_profile_and_serve(family, tmp_path):
     assert reply.status_code == 200, reply.text
     want = llm.generate("def wrap(", SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0].text
     assert reply.json()["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_mla_caches_the_latent_only(family, family_dirs):
+    """KV bytes per token: the latent and the rope key per layer (kv_lora_rank + qk_rope_head_dim values), not H keys
+    and values; equal to what transformers' own cache holds for the same tokens."""
+    folder, hf = family_dirs[family]
+    cfg = json.loads((folder / "config.json").read_text())
+    llm = LLM(folder)
+    latent = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * cfg["num_hidden_layers"] * 4      # float32
+    assert llm.kv_bytes_per_token == latent
+    kv = llm.model.new_cache(1, 100)
+    assert (kv.k.numel() + kv.v.numel()) * kv.k.element_size() == latent * 100
+    expanded = cfg["num_attention_heads"] * (2 * cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
+    assert latent < expanded * cfg["num_hidden_layers"] * 4 / 2                  # less than half of expanded K and V
+    out = hf(torch.tensor([PROMPTS[0]]), use_cache=True)
+    theirs = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
+                 for t in (layer.keys, layer.values)) / len(PROMPTS[0])
+    assert llm.kv_bytes_per_token == theirs

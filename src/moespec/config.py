@@ -7,6 +7,7 @@ and rejects what the engine cannot run with an error naming the field.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,15 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     shared_expert_gated: bool = True   # a sigmoid gate on the shared expert (Qwen2-MoE) or none (GLM-4.5)
     rotary_dim: int = 0            # rope over the first rotary_dim of each head (partial rotary); 0 = all of it
+    group_score: str = "top2"      # how expert groups are ranked (models/routing.py)
+    # Multi-head latent attention (DeepSeek-V2/V3): the cache keeps a kv_lora_rank latent and a shared rope key
+    attention: str = "gqa"         # "gqa" | "mla"
+    q_lora_rank: int = 0           # 0: a plain query projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rope on interleaved pairs of dimensions (DeepSeek)
+    softmax_scale: float | None = None   # None: head_dim ** -0.5
     moe_layers: tuple[bool, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
@@ -51,6 +61,14 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and any(self.moe_layers)
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Values one token keeps in one layer's KV cache: keys and values of every KV head, or MLA's latent and rope
+        key."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.rotary_dim
+        return 2 * self.num_kv_heads * self.head_dim
 
     @property
     def rope_dim(self) -> int:
@@ -197,6 +215,43 @@ def _glm4_moe(f: _Fields, layers: int) -> dict:
     return out
 
 
+def _deepseek(f: _Fields, layers: int) -> dict:
+    """DeepSeek-V2 / V3: multi-head latent attention, dense layers before first_k_dense_replace (and off the
+    moe_layer_freq beat), shared experts; V2 routes by softmax (group-limited greedy with n_group), V3 by sigmoid
+    scores with a correction bias inside groups."""
+    raw, v3 = f.raw, f.mt == "deepseek_v3"
+    first, freq = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
+        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
+    E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
+    groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
+    if not v3 and raw.get("topk_method", "greedy") == "greedy":
+        groups = topk_group = 1
+    if E % groups or topk_group > groups or K > topk_group * (E // groups):
+        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
+                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
+    nope, rope, v = f.need("qk_nope_head_dim"), f.need("qk_rope_head_dim"), f.need("v_head_dim")
+    rp = rope_params(raw)
+    scale = (nope + rope) ** -0.5
+    if rp["rope_type"] == "yarn" and rp.get("mscale_all_dim"):       # the attention's share of YaRN's scaling
+        m = 0.1 * float(rp["mscale_all_dim"]) * math.log(float(rp["factor"])) + 1.0 if float(rp["factor"]) > 1 else 1.0
+        scale *= m * m
+    moe_layers = tuple(i >= first and i % freq == 0 for i in range(layers))
+    out = {"num_experts": E, "top_k": K, "moe_intermediate_size": I, "moe_layers": moe_layers,
+           "norm_topk_prob": bool(raw.get("norm_topk_prob", True)) if v3 else False,
+           "scoring": "sigmoid" if v3 else "softmax", "group_score": "top2" if v3 else "max",
+           "n_group": groups, "topk_group": topk_group,
+           "routed_scaling_factor": float(raw.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
+           "shared_expert_intermediate_size": I * (raw.get("n_shared_experts") or 0), "shared_expert_gated": False,
+           "attention": "mla", "q_lora_rank": raw.get("q_lora_rank") or 0, "kv_lora_rank": f.need("kv_lora_rank"),
+           "qk_nope_head_dim": nope, "v_head_dim": v, "rotary_dim": rope, "head_dim": nope + rope,
+           "rope_interleave": bool(raw.get("rope_interleave", True)) if v3 else True, "softmax_scale": scale,
+           "num_kv_heads": f.need("num_attention_heads")}
+    if not all(moe_layers):
+        out["intermediate_size"] = f.need("intermediate_size")
+    return out
+
+
 def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
@@ -226,6 +281,8 @@ FAMILIES = {
     "qwen3_moe": Family(_qwen_moe, qk_norm="head"),
     "olmoe": Family(_olmoe, qk_norm="full"),
     "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
+    "deepseek_v2": Family(_deepseek),
+    "deepseek_v3": Family(_deepseek),
     "qwen3": Family(_dense, qk_norm="head"),
     "qwen2": Family(_dense, qkv_bias=_qwen2_bias, o_bias=_no_bias),
     "llama": Family(_dense),

@@ -215,7 +215,7 @@ class LLM:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.model.cfg
-        return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.empty((), dtype=self.model.kv_dtype).element_size()
+        return c.num_layers * c.kv_values_per_token * torch.empty((), dtype=self.model.kv_dtype).element_size()
 
     def expert_stats(self) -> dict:
         """Expert cache counters since load (hits, misses, bytes_read, evictions, stall_s, prefetch_*,

@@ -1,6 +1,6 @@
 """A preallocated KV cache passed explicitly to every forward.
 
-Layout: k, v [layers, B, G, S, hd] (G kv heads, S capacity). Row b holds `lens[b]` committed
+Layout: k, v [layers, B, G, S, hd] (G kv heads, S capacity; v may be narrower, or empty for MLA's latent). Row b holds `lens[b]` committed
 tokens at slots 0..lens[b]-1. A forward over T new tokens writes them at slots
 lens[b]..lens[b]+T-1 without committing; the caller then commits what it keeps (`advance`), so
 speculative tokens beyond the committed length are simply overwritten by the next forward.
@@ -14,11 +14,12 @@ from .errors import MoespecError
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", v_dim: int | None = None):
+        """v_dim: the values' width when it differs from the keys' (0: no values, MLA keeps one latent as keys)."""
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         # Zeros, not empty: masked slots still enter SDPA, and 0 * NaN garbage would poison outputs.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape[:-1] + (head_dim if v_dim is None else v_dim,), dtype=dtype, device=device)
         self.capacity = capacity
         self.lens = [0] * batch    # committed length per row, as Python ints: no device syncs to read
 
@@ -117,9 +118,9 @@ class KVCache:
         cap = self.capacity if capacity is None else capacity
         if cap < hi:
             raise MoespecError(f"a KV capacity of {cap} tokens cannot hold a kept row of {hi}")
-        shape = (self.k.shape[0], len(rows), self.k.shape[2], cap, self.k.shape[4])
-        k = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
-        v = torch.zeros_like(k)
+        shape = (self.k.shape[0], len(rows), self.k.shape[2], cap)
+        k = self.k.new_zeros(shape + self.k.shape[4:])
+        v = self.v.new_zeros(shape + self.v.shape[4:])
         k[:, :, :, :hi] = self.k[:, idx, :, :hi]
         v[:, :, :, :hi] = self.v[:, idx, :, :hi]
         self.k, self.v, self.capacity = k, v, cap
@@ -129,9 +130,9 @@ class KVCache:
         """Append other's rows after these (sequences joining a running batch); the capacity becomes the
         larger of the two. Returns self."""
         cap = max(self.capacity, other.capacity)
-        shape = (self.k.shape[0], self.batch + other.batch, *self.k.shape[2:3], cap, self.k.shape[-1])
-        k = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
-        v = torch.zeros_like(k)
+        shape = (self.k.shape[0], self.batch + other.batch, *self.k.shape[2:3], cap)
+        k = self.k.new_zeros(shape + self.k.shape[4:])
+        v = self.v.new_zeros(shape + self.v.shape[4:])
         for dst, a, b in ((k, self.k, other.k), (v, self.v, other.v)):
             dst[:, :self.batch, :, :self.capacity] = a
             dst[:, self.batch:, :, :other.capacity] = b

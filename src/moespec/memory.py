@@ -123,7 +123,7 @@ def plan_for_model(limit: int, path, cfg, dtype: str, quant, *, max_model_len: i
     from .model_info import model_sizes
     sizes = model_sizes(path, cfg, dtype, quant)
     kv_elem = 4 if str(device).startswith("cpu") else (4 if sizes["dtype"] == "float32" else 2)
-    kv_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_elem
+    kv_token = cfg.num_layers * cfg.kv_values_per_token * kv_elem
     extra, copies = 0, 1.0
     if spec is not None and spec.method == "self" and spec.draft_kv == "own":
         copies = 2.0                                       # this self drafter keeps its own KV cache
@@ -134,7 +134,7 @@ def plan_for_model(limit: int, path, cfg, dtype: str, quant, *, max_model_len: i
         from .config import ModelConfig
         dcfg = ModelConfig.from_folder(spec.model)
         dsz = model_sizes(spec.model, dcfg, dtype, None)
-        extra += dsz["bytes_total"] + dcfg.num_layers * 2 * dcfg.num_kv_heads * dcfg.head_dim * kv_elem * \
+        extra += dsz["bytes_total"] + dcfg.num_layers * dcfg.kv_values_per_token * kv_elem * \
             (max_model_len or min(cfg.max_position_embeddings, 2048)) * batch
     common = dict(dense_bytes=sizes["bytes_dense"], expert_blob_bytes=sizes["bytes_per_expert"],
                   moe_layers=sizes["moe_layers"] if cfg.is_moe else 0, experts=cfg.num_experts,

@@ -15,6 +15,7 @@ from ..errors import MoespecError
 from ..experts.pool import ExpertPool
 from ..experts.pools import make_pool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
+from ..models.mla import MLAWeights
 from ..models.layout import LayoutChooser, as_layout
 from ..models.moe import MLPWeights, MoEWeights
 from ..progress import progress
@@ -82,7 +83,9 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
     return Weights(embed, get("model.norm.weight", (D,)), lm_head, layers), pools
 
 
-def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices) -> AttnWeights:
+def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices) -> AttnWeights | MLAWeights:
+    if c.attention == "mla":
+        return _mla(get, c, p, dense)
     D, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     wqkv = torch.cat([get(p + "q_proj.weight", (q, D)), get(p + "k_proj.weight", (kv, D)),
                       get(p + "v_proj.weight", (kv, D))])
@@ -97,6 +100,27 @@ def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices
     elif c.qk_norm == "full":
         aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (q,)), get(p + "k_norm.weight", (kv,))
     return aw
+
+
+def _mla(get, c: ModelConfig, p: str, dense: DenseMatrices) -> MLAWeights:
+    """DeepSeek's attention weights; kv_b_proj [H * (N + Vd), C] split per head into the key part absorbed into the
+    query and the value part (models/mla.py)."""
+    D, H, N, R, C, Vd = c.hidden_size, c.num_heads, c.qk_nope_head_dim, c.rotary_dim, c.kv_lora_rank, c.v_head_dim
+    bias = c.qkv_bias
+    kv_b = get(p + "kv_b_proj.weight", (H * (N + Vd), C)).view(H, N + Vd, C)
+    w = MLAWeights(dense(get(p + "kv_a_proj_with_mqa.weight", (C + R, D)), p + "kv_a_proj_with_mqa"),
+                   get(p + "kv_a_layernorm.weight", (C,)), kv_b[:, :N].contiguous(), kv_b[:, N:].contiguous(),
+                   dense(get(p + "o_proj.weight", (D, H * Vd)), p + "o_proj"),
+                   bkv_a=get(p + "kv_a_proj_with_mqa.bias", (C + R,)) if bias else None,
+                   bo=get(p + "o_proj.bias", (D,)) if bias else None)
+    if c.q_lora_rank:
+        Q = c.q_lora_rank
+        w.wq_a, w.q_a_norm = dense(get(p + "q_a_proj.weight", (Q, D)), p + "q_a_proj"), get(p + "q_a_layernorm.weight", (Q,))
+        w.wq_b = dense(get(p + "q_b_proj.weight", (H * (N + R), Q)), p + "q_b_proj")
+        w.bq_a = get(p + "q_a_proj.bias", (Q,)) if bias else None
+    else:
+        w.wq = dense(get(p + "q_proj.weight", (H * (N + R), D)), p + "q_proj")
+    return w
 
 
 def _mlp(get, p: str, inter: int, D: int, dense: DenseMatrices) -> MLPWeights:

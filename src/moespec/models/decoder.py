@@ -17,6 +17,7 @@ from ..errors import MoespecError
 from ..kv_cache import KVCache
 from .budget import VerifyBudget
 from .layers import apply_rope, attend, linear, rms_norm, rope_tables
+from .mla import MLAWeights, mla_attention
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
 from .routing import Routing
 
@@ -36,7 +37,7 @@ class AttnWeights:
 class LayerWeights:
     ln1: torch.Tensor
     ln2: torch.Tensor
-    attn: AttnWeights
+    attn: AttnWeights | MLAWeights
     mlp: MLPWeights | None = None      # dense layer
     moe: MoEWeights | None = None      # sparse layer (experts live in the provider)
 
@@ -109,6 +110,9 @@ class DecoderLM:
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
+        if c.attention == "mla":                # one [latent | rope key] per token and layer (models/mla.py)
+            return KVCache(c.num_layers, batch, capacity, 1, c.kv_lora_rank + c.rotary_dim, self.kv_dtype,
+                           self.device, v_dim=0)
         return KVCache(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.kv_dtype, self.device)
 
     @torch.inference_mode()
@@ -162,8 +166,10 @@ class DecoderLM:
         h = rms_norm(h, self.w.norm, c.rms_norm_eps)
         return ForwardOutput(linear(h, self.w.lm_head), record or [], h, kept or [])
 
-    def _attention(self, x, aw: AttnWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
+    def _attention(self, x, aw: AttnWeights | MLAWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
         c = self.cfg
+        if c.attention == "mla":
+            return mla_attention(x, aw, c, layer, kv, cos, sin, mask)
         B, T, _ = x.shape
         H, G = c.num_heads, c.num_kv_heads
         qkv = linear(x, aw.wqkv, aw.bqkv)                                     # [B, T, (H + 2G) hd]

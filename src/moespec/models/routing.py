@@ -14,15 +14,17 @@ import torch.nn.functional as F
 class Routing:
     """How a family turns router logits into K experts and their weights.
 
-    softmax (Mixtral, Qwen, OLMoE): softmax over E, top-K, renormalised with norm_topk. sigmoid (GLM-4.5,
-    DeepSeek-V3): sigmoid scores; the choice ranks score + the layer's correction bias, only inside the topk_group
-    groups (of n_group) whose two best choice scores sum highest; the weights are the chosen scores, renormalised
-    with norm_topk, times scale (routed_scaling_factor)."""
+    softmax (Mixtral, Qwen, OLMoE, DeepSeek-V2): softmax over E, top-K, renormalised with norm_topk. sigmoid (GLM-4.5,
+    DeepSeek-V3): sigmoid scores, and the choice ranks score + the layer's correction bias. With n_group > 1 the
+    choice stays inside the topk_group groups whose score is highest: the sum of a group's two best choices
+    (group_score "top2", V3) or its best one ("max", V2's group-limited greedy). The weights are the chosen scores,
+    renormalised with norm_topk, times scale (routed_scaling_factor)."""
     scoring: str = "softmax"
     norm_topk: bool = False
     n_group: int = 1
     topk_group: int = 1
     scale: float = 1.0
+    group_score: str = "top2"
 
 
 def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, routing: Routing
@@ -38,19 +40,28 @@ def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None
     logits = F.linear(x.float(), router)
     if routing.scoring == "softmax":
         probs = F.softmax(logits, dim=-1)
-        w, ids = torch.topk(probs, top_k, dim=-1)
-        if routing.norm_topk:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w.to(x.dtype), ids, probs, probs
-    probs = logits.sigmoid()
-    choice = probs + bias if bias is not None else probs
+        if routing.n_group == 1:
+            w, ids = torch.topk(probs, top_k, dim=-1)
+            if routing.norm_topk:
+                w = w / w.sum(dim=-1, keepdim=True)
+            return (w * routing.scale if routing.scale != 1.0 else w).to(x.dtype), ids, probs, probs
+        choice = probs
+    else:
+        probs = logits.sigmoid()
+        choice = probs + bias if bias is not None else probs
     if routing.n_group > 1:
-        groups = choice.view(-1, routing.n_group, choice.shape[-1] // routing.n_group)        # [N, n_group, E/n]
-        best = torch.topk(groups.topk(2, dim=-1)[0].sum(-1), routing.topk_group, dim=-1)[1]   # [N, topk_group]
-        keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
-        choice = choice.masked_fill(~keep[..., None].expand_as(groups).reshape(choice.shape), float("-inf"))
+        choice = _inside_groups(choice, routing)
     ids = torch.topk(choice, top_k, dim=-1)[1]
     return weigh(probs, ids, routing).to(x.dtype), ids, choice, probs
+
+
+def _inside_groups(choice: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """choice [N, E] with -inf outside each token's topk_group best groups."""
+    groups = choice.view(-1, routing.n_group, choice.shape[-1] // routing.n_group)           # [N, n_group, E/n]
+    score = groups.topk(2, dim=-1)[0].sum(-1) if routing.group_score == "top2" else groups.max(-1).values
+    best = torch.topk(score, routing.topk_group, dim=-1)[1]                                    # [N, topk_group]
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, best, True)
+    return choice.masked_fill(~keep[..., None].expand_as(groups).reshape(choice.shape), float("-inf"))
 
 
 def weigh(probs: torch.Tensor, ids: torch.Tensor, routing: Routing) -> torch.Tensor:
