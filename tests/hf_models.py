@@ -50,6 +50,12 @@ FAMILY_CONFIGS = {
                                          "original_max_position_embeddings": 128, "mscale": 1.0,
                                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
                         tie_word_embeddings=False),
+    # multipliers on the embeddings, the residual branches, the attention scale and the logits; attention bias
+    "granitemoe": dict(model_type="granitemoe", vocab_size=233, hidden_size=48, intermediate_size=40,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+                       num_experts_per_tok=2, embedding_multiplier=6.0, residual_multiplier=0.4,
+                       attention_multiplier=0.05, logits_scaling=3.0, attention_bias=True,
+                       max_position_embeddings=512, tie_word_embeddings=True),
 }
 # A dense model, as the draft-model drafter uses (same family code path, no experts).
 DENSE_CONFIGS = {
@@ -70,7 +76,7 @@ def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=t
     # Random init gives near-uniform routers; sharpen them so routing is decisive and realistic.
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("gate.weight") and p.shape[0] > 1:
+            if n.endswith(("gate.weight", "router.weight")) and p.shape[0] > 1:
                 p.normal_(0, 1.0)
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):     # zero at init: make it matter

@@ -10,10 +10,10 @@ import torch
 
 import hf_models
 from moespec import LLM, SamplingParams
-from moespec.config import OffloadConfig
+from moespec.config import ModelConfig, OffloadConfig
 from moespec.loading import load_model
 
-FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe"]
 PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
@@ -88,13 +88,14 @@ def test_inspect_plan_profile_and_serve(family, tmp_path):
     r = run("inspect", str(folder), "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["family"] == family and info["experts"] == 8
+    cfg = ModelConfig.from_folder(folder)
+    assert info["family"] == family and info["experts"] == cfg.num_experts
     r = run("plan", str(folder), "--memory", "1GB", "--json")
     assert r.returncode == 0 and json.loads(r.stdout), r.stderr
     (tmp_path / "p.txt").write_text("def wrap(text):\nimport os\n")
     r = run("profile", str(folder), "--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
-    assert set(json.loads((tmp_path / "r.json").read_text())["layers"]) == {"1", "2"}      # the MoE layers
+    assert set(json.loads((tmp_path / "r.json").read_text())["layers"]) == {str(i) for i in cfg.moe_layer_ids}
     from fastapi.testclient import TestClient
 
     from moespec.serve.app import create_app

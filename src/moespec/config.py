@@ -53,6 +53,10 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False  # rope on interleaved pairs of dimensions (DeepSeek)
     softmax_scale: float | None = None   # None: head_dim ** -0.5
+    # GraniteMoE's multipliers: of the embeddings, of each block's output before the residual add, 1 / of the logits
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     moe_layers: tuple[bool, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
@@ -252,6 +256,18 @@ def _deepseek(f: _Fields, layers: int) -> dict:
     return out
 
 
+def _granitemoe(f: _Fields, layers: int) -> dict:
+    """GraniteMoE: Mixtral's layout with multipliers (embeddings, residual branches, attention scale, logits) and
+    softmax over the top-k logits (the same as renormalising the top-k of a full softmax)."""
+    out = {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok"),
+           "moe_intermediate_size": f.need("intermediate_size"), "norm_topk_prob": True,
+           "moe_layers": (True,) * layers}
+    for key, name in (("embedding_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
+                      ("logits_scaling", "logits_scaling"), ("attention_multiplier", "softmax_scale")):
+        out[name] = float(f.optional(key, 1.0, float))
+    return out
+
+
 def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
@@ -281,6 +297,7 @@ FAMILIES = {
     "qwen3_moe": Family(_qwen_moe, qk_norm="head"),
     "olmoe": Family(_olmoe, qk_norm="full"),
     "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
+    "granitemoe": Family(_granitemoe),
     "deepseek_v2": Family(_deepseek),
     "deepseek_v3": Family(_deepseek),
     "qwen3": Family(_dense, qk_norm="head"),

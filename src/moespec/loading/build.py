@@ -23,6 +23,9 @@ from ..quant.scheme import QuantConfig
 from .checkpoint import Checkpoint
 
 PER_EXPERT = {"mixtral": ("w1", "w3", "w2")}
+# Fused [E, 2I, D] / [E, D, I] expert tensors under the MoE block: transformers 5's names, and a family's own.
+FUSED = [("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight")]
+ROUTERS = ("gate.weight", "router.weight", "router.layer.weight")   # GraniteMoE: router.layer (hub) or router
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -129,15 +132,19 @@ def _mlp(get, p: str, inter: int, D: int, dense: DenseMatrices) -> MLPWeights:
 
 
 def _moe_block(ck: Checkpoint, p: str) -> str:
-    # Mixtral checkpoints say block_sparse_moe; transformers 5's fused save says mlp.
-    return p + ("block_sparse_moe." if ck.has(p + "block_sparse_moe.gate.weight") else "mlp.")
+    # Mixtral and GraniteMoE checkpoints say block_sparse_moe; transformers 5's fused save says mlp.
+    return p + ("block_sparse_moe." if any(ck.has(p + "block_sparse_moe." + r) for r in ROUTERS) else "mlp.")
+
+
+def _router(ck: Checkpoint, block: str) -> str:
+    return block + next((r for r in ROUTERS if ck.has(block + r)), ROUTERS[0])
 
 
 def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: LayoutChooser, dense: DenseMatrices,
          quant: QuantConfig | None, experts: bool = True) -> tuple[MoEWeights, ExpertPool | None]:
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     block = _moe_block(ck, p)
-    mw = MoEWeights(ck.get(block + "gate.weight", (E, D)).to(dtype=torch.float32, device=device))  # routing.py
+    mw = MoEWeights(ck.get(_router(ck, block), (E, D)).to(dtype=torch.float32, device=device))  # routing.py
     if c.scoring == "sigmoid" and ck.has(block + "gate.e_score_correction_bias"):
         mw.bias = ck.get(block + "gate.e_score_correction_bias", (E,)).to(dtype=torch.float32, device=device)
     if c.shared_expert_intermediate_size:
@@ -190,9 +197,10 @@ def _fill_experts(get, ck: Checkpoint, c: ModelConfig, block: str, pool, ids: li
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     dtype, dev = getattr(torch, pool.layout["dtype"]), pool.blob.device
     for j, e in enumerate(range(E) if ids is None else ids):
-        if ck.has(block + "experts.gate_up_proj"):
-            gu = ck.get_rows(block + "experts.gate_up_proj", e, e + 1, (E, 2 * I, D))[0].to(dtype=dtype, device=dev)
-            down = ck.get_rows(block + "experts.down_proj", e, e + 1, (E, D, I))[0].to(dtype=dtype, device=dev)
+        fused = next(((a, b) for a, b in FUSED if ck.has(block + a)), None)
+        if fused is not None:
+            gu = ck.get_rows(block + fused[0], e, e + 1, (E, 2 * I, D))[0].to(dtype=dtype, device=dev)
+            down = ck.get_rows(block + fused[1], e, e + 1, (E, D, I))[0].to(dtype=dtype, device=dev)
             pool.pack(j, gu[:I], gu[I:], down)
         else:
             g, u, d = PER_EXPERT.get(c.model_type, QWEN_NAMES)

@@ -142,11 +142,15 @@ class DecoderLM:
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
         kept = [] if budget is not None else None
         h = F.embedding(tokens, self.w.embed)                                      # [B, T, D]
+        if c.embedding_multiplier != 1.0:
+            h = h * c.embedding_multiplier
+        r = c.residual_multiplier                  # GraniteMoE scales each block's output; 1.0 elsewhere
         top_k = plan.top_k if plan is not None and plan.top_k else c.top_k
         n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
         experts = plan.experts if plan is not None and plan.experts is not None else self.experts
         for i, lw in enumerate(self.w.layers[:n_layers]):
-            h = h + self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
+            a = self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
+            h = h + (a if r == 1.0 else a * r)
             x = rms_norm(h, lw.ln2, c.rms_norm_eps)
             if lw.moe is not None:
                 x2 = x.reshape(B * T, -1)
@@ -156,15 +160,19 @@ class DecoderLM:
                 rec = record if record is not None or plan is None or plan.after_moe is None else []
                 y = moe_block(x2, lw.moe, i, experts, top_k, self.routing, rec, emap,
                               budget, kept, eset)
-                h = h + y.view(B, T, -1)
+                h = h + (y.view(B, T, -1) if r == 1.0 else y.view(B, T, -1) * r)
                 if plan is not None and plan.after_moe is not None:
                     plan.after_moe(i, rec[-1])
             else:
-                h = h + mlp(x, lw.mlp)
+                y = mlp(x, lw.mlp)
+                h = h + (y if r == 1.0 else y * r)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
         h = rms_norm(h, self.w.norm, c.rms_norm_eps)
-        return ForwardOutput(linear(h, self.w.lm_head), record or [], h, kept or [])
+        logits = linear(h, self.w.lm_head)
+        if c.logits_scaling != 1.0:
+            logits = logits / c.logits_scaling
+        return ForwardOutput(logits, record or [], h, kept or [])
 
     def _attention(self, x, aw: AttnWeights | MLAWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
         c = self.cfg
@@ -192,4 +200,4 @@ class DecoderLM:
             qk = apply_rope(qk, cos, sin)
         v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
         keys, values = kv.write(layer, qk[:, H:], v)
-        return linear(attend(qk[:, :H], keys, values, mask), aw.wo, aw.bo)
+        return linear(attend(qk[:, :H], keys, values, mask, c.softmax_scale), aw.wo, aw.bo)

@@ -177,10 +177,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+           ) -> torch.Tensor:
     """q [B, H, T, hd], k/v [B, G, L, hd], mask [B, 1, T, L] bool (True = visible) or None -> [B, T, H*hd].
 
-    A cache kept wider than the model (float32 K/V for a bf16 model, DecoderLM.kv_dtype) attends at its width."""
-    out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+    A cache kept wider than the model (float32 K/V for a bf16 model, DecoderLM.kv_dtype) attends at its width; scale:
+    the softmax scale (None: hd ** -0.5)."""
+    out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1]).to(q.dtype)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
