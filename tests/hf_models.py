@@ -39,14 +39,14 @@ FAMILY_CONFIGS = {
                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, n_group=2, topk_group=1,
                         topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
                         max_position_embeddings=512, tie_word_embeddings=True),
-    # MLA with a query LoRA, sigmoid routing with a correction bias over groups, YaRN with mscale (the attention scale
-    # changes too), interleaved rope, untied head
+    # MLA with a query LoRA and attention biases, sigmoid routing with a correction bias over groups, YaRN with mscale
+    # (the attention scale changes too), interleaved rope, untied head
     "deepseek_v3": dict(model_type="deepseek_v3", vocab_size=229, hidden_size=64, intermediate_size=96,
                         moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                         q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                         n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2,
                         routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=512,
-                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                        attention_bias=True, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                          "original_max_position_embeddings": 128, "mscale": 1.0,
                                          "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
                         tie_word_embeddings=False),

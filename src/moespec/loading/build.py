@@ -106,23 +106,32 @@ def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices
 
 
 def _mla(get, c: ModelConfig, p: str, dense: DenseMatrices) -> MLAWeights:
-    """DeepSeek's attention weights; kv_b_proj [H * (N + Vd), C] split per head into the key part absorbed into the
-    query and the value part (models/mla.py)."""
+    """DeepSeek's attention weights (models/mla.py): the products of x fused into one; kv_b_proj [H * (N + Vd), C]
+    split per head into the key part absorbed into the query and the value part, kept in float32. Rope on
+    interleaved pairs becomes plain rope: the rows making each rope part are reordered evens then odds (queries and
+    keys alike: their products are unchanged, and the rotation computes the same numbers in the other order)."""
     D, H, N, R, C, Vd = c.hidden_size, c.num_heads, c.qk_nope_head_dim, c.rotary_dim, c.kv_lora_rank, c.v_head_dim
-    bias = c.qkv_bias
-    kv_b = get(p + "kv_b_proj.weight", (H * (N + Vd), C)).view(H, N + Vd, C)
-    w = MLAWeights(dense(get(p + "kv_a_proj_with_mqa.weight", (C + R, D)), p + "kv_a_proj_with_mqa"),
-                   get(p + "kv_a_layernorm.weight", (C,)), kv_b[:, :N].contiguous(), kv_b[:, N:].contiguous(),
-                   dense(get(p + "o_proj.weight", (D, H * Vd)), p + "o_proj"),
-                   bkv_a=get(p + "kv_a_proj_with_mqa.bias", (C + R,)) if bias else None,
-                   bo=get(p + "o_proj.bias", (D,)) if bias else None)
-    if c.q_lora_rank:
-        Q = c.q_lora_rank
-        w.wq_a, w.q_a_norm = dense(get(p + "q_a_proj.weight", (Q, D)), p + "q_a_proj"), get(p + "q_a_layernorm.weight", (Q,))
-        w.wq_b = dense(get(p + "q_b_proj.weight", (H * (N + R), Q)), p + "q_b_proj")
-        w.bq_a = get(p + "q_a_proj.bias", (Q,)) if bias else None
-    else:
-        w.wq = dense(get(p + "q_proj.weight", (H * (N + R), D)), p + "q_proj")
+    order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)]) if c.rope_interleave else torch.arange(R)
+
+    def q_rows(w):                       # [H * (N + R), in]: each head's rope rows reordered
+        w = w.view(H, N + R, -1)
+        return torch.cat([w[:, :N], w[:, N:][:, order]], 1).reshape(H * (N + R), -1)
+    kv_a = get(p + "kv_a_proj_with_mqa.weight", (C + R, D))
+    kv_a = torch.cat([kv_a[:C], kv_a[C:][order]])
+    Q = c.q_lora_rank
+    wq = get(p + "q_a_proj.weight", (Q, D)) if Q else q_rows(get(p + "q_proj.weight", (H * (N + R), D)))
+    bx = None
+    if c.qkv_bias:                       # attention_bias: the query LoRA, the latent and rope key, the output
+        b = get(p + "kv_a_proj_with_mqa.bias", (C + R,))
+        bx = torch.cat([get(p + "q_a_proj.bias", (Q,)) if Q else b.new_zeros(wq.shape[0]), b[:C], b[C:][order]])
+    kv_b = get(p + "kv_b_proj.weight", (H * (N + Vd), C)).view(H, N + Vd, C).float()
+    w = MLAWeights(dense(torch.cat([wq, kv_a]), p + "x_proj"), get(p + "kv_a_layernorm.weight", (C,)),
+                   kv_b[:, :N].contiguous(), kv_b[:, N:].transpose(1, 2).contiguous(),
+                   dense(get(p + "o_proj.weight", (D, H * Vd)), p + "o_proj"), bx=bx,
+                   bo=get(p + "o_proj.bias", (D,)) if c.qkv_bias else None)
+    if Q:
+        w.q_a_norm = get(p + "q_a_layernorm.weight", (Q,))
+        w.wq_b = dense(q_rows(get(p + "q_b_proj.weight", (H * (N + R), Q))), p + "q_b_proj")
     return w
 
 

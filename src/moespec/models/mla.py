@@ -20,27 +20,17 @@ from .layers import apply_rope, linear, rms_norm
 
 @dataclass
 class MLAWeights:
-    wkv_a: torch.Tensor                  # [C + R, D]: the latent and the rope key (kv_a_proj_with_mqa)
+    wx: torch.Tensor                     # [Q + C + R, D]: everything computed from x in one product: the query (Q =
+                                         # H * (N + R)) or its LoRA down-projection (Q = q_lora_rank), the latent, the
+                                         # rope key (q_proj / q_a_proj and kv_a_proj_with_mqa fused)
     kv_a_norm: torch.Tensor              # [C]
-    w_kb: torch.Tensor                   # [H, N, C]: the key half of kv_b_proj, absorbed into the query
-    w_vb: torch.Tensor                   # [H, Vd, C]: the value half, applied to each head's latent output
+    w_kb: torch.Tensor                   # [H, N, C] float32: the key half of kv_b_proj, absorbed into the query
+    w_vb: torch.Tensor                   # [H, C, Vd] float32: the value half (transposed), applied to the latent output
     wo: torch.Tensor                     # [D, H * Vd]
-    wq: torch.Tensor | None = None       # [H * (N + R), D] without a query LoRA (V2-Lite)
-    wq_a: torch.Tensor | None = None     # [q_lora_rank, D]
-    q_a_norm: torch.Tensor | None = None
-    wq_b: torch.Tensor | None = None     # [H * (N + R), q_lora_rank]
-    bq_a: torch.Tensor | None = None     # biases with attention_bias
-    bkv_a: torch.Tensor | None = None
+    q_a_norm: torch.Tensor | None = None  # with a query LoRA: its norm and up-projection [H * (N + R), Q]
+    wq_b: torch.Tensor | None = None
+    bx: torch.Tensor | None = None       # biases with attention_bias
     bo: torch.Tensor | None = None
-
-
-def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rope on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout), written out de-interleaved: evens'
-    then odds' rotations (queries and keys alike, so their products are unchanged). cos/sin: rope_tables' [.., R]."""
-    half = cos.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., half:]              # the signed table's second half is +sin
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def mla_attention(x: torch.Tensor, w: MLAWeights, cfg: ModelConfig, layer: int, kv: KVCache, cos: torch.Tensor,
@@ -48,19 +38,21 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, cfg: ModelConfig, layer: int, 
     """x [B, T, D] -> [B, T, D]; writes this layer's [latent | rope key] [B, 1, T, C + R] into kv."""
     B, T, _ = x.shape
     H, N, R, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.rotary_dim, cfg.kv_lora_rank
-    if w.wq is not None:
-        q = linear(x, w.wq)
-    else:
-        q = linear(rms_norm(linear(x, w.wq_a, w.bq_a), w.q_a_norm, cfg.rms_norm_eps), w.wq_b)
+    xs = linear(x, w.wx, w.bx)                                                  # [B, T, Q + C + R]
+    q, latent, k_rot = xs.split((xs.shape[-1] - C - R, C, R), dim=-1)
+    if w.wq_b is not None:
+        q = linear(rms_norm(q, w.q_a_norm, cfg.rms_norm_eps), w.wq_b)
     q = q.view(B, T, H, N + R).transpose(1, 2)                                  # [B, H, T, N + R]
-    ckv = linear(x, w.wkv_a, w.bkv_a)                                          # [B, T, C + R]
-    latent = rms_norm(ckv[..., :C], w.kv_a_norm, cfg.rms_norm_eps)[:, None]    # [B, 1, T, C]
-    rope = apply_rope if not cfg.rope_interleave else rope_pairs
-    q_rot, k_rot = rope(q[..., N:], cos, sin), rope(ckv[..., C:][:, None], cos, sin)
-    keys, _ = kv.write(layer, torch.cat((latent, k_rot), dim=-1), x.new_zeros(B, 1, T, 0))    # [B, 1, L, C + R]
-    q_lat = torch.einsum("bhtn,hnc->bhtc", q[..., :N], w.w_kb)                 # [B, H, T, C]
-    qq = torch.cat((q_lat, q_rot), dim=-1).to(keys.dtype)
+    latent = rms_norm(latent, w.kv_a_norm, cfg.rms_norm_eps)[:, None]          # [B, 1, T, C]
+    # Queries' and the key's rope together (DeepSeek's interleaved pairs were de-interleaved in the weights at load,
+    # loading/build.py: plain rope here).
+    rot = apply_rope(torch.cat((q[..., N:], k_rot[:, None]), dim=1), cos, sin)  # [B, H + 1, T, R]
+    keys, _ = kv.write(layer, torch.cat((latent, rot[:, H:]), dim=-1), x.new_zeros(B, 1, T, 0))   # [B, 1, L, C + R]
+    # The absorbed products in float32 (small per-head matrices: faster than bf16 ones on a CPU, and the cache's width).
+    f = w.w_kb.dtype
+    q_lat = torch.matmul(q[..., :N].to(f), w.w_kb)                              # [B, H, T, C]
+    qq = torch.cat((q_lat, rot[:, :H].to(f)), dim=-1).to(keys.dtype)
     out = F.scaled_dot_product_attention(qq, keys, keys[..., :C], attn_mask=mask, scale=cfg.softmax_scale,
                                          enable_gqa=True)                       # [B, H, T, C]
-    o = torch.einsum("bhtc,hvc->bthv", out.to(x.dtype), w.w_vb).reshape(B, T, -1)   # [B, T, H * Vd]
-    return linear(o, w.wo, w.bo)
+    o = torch.matmul(out.to(f), w.w_vb).transpose(1, 2).reshape(B, T, -1)      # [B, T, H * Vd]
+    return linear(o.to(x.dtype), w.wo, w.bo)
