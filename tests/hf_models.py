@@ -56,6 +56,12 @@ FAMILY_CONFIGS = {
                        num_experts_per_tok=2, embedding_multiplier=6.0, residual_multiplier=0.4,
                        attention_multiplier=0.05, logits_scaling=3.0, attention_bias=True,
                        max_position_embeddings=512, tie_word_embeddings=True),
+    # softmax routing whose choice adds a correction bias, MoE layers 1 and 3 only (start 1, interval 2), two
+    # ungated shared experts, rope on interleaved pairs, GQA 4:1, tied head
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", vocab_size=239, hidden_size=64, intermediate_size=96,
+                         moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                         moe_num_experts=6, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         moe_layer_interval=2, max_position_embeddings=512, tie_word_embeddings=True),
 }
 # A dense model, as the draft-model drafter uses (same family code path, no experts).
 DENSE_CONFIGS = {
@@ -78,7 +84,7 @@ def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=t
         for n, p in model.named_parameters():
             if n.endswith(("gate.weight", "router.weight")) and p.shape[0] > 1:
                 p.normal_(0, 1.0)
-        for n, b in model.named_buffers():
+        for n, b in [*model.named_buffers(), *model.named_parameters()]:
             if n.endswith("e_score_correction_bias"):     # zero at init: make it matter
                 b.normal_(0, 0.3)
     model.to(dtype).save_pretrained(folder, save_original_format=not fused)

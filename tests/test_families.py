@@ -13,7 +13,7 @@ from moespec import LLM, SamplingParams
 from moespec.config import ModelConfig, OffloadConfig
 from moespec.loading import load_model
 
-FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe"]
+FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe"]
 PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
@@ -68,9 +68,8 @@ def test_speculative_output_equals_plain(family, spec, offload, family_dirs, pla
 @pytest.mark.parametrize("family", FAMILIES)
 def test_budget_and_quantization_run_and_say_they_are_lossy(family, family_dirs):
     folder = family_dirs[family][0]
-    cfg = json.loads((folder / "config.json").read_text())
     llm = LLM(folder, speculative={"method": "ngram", "num_speculative_tokens": 3,
-                                   "verify_budget": cfg["num_experts_per_tok"]})
+                                   "verify_budget": ModelConfig.from_folder(folder).top_k})
     out = llm.generate(PROMPTS, GREEDY)[0]
     assert out.stats["lossy"] and out.stats["lossy_reasons"] == ["verify_budget"] and len(out.token_ids) == 24
     m, q = load_model(folder), load_model(folder, quant="int8")

@@ -71,6 +71,13 @@ def test_other_families_parse_to_published_sizes():
     d = ModelDesc.from_config(air)
     assert d.params_total == pytest.approx(106e9, rel=0.01)
     assert d.active_params_per_token == pytest.approx(12e9, rel=0.08)
+    ernie = {"model_type": "ernie4_5_moe", "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 28,
+             "num_attention_heads": 20, "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 1536,
+             "moe_k": 6, "moe_num_experts": 64, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+             "vocab_size": 103424, "tie_word_embeddings": True}                            # ERNIE-4.5-21B-A3B
+    d = ModelDesc.from_config(ernie)
+    assert d.params_total == pytest.approx(21e9, rel=0.05)
+    assert d.active_params_per_token == pytest.approx(3e9, rel=0.15)
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
     q3 = json.loads((CONFIG_DIR / "qwen3-30b-a3b.json").read_text())
     q3["num_local_experts"] = q3.pop("num_experts")

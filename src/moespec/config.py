@@ -7,12 +7,11 @@ and rejects what the engine cannot run with an error naming the field.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .errors import MoespecError
+from .families import FAMILIES, Fields, rope_params
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -91,7 +90,7 @@ class ModelConfig:
         mt = raw.get("model_type")
         if mt not in FAMILIES:
             raise MoespecError(f"unsupported model_type {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
-        fam, f = FAMILIES[mt], _Fields(raw, mt)
+        fam, f = FAMILIES[mt], Fields(raw, mt)
         layers = f.need("num_hidden_layers")
         moe = fam.experts(f, layers)
         if moe.get("num_experts") and not 0 < moe["top_k"] <= moe["num_experts"]:
@@ -110,35 +109,7 @@ class ModelConfig:
         return ModelConfig(**{**fields, **moe})        # a family's own fields win (q/k norm, partial rotary, ...)
 
 
-class _Fields:
-    """config.json's fields, read with checks that name the field."""
-
-    def __init__(self, raw: dict, mt: str):
-        self.raw, self.mt = raw, mt
-
-    def need(self, key: str, *alts: str):
-        """A required positive integer (the first of key, *alts present)."""
-        for k in (key, *alts):
-            if self.raw.get(k) is not None:
-                v = self.raw[k]
-                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                    raise MoespecError(f"config.json field {k}={v!r} must be a positive integer")
-                return v
-        raise MoespecError(f"config.json ({self.mt}) is missing the field {key!r}")
-
-    def optional(self, key: str, default, kind=int):
-        """An optional field: absent or null is `default`; present, it must be a positive number of its kind."""
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (kind is float or
-                                                                                      isinstance(v, int))):
-            raise MoespecError(f"config.json field {key}={v!r} must be a positive "
-                               f"{'integer' if kind is int else 'number'}")
-        return v
-
-
-def _attention_fields(f: _Fields) -> dict:
+def _attention_fields(f: Fields) -> dict:
     """Sizes every family shares (hidden size, heads, head dim), checked; and the checks of optional sizes."""
     raw = f.raw
     hidden, heads = f.need("hidden_size"), f.need("num_attention_heads")
@@ -159,153 +130,6 @@ def _attention_fields(f: _Fields) -> dict:
             "head_dim": raw.get("head_dim") or hidden // heads}
 
 
-# -- families: how each model_type's config.json maps onto ModelConfig -------------------------------------------------
-def _dense(f: _Fields, layers: int) -> dict:
-    return {"intermediate_size": f.need("intermediate_size"), "moe_layers": (False,) * layers}
-
-
-def _mixtral(f: _Fields, layers: int) -> dict:
-    return {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok"),
-            "moe_intermediate_size": f.need("intermediate_size"), "norm_topk_prob": True,
-            "moe_layers": (True,) * layers}
-
-
-def _olmoe(f: _Fields, layers: int) -> dict:
-    return {"num_experts": f.need("num_experts", "num_local_experts"), "top_k": f.need("num_experts_per_tok"),
-            "moe_intermediate_size": f.need("intermediate_size"),
-            "norm_topk_prob": bool(f.raw.get("norm_topk_prob", False)), "moe_layers": (True,) * layers}
-
-
-def _qwen_moe(f: _Fields, layers: int) -> dict:
-    """Qwen2-MoE / Qwen3-MoE: MoE every decoder_sparse_step layers but those in mlp_only_layers (dense)."""
-    raw = f.raw
-    step = raw.get("decoder_sparse_step", 1) or 1
-    dense = set(raw.get("mlp_only_layers") or [])
-    moe_layers = tuple((i not in dense) and (i + 1) % step == 0 for i in range(layers))
-    out = {"num_experts": f.need("num_experts", "num_local_experts"), "top_k": f.need("num_experts_per_tok"),
-           "moe_intermediate_size": f.need("moe_intermediate_size"),
-           "norm_topk_prob": bool(raw.get("norm_topk_prob", False)), "moe_layers": moe_layers}
-    if not all(moe_layers):
-        out["intermediate_size"] = f.need("intermediate_size")
-    if f.mt == "qwen2_moe":
-        if raw.get("use_sliding_window"):
-            raise MoespecError("config.json: use_sliding_window=true is not supported for qwen2_moe yet")
-        out["shared_expert_intermediate_size"] = raw.get("shared_expert_intermediate_size") or 0
-    return out
-
-
-def _glm4_moe(f: _Fields, layers: int) -> dict:
-    """GLM-4.5: the first first_k_dense_replace layers dense, sigmoid routing over groups with a correction bias,
-    n_shared_experts ungated shared experts, partial rotary, optional per-head q/k norm."""
-    raw = f.raw
-    first = raw.get("first_k_dense_replace", 1)
-    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
-        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
-    E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
-    groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
-    if E % groups or topk_group > groups or K > topk_group * (E // groups):
-        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
-                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
-    shared = raw.get("n_shared_experts", 1) or 0
-    factor = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5)))
-    head_dim = raw.get("head_dim") or f.need("hidden_size") // f.need("num_attention_heads")
-    out = {"num_experts": E, "top_k": K, "moe_intermediate_size": I, "moe_layers": tuple(i >= first for i in range(layers)),
-           "norm_topk_prob": bool(raw.get("norm_topk_prob", True)), "scoring": "sigmoid", "n_group": groups,
-           "topk_group": topk_group, "routed_scaling_factor": float(raw.get("routed_scaling_factor", 1.0)),
-           "shared_expert_intermediate_size": I * shared, "shared_expert_gated": False,
-           "rotary_dim": int(head_dim * factor), "qk_norm": "head" if raw.get("use_qk_norm") else "none"}
-    if first:
-        out["intermediate_size"] = f.need("intermediate_size")
-    return out
-
-
-def _deepseek(f: _Fields, layers: int) -> dict:
-    """DeepSeek-V2 / V3: multi-head latent attention, dense layers before first_k_dense_replace (and off the
-    moe_layer_freq beat), shared experts; V2 routes by softmax (group-limited greedy with n_group), V3 by sigmoid
-    scores with a correction bias inside groups."""
-    raw, v3 = f.raw, f.mt == "deepseek_v3"
-    first, freq = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
-    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
-        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
-    E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
-    groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
-    if not v3 and raw.get("topk_method", "greedy") == "greedy":
-        groups = topk_group = 1
-    if E % groups or topk_group > groups or K > topk_group * (E // groups):
-        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
-                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
-    nope, rope, v = f.need("qk_nope_head_dim"), f.need("qk_rope_head_dim"), f.need("v_head_dim")
-    rp = rope_params(raw)
-    scale = (nope + rope) ** -0.5
-    if rp["rope_type"] == "yarn" and rp.get("mscale_all_dim"):       # the attention's share of YaRN's scaling
-        m = 0.1 * float(rp["mscale_all_dim"]) * math.log(float(rp["factor"])) + 1.0 if float(rp["factor"]) > 1 else 1.0
-        scale *= m * m
-    moe_layers = tuple(i >= first and i % freq == 0 for i in range(layers))
-    out = {"num_experts": E, "top_k": K, "moe_intermediate_size": I, "moe_layers": moe_layers,
-           "norm_topk_prob": bool(raw.get("norm_topk_prob", True)) if v3 else False,
-           "scoring": "sigmoid" if v3 else "softmax", "group_score": "top2" if v3 else "max",
-           "n_group": groups, "topk_group": topk_group,
-           "routed_scaling_factor": float(raw.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
-           "shared_expert_intermediate_size": I * (raw.get("n_shared_experts") or 0), "shared_expert_gated": False,
-           "attention": "mla", "q_lora_rank": raw.get("q_lora_rank") or 0, "kv_lora_rank": f.need("kv_lora_rank"),
-           "qk_nope_head_dim": nope, "v_head_dim": v, "rotary_dim": rope, "head_dim": nope + rope,
-           "rope_interleave": bool(raw.get("rope_interleave", True)) if v3 else True, "softmax_scale": scale,
-           "num_kv_heads": f.need("num_attention_heads")}
-    if not all(moe_layers):
-        out["intermediate_size"] = f.need("intermediate_size")
-    return out
-
-
-def _granitemoe(f: _Fields, layers: int) -> dict:
-    """GraniteMoE: Mixtral's layout with multipliers (embeddings, residual branches, attention scale, logits) and
-    softmax over the top-k logits (the same as renormalising the top-k of a full softmax)."""
-    out = {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok"),
-           "moe_intermediate_size": f.need("intermediate_size"), "norm_topk_prob": True,
-           "moe_layers": (True,) * layers}
-    for key, name in (("embedding_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
-                      ("logits_scaling", "logits_scaling"), ("attention_multiplier", "softmax_scale")):
-        out[name] = float(f.optional(key, 1.0, float))
-    return out
-
-
-def _attention_bias(raw: dict) -> bool:
-    return bool(raw.get("attention_bias", False))
-
-
-def _qwen2_bias(raw: dict) -> bool:
-    return bool(raw.get("qkv_bias", True))
-
-
-def _no_bias(raw: dict) -> bool:
-    return False
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model_type: its MoE fields (experts(fields, layers) -> ModelConfig fields; a dense family has none),
-    its q/k norm kind and biases. The forward and the loader read only ModelConfig."""
-    experts: Callable[[_Fields, int], dict]
-    qk_norm: str = "none"
-    qkv_bias: Callable[[dict], bool] = _attention_bias
-    o_bias: Callable[[dict], bool] = _attention_bias
-    sliding_window: bool = False
-
-
-FAMILIES = {
-    "mixtral": Family(_mixtral, o_bias=_no_bias, sliding_window=True),
-    "qwen2_moe": Family(_qwen_moe, qkv_bias=_qwen2_bias, o_bias=_no_bias),
-    "qwen3_moe": Family(_qwen_moe, qk_norm="head"),
-    "olmoe": Family(_olmoe, qk_norm="full"),
-    "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
-    "granitemoe": Family(_granitemoe),
-    "deepseek_v2": Family(_deepseek),
-    "deepseek_v3": Family(_deepseek),
-    "qwen3": Family(_dense, qk_norm="head"),
-    "qwen2": Family(_dense, qkv_bias=_qwen2_bias, o_bias=_no_bias),
-    "llama": Family(_dense),
-}
-
-
 def read_config_json(p: Path) -> dict:
     """A config.json as a dict; a missing or malformed file is a MoespecError naming it."""
     if not p.is_file():
@@ -314,22 +138,6 @@ def read_config_json(p: Path) -> dict:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise MoespecError(f"{p} is not valid JSON: {e}") from None
-
-
-def rope_params(raw: dict) -> dict:
-    """Transformers 5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`."""
-    rp = dict(raw.get("rope_parameters") or {})
-    if not rp:
-        rp = dict(raw.get("rope_scaling") or {})
-        rp.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    if "type" in rp and "rope_type" not in rp:
-        rp["rope_type"] = rp.pop("type")
-    rp.setdefault("rope_type", "default")
-    rp.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    if rp["rope_type"] not in ("default", "linear", "yarn", "llama3"):
-        raise MoespecError(f"config.json: rope type {rp['rope_type']!r} is not supported "
-                           "(supported: default, linear, yarn, llama3)")
-    return rp
 
 
 @dataclass

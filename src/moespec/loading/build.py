@@ -90,15 +90,26 @@ def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices
     if c.attention == "mla":
         return _mla(get, c, p, dense)
     D, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    wqkv = torch.cat([get(p + "q_proj.weight", (q, D)), get(p + "k_proj.weight", (kv, D)),
-                      get(p + "v_proj.weight", (kv, D))])
+    # Rope on interleaved pairs (ERNIE 4.5) becomes plain rope: each head's rows reordered evens then odds, queries
+    # and keys alike (their products are unchanged; the rotation computes the same numbers in the other order).
+    r = c.rope_dim
+    order = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, c.head_dim)]) \
+        if c.rope_interleave else None
+
+    def heads(w, n):
+        return w if order is None else w.view(n, c.head_dim, *w.shape[1:])[:, order].reshape(w.shape)
+    wqkv = torch.cat([heads(get(p + "q_proj.weight", (q, D)), c.num_heads),
+                      heads(get(p + "k_proj.weight", (kv, D)), c.num_kv_heads), get(p + "v_proj.weight", (kv, D))])
     bqkv = None
     if c.qkv_bias:
-        bqkv = torch.cat([get(p + "q_proj.bias", (q,)), get(p + "k_proj.bias", (kv,)), get(p + "v_proj.bias", (kv,))])
+        bqkv = torch.cat([heads(get(p + "q_proj.bias", (q,)), c.num_heads),
+                          heads(get(p + "k_proj.bias", (kv,)), c.num_kv_heads), get(p + "v_proj.bias", (kv,))])
     aw = AttnWeights(dense(wqkv, p + "qkv_proj"), dense(get(p + "o_proj.weight", (D, q)), p + "o_proj"), bqkv,
                      get(p + "o_proj.bias", (D,)) if c.o_bias else None)
     if c.qk_norm == "head":
         aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (c.head_dim,)), get(p + "k_norm.weight", (c.head_dim,))
+        if order is not None:
+            aw.q_norm, aw.k_norm = aw.q_norm[order], aw.k_norm[order]
         aw.qk_norm = torch.cat([aw.q_norm.expand(c.num_heads, -1), aw.k_norm.expand(c.num_kv_heads, -1)])
     elif c.qk_norm == "full":
         aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (q,)), get(p + "k_norm.weight", (kv,))
@@ -154,8 +165,11 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     block = _moe_block(ck, p)
     mw = MoEWeights(ck.get(_router(ck, block), (E, D)).to(dtype=torch.float32, device=device))  # routing.py
-    if c.scoring == "sigmoid" and ck.has(block + "gate.e_score_correction_bias"):
-        mw.bias = ck.get(block + "gate.e_score_correction_bias", (E,)).to(dtype=torch.float32, device=device)
+    bias = next((block + n for n in ("gate.e_score_correction_bias", "moe_statics.e_score_correction_bias",
+                                     "gate.moe_statics.e_score_correction_bias") if ck.has(block + n)), None)
+    # (DeepSeek-V3 / GLM-4.5; ERNIE 4.5 in its hub and transformers 5 names, [1, E])
+    if bias is not None:
+        mw.bias = ck.get(bias).reshape(E).to(dtype=torch.float32, device=device)
     if c.shared_expert_intermediate_size:
         if c.shared_expert_gated:               # Qwen2-MoE: one shared expert behind a sigmoid gate
             mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)

@@ -15,7 +15,8 @@ class Routing:
     """How a family turns router logits into K experts and their weights.
 
     softmax (Mixtral, Qwen, OLMoE, DeepSeek-V2): softmax over E, top-K, renormalised with norm_topk. sigmoid (GLM-4.5,
-    DeepSeek-V3): sigmoid scores, and the choice ranks score + the layer's correction bias. With n_group > 1 the
+    DeepSeek-V3): sigmoid scores. With a correction bias (V3, GLM-4.5, ERNIE 4.5's softmax) the choice ranks score +
+    bias, the weights stay the scores. With n_group > 1 the
     choice stays inside the topk_group groups whose score is highest: the sum of a group's two best choices
     (group_score "top2", V3) or its best one ("max", V2's group-limited greedy). The weights are the chosen scores,
     renormalised with norm_topk, times scale (routed_scaling_factor)."""
@@ -40,12 +41,12 @@ def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None
     logits = F.linear(x.float(), router)
     if routing.scoring == "softmax":
         probs = F.softmax(logits, dim=-1)
-        if routing.n_group == 1:
+        if routing.n_group == 1 and bias is None:
             w, ids = torch.topk(probs, top_k, dim=-1)
             if routing.norm_topk:
                 w = w / w.sum(dim=-1, keepdim=True)
             return (w * routing.scale if routing.scale != 1.0 else w).to(x.dtype), ids, probs, probs
-        choice = probs
+        choice = probs + bias if bias is not None else probs      # ERNIE 4.5: a correction of the softmax
     else:
         probs = logits.sigmoid()
         choice = probs + bias if bias is not None else probs

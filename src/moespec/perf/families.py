@@ -157,6 +157,25 @@ def _glm4_moe(raw: dict, D: int, L: int) -> dict:
                 kv_values=kv, attn_pair_flops=pair, notes=notes)
 
 
+def _ernie4_5_moe(raw: dict, D: int, L: int) -> dict:
+    """GQA attention and MoE layers from moe_layer_start_index to moe_layer_end_index every moe_layer_interval, with
+    moe_num_shared_experts shared experts and a router correction bias."""
+    E, K = int(_get(raw, "moe_num_experts", "num_experts")), int(_get(raw, "moe_k", "num_experts_per_tok"))
+    if not 0 < K <= E:
+        raise PerfError(f"config.json: moe_k={K} must be in [1, {E}]")
+    attn, kv, pair, _ = _gqa(raw, D, False, False)
+    moe_i = int(_get(raw, "moe_intermediate_size"))
+    start, interval = int(raw.get("moe_layer_start_index", 1)), int(raw.get("moe_layer_interval", 1) or 1)
+    end = raw.get("moe_layer_end_index", -1)
+    end = L - 1 if end in (-1, None) else int(end)
+    n_moe = sum(1 for i in range(L) if (i + 1) % interval == 0 and start <= i <= end)
+    shared = 3 * D * moe_i * int(raw.get("moe_num_shared_experts") or 0)
+    return dict(moe_layers=n_moe, experts=E, top_k=K, expert_params=3 * D * moe_i, attn_params=attn,
+                moe_dense_params=E * D + E + shared,
+                mlp_params=3 * D * int(_get(raw, "intermediate_size")) if n_moe < L else 0,
+                kv_values=kv, attn_pair_flops=pair)
+
+
 def _gpt_oss(raw: dict, D: int, L: int) -> dict:
     """gpt-oss: biased attention with per-head sinks, alternating sliding (128) / full layers, experts with biases
     stored as MXFP4 (4.25 bits per parameter: 4-bit values + an 8-bit scale per 32) unless the config says the
@@ -191,6 +210,7 @@ def _dense(raw: dict, D: int, L: int) -> dict:
 
 _FAMILIES = {
     "mixtral": _mixtral_like, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
-    "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "gpt_oss": _gpt_oss, "phimoe": _phimoe,
+    "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "ernie4_5_moe": _ernie4_5_moe,
+    "gpt_oss": _gpt_oss, "phimoe": _phimoe,
     "granitemoe": _granite, "llama": _dense, "mistral": _dense, "qwen2": _dense, "qwen3": _dense,
 }
