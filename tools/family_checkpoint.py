@@ -27,6 +27,8 @@ SHAPES = {
     "deepseek_v3": dict(num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
                         qk_rope_head_dim=32, v_head_dim=64, moe_intermediate_size=1024, intermediate_size=2048,
                         n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
+    "ernie4_5_moe": dict(num_key_value_heads=4, head_dim=64, moe_intermediate_size=1024, intermediate_size=2048,
+                         moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     "granitemoe": dict(num_key_value_heads=4, intermediate_size=1024, num_local_experts=8, embedding_multiplier=12.0,
                        residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0),
 }
@@ -46,7 +48,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():           # decisive routers, as trained ones are
         for n, w in model.named_parameters():
-            if n.endswith(("gate.weight", "router.weight")) and w.shape[0] > 1:
+            if n.endswith(("gate.weight", "router.weight")) and w.shape[0] > 1 and w.dim() == 2:
                 w.normal_(0, 0.5)
     out = Path(a.out)
     model.to(getattr(torch, a.dtype)).save_pretrained(out)
