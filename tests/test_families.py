@@ -24,6 +24,17 @@ def plain(family_dirs):
     return {f: [o.token_ids for o in LLM(family_dirs[f][0]).generate(PROMPTS, GREEDY)] for f in FAMILIES}
 
 
+@pytest.mark.parametrize("family", list(hf_models.FAMILY_CONFIGS))
+def test_inspect_counts_the_parameters_transformers_holds(family, family_dirs):
+    """Sizes from config.json alone (what inspect and plan show) against the model transformers builds; routers'
+    correction biases, which transformers holds as a buffer or a parameter depending on the family, may differ."""
+    from moespec.model_info import describe
+    folder, hf = family_dirs[family]
+    cfg = ModelConfig.from_folder(folder)
+    assert abs(describe(cfg)["params_total"] - sum(p.numel() for p in hf.parameters())) <= \
+        cfg.num_experts * sum(cfg.moe_layers)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rollback_per_row_equals_fresh_prefill(family, family_dirs):
     m = load_model(family_dirs[family][0])

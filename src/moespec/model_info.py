@@ -13,15 +13,23 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
     embedding, norms and routers keep bytes_per_param)."""
     D, hd = cfg.hidden_size, cfg.head_dim
     attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * D
-    if cfg.qkv_bias:
-        attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    if cfg.attention == "mla":                 # query (or its LoRA), latent + rope key, kv_b_proj, output, norms
+        H, Q, C, R = cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.rotary_dim
+        q = D * Q + Q + Q * H * hd if Q else D * H * hd
+        attn = q + D * (C + R) + C + C * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * D
+        if cfg.qkv_bias:
+            attn += (Q if Q else 0) + C + R + D
+    else:
+        attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * hd if cfg.qkv_bias else 0
+        attn += D if cfg.o_bias else 0
     if cfg.qk_norm == "head":
         attn += 2 * hd
     elif cfg.qk_norm == "full":
         attn += (cfg.num_heads + cfg.num_kv_heads) * hd
     expert = 3 * D * cfg.moe_intermediate_size
     dense_mlp = 3 * D * cfg.intermediate_size
-    shared = 3 * D * cfg.shared_expert_intermediate_size + (D if cfg.shared_expert_intermediate_size else 0)
+    shared = 3 * D * cfg.shared_expert_intermediate_size + \
+        (D if cfg.shared_expert_intermediate_size and cfg.shared_expert_gated else 0)     # Qwen2-MoE's gate
     n_moe = sum(cfg.moe_layers)
     per_layer_fixed = attn + 2 * D
     embed = cfg.vocab_size * D
@@ -41,6 +49,8 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
         "params_per_expert": expert, "params_active_per_token": active,
         "bytes_per_expert": per_expert, "bytes_experts": experts_bytes,
         "bytes_dense": bytes_dense, "bytes_total": bytes_dense + experts_bytes,
+        # what the KV cache keeps per token: keys and values of every KV head, or MLA's latent and rope key
+        "kv_values_per_token": cfg.num_layers * cfg.kv_values_per_token,
     }
 
 
