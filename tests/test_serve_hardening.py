@@ -323,3 +323,18 @@ def test_a_read_error_mid_decode_is_a_5xx_and_health_says_degraded(family_dirs, 
         assert complete(c, max_tokens=4, prompt=[5, 17, 3]).status_code == 200
     llm.close()
 
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": None}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": None,
+                              "max_completion_tokens": None}),
+])
+def test_a_request_without_max_tokens_takes_the_models_default(llm, path, body):
+    """Found by the schema fuzzer: max_tokens null reached the KV sizing unset (a 500)."""
+    from moespec.sampling import SamplingParams
+    with TestClient(create_app(llm, NAME, limits=Limits(kv_bytes=1 << 30))) as c:
+        r = c.post(path, json={**body, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    want = SamplingParams().with_defaults(llm.generation_config).max_new_tokens
+    assert r.json()["usage"]["completion_tokens"] == min(want, llm.max_model_len - r.json()["usage"]["prompt_tokens"])

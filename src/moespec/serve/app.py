@@ -77,7 +77,11 @@ class Service:
             params = req.sampling_params(max_tokens)
             for p in params:
                 p.validate()
-                p.with_defaults(self.llm.generation_config).validate()
+            # the model's generation defaults (max_tokens among them) fill what the request left out: the KV budget
+            # sizes the job with them
+            params = [p.with_defaults(self.llm.generation_config) for p in params]
+            for p in params:
+                p.validate()
         except MoespecError as e:
             # the API's name for the field (the engine says max_new_tokens)
             raise P.ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
