@@ -1,6 +1,7 @@
 """Every feature on the families added beyond the first four (logits and greedy parity with transformers are in
-test_models.py, which runs every family): rollback, offloading, speculation, the budget, quantization, inspect,
-plan from config.json alone, profile and the server."""
+test_models.py, which runs every family): offloading, speculation, the budget, quantization, inspect,
+plan from config.json alone, profile and the server. Rollback per row is tested for every family in
+test_kv_cache.py."""
 import json
 import subprocess
 import sys
@@ -33,21 +34,6 @@ def test_inspect_counts_the_parameters_transformers_holds(family, family_dirs):
     cfg = ModelConfig.from_folder(folder)
     assert abs(describe(cfg)["params_total"] - sum(p.numel() for p in hf.parameters())) <= \
         cfg.num_experts * sum(cfg.moe_layers)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rollback_per_row_equals_fresh_prefill(family, family_dirs):
-    m = load_model(family_dirs[family][0])
-    toks = torch.randint(0, m.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
-    kv = m.new_cache(2, 32)
-    m.forward(toks, kv)
-    kv.advance(10)
-    kv.rollback([3, 6])
-    nxt = torch.tensor([[11], [12]])
-    got = m.forward(nxt, kv).logits[:, 0]
-    for row, keep in ((0, 7), (1, 4)):
-        ref = m.forward(torch.cat([toks[row, :keep], nxt[row]])[None], m.new_cache(1, 32)).logits[0, -1]
-        assert torch.allclose(got[row], ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,4 +1,6 @@
 """The explicit KV cache: rollback, keep (tree paths), row selection, masks."""
+import hf_models
+import pytest
 import torch
 
 from moespec.loading import load_model
@@ -21,8 +23,10 @@ def test_decode_after_rollback_equals_fresh_prefill(family_dirs):
     assert torch.allclose(got, fresh, atol=1e-5)
 
 
-def test_per_row_rollback_in_a_batch(family_dirs):
-    m = _model(family_dirs, "mixtral")
+@pytest.mark.parametrize("family", list(hf_models.FAMILY_CONFIGS))
+def test_per_row_rollback_in_a_batch(family, family_dirs):
+    """Every family, latent attention (a cache of one latent per token) included."""
+    m = _model(family_dirs, family)
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(0, m.cfg.vocab_size, (2, 10), generator=g)
     kv = m.new_cache(2, 32)

@@ -38,11 +38,12 @@ class Batch:
         if self.release:
             s.release()
 
-    def add(self, seqs: list[Sequence]) -> None:
-        """Sequences (LLM.sequences) joining at the next step, numbered after those added before."""
+    def add(self, seqs: list[Sequence]) -> range:
+        """Sequences (LLM.sequences) joining at the next step, numbered after those added before; returns their
+        numbers."""
         if self.keep:
             self.seqs.extend(seqs)
-        self.engine.add(seqs)
+        return self.engine.add(seqs)
 
     @property
     def spec(self):

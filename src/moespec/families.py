@@ -90,18 +90,28 @@ def _qwen_moe(f: Fields, layers: int) -> dict:
     return out
 
 
+def _check_first_dense(first, layers: int) -> None:
+    """first_k_dense_replace: the dense layers before the first MoE layer."""
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
+        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
+
+
+def _check_groups(E: int, K: int, groups: int, topk_group: int) -> None:
+    """Group-limited routing must be able to choose K experts inside its topk_group groups."""
+    if E % groups or topk_group > groups or K > topk_group * (E // groups):
+        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
+                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
+
+
 def _glm4_moe(f: Fields, layers: int) -> dict:
     """GLM-4.5: the first first_k_dense_replace layers dense, sigmoid routing over groups with a correction bias,
     n_shared_experts ungated shared experts, partial rotary, optional per-head q/k norm."""
     raw = f.raw
     first = raw.get("first_k_dense_replace", 1)
-    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
-        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
+    _check_first_dense(first, layers)
     E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
     groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
-    if E % groups or topk_group > groups or K > topk_group * (E // groups):
-        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
-                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
+    _check_groups(E, K, groups, topk_group)
     shared = raw.get("n_shared_experts", 1) or 0
     factor = float((raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5)))
     head_dim = raw.get("head_dim") or f.need("hidden_size") // f.need("num_attention_heads")
@@ -121,15 +131,12 @@ def _deepseek(f: Fields, layers: int) -> dict:
     scores with a correction bias inside groups."""
     raw, v3 = f.raw, f.mt == "deepseek_v3"
     first, freq = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
-    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= layers:
-        raise MoespecError(f"config.json field first_k_dense_replace={first!r} must be an integer in [0, {layers}]")
+    _check_first_dense(first, layers)
     E, K, I = f.need("n_routed_experts", "num_local_experts"), f.need("num_experts_per_tok"), f.need("moe_intermediate_size")
     groups, topk_group = f.optional("n_group", 1), f.optional("topk_group", 1)
     if not v3 and raw.get("topk_method", "greedy") == "greedy":
         groups = topk_group = 1
-    if E % groups or topk_group > groups or K > topk_group * (E // groups):
-        raise MoespecError(f"config.json: n_group={groups} / topk_group={topk_group} cannot route {K} of {E} experts "
-                           "(experts must split evenly into groups, and the chosen groups must hold top_k experts)")
+    _check_groups(E, K, groups, topk_group)
     nope, rope, v = f.need("qk_nope_head_dim"), f.need("qk_rope_head_dim"), f.need("v_head_dim")
     rp = rope_params(raw)
     scale = (nope + rope) ** -0.5

@@ -56,9 +56,12 @@ class StepEngine:
         self.prefill_experts: dict | None = None       # expert counters at the end of the first prefill
         self.spec = SpecStats()
 
-    def add(self, seqs: list[Sequence]) -> None:
-        """Sequences that join the batch at the next step (numbered after those added before, in this order)."""
+    def add(self, seqs: list[Sequence]) -> range:
+        """Sequences that join the batch at the next step, numbered after those added before, in this order; returns
+        their numbers (the i of the hooks)."""
+        first = self.added + len(self.waiting)
         self.waiting.extend(seqs)
+        return range(first, first + len(seqs))
 
     def has_unfinished(self) -> bool:
         return bool(self.live or self.waiting)

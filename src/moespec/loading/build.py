@@ -86,15 +86,19 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
     return Weights(embed, get("model.norm.weight", (D,)), lm_head, layers), pools
 
 
+def rope_order(r: int, width: int) -> torch.Tensor:
+    """The row order that turns rope on interleaved pairs of the first r of `width` dimensions into plain rope:
+    evens, then odds, then the dimensions rope does not touch."""
+    return torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, width)])
+
+
 def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices) -> AttnWeights | MLAWeights:
     if c.attention == "mla":
         return _mla(get, c, p, dense)
     D, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     # Rope on interleaved pairs (ERNIE 4.5) becomes plain rope: each head's rows reordered evens then odds, queries
     # and keys alike (their products are unchanged; the rotation computes the same numbers in the other order).
-    r = c.rope_dim
-    order = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, c.head_dim)]) \
-        if c.rope_interleave else None
+    order = rope_order(c.rope_dim, c.head_dim) if c.rope_interleave else None
 
     def heads(w, n):
         return w if order is None else w.view(n, c.head_dim, *w.shape[1:])[:, order].reshape(w.shape)
@@ -122,7 +126,7 @@ def _mla(get, c: ModelConfig, p: str, dense: DenseMatrices) -> MLAWeights:
     interleaved pairs becomes plain rope: the rows making each rope part are reordered evens then odds (queries and
     keys alike: their products are unchanged, and the rotation computes the same numbers in the other order)."""
     D, H, N, R, C, Vd = c.hidden_size, c.num_heads, c.qk_nope_head_dim, c.rotary_dim, c.kv_lora_rank, c.v_head_dim
-    order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)]) if c.rope_interleave else torch.arange(R)
+    order = rope_order(R, R) if c.rope_interleave else torch.arange(R)
 
     def q_rows(w):                       # [H * (N + R), in]: each head's rope rows reordered
         w = w.view(H, N + R, -1)

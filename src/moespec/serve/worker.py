@@ -212,10 +212,8 @@ class _Running:
 
     def add(self, jobs: list[Job]) -> None:
         """The jobs' sequences join the batch, numbered in order after those added before."""
-        first = self.batch.engine.added + len(self.batch.engine.waiting)
-        for n, (job, c) in enumerate((job, c) for job in jobs for c in range(len(job.prompts))):
-            self.rows[first + n] = (job, c)
-        self.batch.add(self.worker._sequences(jobs))
+        ids = self.batch.add(self.worker._sequences(jobs))
+        self.rows.update(zip(ids, ((job, c) for job in jobs for c in range(len(job.prompts)))))
 
     def on_text(self, i: int, delta: str) -> None:
         job, c = self.rows[i]

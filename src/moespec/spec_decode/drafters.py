@@ -33,11 +33,13 @@ class Drafter:
     kind: str | None = None            # which experts a self draft computes (stats: draft_experts)
 
     def propose(self, key, context: list[int], k: int, params: SamplingParams, generator) -> Draft:
-        raise NotImplementedError
+        """Row `key`'s draft of up to k tokens after `context` (what a row-by-row drafter must define)."""
+        raise TypeError(f"{type(self).__name__} drafts row by row but defines no propose()")
 
     def propose_batch(self, kv, pending: torch.Tensor, params: list[SamplingParams], gens: list, k: int
                       ) -> list[Draft]:
-        raise NotImplementedError
+        """Every row's draft in one call on the target's KV (what a drafter with `batched` must define)."""
+        raise TypeError(f"{type(self).__name__} sets batched but defines no propose_batch()")
 
     def observe_verification(self, routing: list[torch.Tensor], keep: torch.Tensor) -> None:
         """After each verification: the target's routing per MoE layer [N, K] and which of its N tokens were kept
