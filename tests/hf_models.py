@@ -62,6 +62,14 @@ FAMILY_CONFIGS = {
                          moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
                          moe_num_experts=6, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
                          moe_layer_interval=2, max_position_embeddings=512, tie_word_embeddings=True),
+    # sinks, sliding-window layers (window 5) between full ones, biases on attention, router and experts, the clamped
+    # SwiGLU, YaRN (factor 32), GQA 4:2; experts in MXFP4 with the "gpt_oss_mxfp4" variant (build_gpt_oss_mxfp4)
+    "gpt_oss": dict(model_type="gpt_oss", vocab_size=241, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6,
+                    num_experts_per_tok=2, sliding_window=5, swiglu_limit=3.0, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+                    tie_word_embeddings=False),
 }
 # A dense model, as the draft-model drafter uses (same family code path, no experts).
 DENSE_CONFIGS = {
@@ -85,7 +93,7 @@ def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=t
             if n.endswith(("gate.weight", "router.weight")) and p.shape[0] > 1:
                 p.normal_(0, 1.0)
         for n, b in [*model.named_buffers(), *model.named_parameters()]:
-            if n.endswith("e_score_correction_bias"):     # zero at init: make it matter
+            if n.endswith(("e_score_correction_bias", "router.bias", "proj_bias", "sinks")):   # zero at init: make it matter
                 b.normal_(0, 0.3)
     model.to(dtype).save_pretrained(folder, save_original_format=not fused)
     return model.float()
@@ -124,3 +132,55 @@ def build_text_model(folder: Path, family: str = "qwen3_moe", seed: int = 0, eos
     hf = build(family, folder, seed=seed, vocab_size=n, **overrides)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos), "do_sample": False}))
     return hf
+
+
+def build_gpt_oss_mxfp4(folder: Path, seed: int = 0, **overrides):
+    """A tiny gpt-oss whose experts are stored as the hub stores them: MXFP4 blocks and scales, gate and up rows
+    interleaved, with `quantization_config` in config.json. Returns the transformers model holding the same (exactly
+    dequantized) expert weights, in float32."""
+    from moespec.loading.gpt_oss import write_mxfp4_experts
+    hf = build("gpt_oss", folder, seed=seed, **overrides)
+    experts = write_mxfp4_experts(folder)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name in experts:
+                p.copy_(experts[name])
+    return hf
+
+
+HARMONY_SPECIALS = ["<|endoftext|>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>"]
+HARMONY_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+                    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def build_scripted_gpt_oss(folder: Path, reply: list[str]) -> list[int]:
+    """A tiny gpt-oss with a harmony-style tokenizer whose greedy continuation of any chat prompt is `reply` (token
+    strings, each a single token, none repeated): attention and experts write nothing to the residual stream, so each
+    next token depends on the current one alone, and the head maps each token of the chain to the next. Returns the
+    reply's token ids."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+    n = build_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(HARMONY_SPECIALS[1:])
+    tok.add_tokens([t for t in reply if tok.token_to_id(t) is None])
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": HARMONY_TEMPLATE,
+                                                               "eos_token": "<|return|>"}))
+    build("gpt_oss", folder, vocab_size=tok.get_vocab_size())
+    f = folder / "model.safetensors"
+    w = load_file(str(f))
+    for k in list(w):
+        if k.endswith(("o_proj.weight", "o_proj.bias", "experts.down_proj", "experts.down_proj_bias")):
+            w[k].zero_()
+    emb = w["model.embed_tokens.weight"]
+    chain = [tok.encode("<|start|>assistant").ids[-1]] + [tok.token_to_id(t) for t in reply]
+    for a, b in zip(chain, chain[1:]):
+        w["lm_head.weight"][b] = emb[a] / emb[a].pow(2).mean().sqrt()       # the token after a is b
+    save_file(w, str(f), metadata={"format": "pt"})
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|return|>")]}))
+    assert n <= tok.get_vocab_size()
+    return chain[1:]

@@ -14,7 +14,7 @@ from moespec import LLM, SamplingParams
 from moespec.config import ModelConfig, OffloadConfig
 from moespec.loading import load_model
 
-FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe"]
+FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "gpt_oss"]
 PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 

@@ -43,8 +43,8 @@ def test_greedy_generation_matches_transformers(family, family_dirs):
     assert out.finish_reason == "length" and out.stats["new_tokens"] == 64
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_fused_and_per_expert_layouts_load_to_the_same_weights(family, tmp_path):
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])   # gpt-oss: fused only (MXFP4 vs
+def test_fused_and_per_expert_layouts_load_to_the_same_weights(family, tmp_path):    # float: test_gpt_oss.py)
     hf_models.build(family, tmp_path / "per", seed=3)
     hf_models.build(family, tmp_path / "fused", seed=3, fused=True)
     from safetensors import safe_open

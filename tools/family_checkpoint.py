@@ -29,6 +29,7 @@ SHAPES = {
                         n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
     "ernie4_5_moe": dict(num_key_value_heads=4, head_dim=64, moe_intermediate_size=1024, intermediate_size=2048,
                          moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+    "gpt_oss": dict(num_key_value_heads=4, head_dim=64, intermediate_size=1024, num_local_experts=8, sliding_window=128),
     "granitemoe": dict(num_key_value_heads=4, intermediate_size=1024, num_local_experts=8, embedding_multiplier=12.0,
                        residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0),
 }
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("family", choices=sorted(SHAPES))
     p.add_argument("out")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--mxfp4", action="store_true", help="gpt_oss: store the experts in MXFP4, as the hub's files do")
     a = p.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,6 +54,9 @@ def main() -> None:
                 w.normal_(0, 0.5)
     out = Path(a.out)
     model.to(getattr(torch, a.dtype)).save_pretrained(out)
+    if a.mxfp4:
+        from moespec.loading.gpt_oss import write_mxfp4_experts
+        write_mxfp4_experts(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REFERENCE_MODEL / name, out / name)
     print(f"{a.family}: {sum(w.numel() for w in model.parameters()) / 1e6:.0f}M parameters in {out}")

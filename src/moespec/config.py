@@ -56,6 +56,16 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # gpt-oss: per-layer sliding windows (None = full attention; empty: sliding_window for every layer), a learned
+    # sink logit per head in each softmax, experts with biases and a clamped SwiGLU, a router bias, MXFP4 experts
+    layer_windows: tuple[int | None, ...] = ()
+    attention_sinks: bool = False
+    expert_act: str = "silu"       # "silu" | "clamped" (gpt-oss: swiglu_limit, swiglu_alpha)
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    expert_bias: bool = False
+    router_bias: bool = False
+    expert_quant: str | None = None  # how the checkpoint stores the experts: None (as its dtype) | "mxfp4"
     moe_layers: tuple[bool, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
@@ -72,6 +82,10 @@ class ModelConfig:
         if self.attention == "mla":
             return self.kv_lora_rank + self.rotary_dim
         return 2 * self.num_kv_heads * self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention (None: it sees the whole context)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @property
     def rope_dim(self) -> int:

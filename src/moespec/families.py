@@ -191,6 +191,30 @@ def _ernie4_5_moe(f: Fields, layers: int) -> dict:
     return out
 
 
+def _gpt_oss(f: Fields, layers: int) -> dict:
+    """gpt-oss: sliding-window and full attention layers (layer_types) with a sink logit per head, a biased router
+    whose top-k logits are softmaxed (the renormalised top-k of a full softmax), experts with biases and a clamped
+    SwiGLU, gate and up interleaved in the checkpoint (the loader splits them), stored in MXFP4 by its
+    quantization_config."""
+    raw = f.raw
+    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise MoespecError(f"config.json field layer_types must list {layers} of 'sliding_attention' / "
+                           f"'full_attention'; got {types!r}")
+    window = f.optional("sliding_window", None)
+    quant = (raw.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, "mxfp4"):
+        raise MoespecError(f"config.json: quantization_config quant_method={quant!r} is not supported for gpt_oss "
+                           "(supported: mxfp4, or none)")
+    return {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok", "experts_per_token"),
+            "moe_intermediate_size": f.need("intermediate_size"), "norm_topk_prob": True,
+            "moe_layers": (True,) * layers, "attention_sinks": True, "expert_act": "clamped",
+            "layer_windows": tuple(window if t == "sliding_attention" else None for t in types),
+            "swiglu_limit": float(f.optional("swiglu_limit", 7.0, float)),
+            "swiglu_alpha": float(f.optional("swiglu_alpha", 1.702, float)),
+            "expert_bias": True, "router_bias": True, "expert_quant": quant}
+
+
 def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
@@ -222,6 +246,8 @@ FAMILIES = {
     "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
     "granitemoe": Family(_granitemoe),
     "ernie4_5_moe": Family(_ernie4_5_moe, qkv_bias=_no_bias, o_bias=_no_bias),
+    "gpt_oss": Family(_gpt_oss, qkv_bias=lambda raw: bool(raw.get("attention_bias", True)),
+                      o_bias=lambda raw: bool(raw.get("attention_bias", True))),
     "deepseek_v2": Family(_deepseek),
     "deepseek_v3": Family(_deepseek),
     "qwen3": Family(_dense, qk_norm="head"),

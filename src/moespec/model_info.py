@@ -26,7 +26,8 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
         attn += 2 * hd
     elif cfg.qk_norm == "full":
         attn += (cfg.num_heads + cfg.num_kv_heads) * hd
-    expert = 3 * D * cfg.moe_intermediate_size
+    attn += cfg.num_heads if cfg.attention_sinks else 0
+    expert = 3 * D * cfg.moe_intermediate_size + (2 * cfg.moe_intermediate_size + D if cfg.expert_bias else 0)
     dense_mlp = 3 * D * cfg.intermediate_size
     shared = 3 * D * cfg.shared_expert_intermediate_size + \
         (D if cfg.shared_expert_intermediate_size and cfg.shared_expert_gated else 0)     # Qwen2-MoE's gate
@@ -35,7 +36,7 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
     embed = cfg.vocab_size * D
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * D
     dense = (embed + head + D + cfg.num_layers * per_layer_fixed + (cfg.num_layers - n_moe) * dense_mlp
-             + n_moe * (shared + cfg.num_experts * D))
+             + n_moe * (shared + cfg.num_experts * (D + (1 if cfg.router_bias else 0))))
     experts_total = n_moe * cfg.num_experts * expert
     active = dense - embed + n_moe * cfg.top_k * expert   # the embedding is a lookup, not a matmul
     per_expert = int(expert * bytes_per_param) if expert_bytes is None else expert_bytes
@@ -61,10 +62,11 @@ def model_sizes(path, cfg: ModelConfig, dtype: str, quant) -> dict:
     dt = resolve_dtype(dtype, path)
     es = {"float32": 4, "bfloat16": 2, "float16": 2}[str(dt).removeprefix("torch.")]
     expert_bytes = matrix = None
-    if quant is not None:
+    if quant is not None or cfg.expert_quant:        # quantized here, or stored quantized (gpt-oss's MXFP4)
         from .experts.pools import layout_blob_bytes
         from .loading.build import expert_layout
         expert_bytes = layout_blob_bytes(expert_layout(cfg, dt, quant=quant)) if cfg.is_moe else None
+    if quant is not None:
         if quant.dense:
             matrix = 1.0 if quant.method == "int8" else 0.5 + 4 / quant.group_size
     ck = checkpoint_dtype(path)

@@ -45,6 +45,8 @@ class SamplingParams:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # Text keeps the special tokens (vLLM's field): the server reads gpt-oss's harmony markers from them.
+    skip_special_tokens: bool = True
 
     def with_defaults(self, gen_config: dict) -> SamplingParams:
         """Return a copy with None fields filled from a `generation_config.json` dict.

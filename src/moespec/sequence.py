@@ -60,7 +60,7 @@ class Sequence:
 def new_sequence(prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], tokenizer: Tokenizer | None
                  ) -> Sequence:
     eos = set() if params.ignore_eos else set(eos_ids)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens) if tokenizer is not None else None
     stops = StopStringMatcher(params.stop) if params.stop and tokenizer is not None else None
     return Sequence(prompt_ids, params, eos, detok, stops)
 

@@ -40,7 +40,8 @@ MAX_HEADER = 64 << 20         # a header larger than this is garbage, not a chec
 SYNC_BYTES = 64 << 20
 
 
-QUANT_KEYS = ("quant", "group_size", "int4_pack")
+# what a layout may add to a float one: quantization (method, group size, int4 packing), experts with biases
+LAYOUT_KEYS = ("quant", "group_size", "int4_pack", "bias")
 
 
 def pack_path(offload_dir: Path, folder: Path, layout: dict) -> Path:
@@ -79,7 +80,7 @@ def expected_header(ck, cfg: ModelConfig, layout: dict) -> dict:
     h = {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint_identity(ck), "layers": layers,
          "num_experts": cfg.num_experts, "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size,
          "dtype": layout["dtype"], "t13": bool(layout["t13"]), "t2": bool(layout["t2"]),
-         **{k: layout.get(k) for k in QUANT_KEYS},
+         **{k: layout.get(k) for k in LAYOUT_KEYS},
          "blob_bytes": blob, "stride": stride, "align": ALIGN, "checksum": "crc32c",
          "data_offset": 0, "checksum_offset": 0, "file_bytes": 0}
     # The offsets follow the header's own length: 64 bytes of slack cover the digits they add.
@@ -153,7 +154,7 @@ def why_stale(path: Path, found: dict | None, want: dict) -> str | None:
         return f"format {found.get('format')!r} v{found.get('version')}, expected {FORMAT!r} v{VERSION}"
     if found.get("checkpoint") != want["checkpoint"]:
         return "checkpoint changed since packing"
-    for key in ("layers", "num_experts", "hidden", "inter", "dtype", *QUANT_KEYS, "blob_bytes", "stride", "align",
+    for key in ("layers", "num_experts", "hidden", "inter", "dtype", *LAYOUT_KEYS, "blob_bytes", "stride", "align",
                 "checksum", "data_offset", "checksum_offset"):
         if found.get(key) != want[key]:
             return f"header mismatch: {key} is {found.get(key)!r}, expected {want[key]!r}"

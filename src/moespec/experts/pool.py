@@ -20,6 +20,11 @@ def round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
+def float_blob_bytes(hidden: int, inter: int, element_size: int, bias: bool = False) -> int:
+    """Bytes of one float expert's blob: gate+up [2I, D], down [D, I], and the biases [2I] + [D] when it has them."""
+    return (3 * inter * hidden + (2 * inter + hidden if bias else 0)) * element_size
+
+
 def slot_memory(slots: int, nbytes: int, device, align: int) -> tuple[mmap.mmap | None, int, torch.Tensor]:
     """(mmap or None, padded stride in bytes or 0, blob uint8 [slots, nbytes]) for `slots` blobs of nbytes.
 
@@ -33,8 +38,20 @@ def slot_memory(slots: int, nbytes: int, device, align: int) -> tuple[mmap.mmap 
     return None, 0, torch.zeros(slots, nbytes, dtype=torch.uint8, device=device)
 
 
+def pack_bias(pool, slot: int, b13: torch.Tensor | None, b2: torch.Tensor | None) -> None:
+    """An expert's biases [2I] / [D] into the slot of a pool that keeps biases (gpt-oss); nothing for one that does
+    not."""
+    if pool.b13 is None:
+        return
+    if b13 is None or b2 is None:
+        raise ValueError("this expert pool keeps biases: pack() needs b13 and b2")
+    pool.b13[slot].copy_(b13)
+    pool.b2[slot].copy_(b2)
+
+
 class ExpertPool:
-    """`slots` blobs of one MoE layer: views w13 [S, 2I, D] and w2 [S, D, I] into one [S, blob] tensor.
+    """`slots` blobs of one MoE layer: views w13 [S, 2I, D] and w2 [S, D, I] into one [S, blob] tensor, and with
+    `bias` the experts' biases b13 [S, 2I] and b2 [S, D] after them (gpt-oss; else None).
 
     t13 / t2 store that matrix of every slot column-major (its transpose contiguous) inside the blob,
     when that layout multiplies faster here (models/layout.py); the views keep the logical shapes.
@@ -45,23 +62,27 @@ class ExpertPool:
     """
 
     def __init__(self, slots: int, hidden: int, inter: int, dtype: torch.dtype, device="cpu",
-                 t13: bool = False, t2: bool = False, align: int = 0):
+                 t13: bool = False, t2: bool = False, align: int = 0, bias: bool = False):
         self.hidden, self.inter, self.slots, self.dtype = hidden, inter, slots, dtype
-        self.t13, self.t2 = bool(t13), bool(t2)
+        self.t13, self.t2, self.bias = bool(t13), bool(t2), bool(bias)
         self.n13 = 2 * inter * hidden
         n = self.n13 + hidden * inter
         es = torch.empty((), dtype=dtype).element_size()
-        self._mm, self.stride_bytes, raw = slot_memory(slots, n * es, device, align)
+        self._mm, self.stride_bytes, raw = slot_memory(slots, float_blob_bytes(hidden, inter, es, bias), device, align)
         self.blob = raw.view(dtype)
-        w13, w2 = self.blob[:, :self.n13], self.blob[:, self.n13:]
+        w13, w2 = self.blob[:, :self.n13], self.blob[:, self.n13:n]
         self.w13 = w13.view(slots, hidden, 2 * inter).transpose(1, 2) if t13 else w13.view(slots, 2 * inter, hidden)
         self.w2 = w2.view(slots, inter, hidden).transpose(1, 2) if t2 else w2.view(slots, hidden, inter)
+        self._views = (self.w13, self.w2)         # the blob's dense views (PrepackingPool swaps w13 / w2 for copies)
+        self.b13 = self.blob[:, n:n + 2 * inter] if bias else None
+        self.b2 = self.blob[:, n + 2 * inter:n + 2 * inter + hidden] if bias else None
 
     @property
     def layout(self) -> dict:
         """What a blob's bytes mean (a packed expert file must match it to be read into this pool)."""
-        return {"hidden": self.hidden, "inter": self.inter, "dtype": str(self.dtype).removeprefix("torch."),
-                "t13": self.t13, "t2": self.t2}
+        lay = {"hidden": self.hidden, "inter": self.inter, "dtype": str(self.dtype).removeprefix("torch."),
+               "t13": self.t13, "t2": self.t2}
+        return {**lay, "bias": True} if self.bias else lay
 
     @property
     def blob_bytes(self) -> int:
@@ -84,11 +105,15 @@ class ExpertPool:
     def hit(self, slot: int) -> None:
         """Called by the cache when it hands a loaded slot to a forward (a hook, as after_load)."""
 
-    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        """gate/up [I, D], down [D, I] (HF per-expert layout) into one slot."""
-        self.w13[slot, :self.inter].copy_(gate)
-        self.w13[slot, self.inter:].copy_(up)
-        self.w2[slot].copy_(down)
+    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+             b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> None:
+        """gate/up [I, D], down [D, I] (HF per-expert layout), and the biases [2I] / [D] of a pool with biases, into
+        one slot."""
+        w13, w2 = self._views
+        w13[slot, :self.inter].copy_(gate)
+        w13[slot, self.inter:].copy_(up)
+        w2[slot].copy_(down)
+        pack_bias(self, slot, b13, b2)
 
 
 class PrepackingPool(ExpertPool):
@@ -101,15 +126,8 @@ class PrepackingPool(ExpertPool):
 
     def __init__(self, *args, after_uses: int = 1, **kw):
         super().__init__(*args, **kw)
-        self._views = (self.w13, self.w2)
         self.w13, self.w2 = list(self.w13), list(self.w2)
         self._uses, self._after = [0] * self.slots, after_uses
-
-    def pack(self, slot: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        d13, d2 = self._views
-        d13[slot, :self.inter].copy_(gate)
-        d13[slot, self.inter:].copy_(up)
-        d2[slot].copy_(down)
 
     def after_load(self, slots: list[int]) -> None:
         d13, d2 = self._views

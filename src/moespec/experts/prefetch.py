@@ -136,7 +136,9 @@ class NextLayer:
     least `min_prob` are loaded (on the reference model with a small cache, loading every top-2 guess read
     more than LRU alone; loading only those >= 0.2, right far more often, read less than LRU alone)."""
 
-    def __init__(self, routers: dict[int, torch.Tensor], top_k: int, min_prob: float = 0.0):
+    def __init__(self, routers: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]], top_k: int,
+                 min_prob: float = 0.0):
+        """routers: each MoE layer's router [E, D], or (router, bias [E]) for a biased one (gpt-oss)."""
         layers = sorted(routers)
         self.next = dict(zip(layers, layers[1:]))
         self.routers, self.top_k, self.min_prob = routers, top_k, min_prob
@@ -146,7 +148,9 @@ class NextLayer:
         nxt = self.next.get(layer)
         if nxt is None:
             return None
-        probs = F.softmax(F.linear(x.float(), self.routers[nxt]), dim=-1)   # [N, E] (routers are float32)
+        r = self.routers[nxt]
+        router, bias = r if isinstance(r, tuple) else (r, None)
+        probs = F.softmax(F.linear(x.float(), router, bias), dim=-1)                   # [N, E] (routers are float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)                                    # [N, K]
         w = torch.where(w >= self.min_prob, w, torch.zeros_like(w))                      # confident guesses only
         mass = torch.zeros(probs.shape[-1], device=probs.device).index_add_(0, ids.reshape(-1), w.reshape(-1))

@@ -93,8 +93,7 @@ class DiskStore:
         self.checksums = packfile.read_checksums(self.path, h)
         self.check_s = 0.0                      # time spent checking checksums (reported in stats)
         self.layout = {k: h[k] for k in ("hidden", "inter", "dtype", "t13", "t2")}
-        if h.get("quant"):
-            self.layout.update({k: h[k] for k in packfile.QUANT_KEYS})
+        self.layout.update({k: h[k] for k in packfile.LAYOUT_KEYS if h.get(k)})
         self._index = {layer: i for i, layer in enumerate(h["layers"])}
         self.bytes_read = self.io_bytes = self.reads = 0
         self._mu = threading.Lock()

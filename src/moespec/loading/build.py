@@ -17,10 +17,11 @@ from ..experts.pools import make_pool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
 from ..models.mla import MLAWeights
 from ..models.layout import LayoutChooser, as_layout
-from ..models.moe import MLPWeights, MoEWeights
+from ..models.moe import ClampedGLU, MLPWeights, MoEWeights
 from ..progress import progress
 from ..quant.scheme import QuantConfig
 from .checkpoint import Checkpoint
+from .gpt_oss import fill_gpt_oss_experts
 
 PER_EXPERT = {"mixtral": ("w1", "w3", "w2")}
 # Fused [E, 2I, D] / [E, D, I] expert tensors under the MoE block: transformers 5's names, and a family's own.
@@ -110,6 +111,8 @@ def _attention(get, ck: Checkpoint, c: ModelConfig, p: str, dense: DenseMatrices
                           heads(get(p + "k_proj.bias", (kv,)), c.num_kv_heads), get(p + "v_proj.bias", (kv,))])
     aw = AttnWeights(dense(wqkv, p + "qkv_proj"), dense(get(p + "o_proj.weight", (D, q)), p + "o_proj"), bqkv,
                      get(p + "o_proj.bias", (D,)) if c.o_bias else None)
+    if c.attention_sinks:                       # gpt-oss: one sink logit per head, kept in float32 like the cache
+        aw.sinks = ck.get(p + "sinks", (c.num_heads,)).to(dtype=torch.float32, device=wqkv.device)
     if c.qk_norm == "head":
         aw.q_norm, aw.k_norm = get(p + "q_norm.weight", (c.head_dim,)), get(p + "k_norm.weight", (c.head_dim,))
         if order is not None:
@@ -180,11 +183,16 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
             mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
         else:                                   # GLM-4.5 / DeepSeek: the shared experts as one wider MLP
             mw.shared = _mlp(get, block + "shared_experts.", c.shared_expert_intermediate_size, D, dense)
+    if c.router_bias:
+        mw.router_bias = ck.get(block + "router.bias", (E,)).to(dtype=torch.float32, device=device)
+    if c.expert_act == "clamped":
+        mw.act = ClampedGLU(c.swiglu_limit, c.swiglu_alpha)
     if not experts:
         return mw, None
-    pool = make_pool(expert_layout(c, dtype, device, lay.auto, quant, lay), E, device)
+    layout = expert_layout(c, dtype, device, lay.auto, quant, lay)
+    pool = make_pool(layout, E, device)
     _fill_experts(get, ck, c, block, pool)
-    if quant is None and lay.packs((2 * I, D)) and lay.packs((D, I)):
+    if not layout.get("quant") and lay.packs((2 * I, D)) and lay.packs((D, I)):
         from ..models.packed import PackedExperts
         return mw, PackedExperts(pool)
     return mw, pool
@@ -193,14 +201,18 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
 def expert_layout(cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,
                   quant: QuantConfig | None = None, lay: LayoutChooser | None = None) -> dict:
     """The storage layout load_weights gives this model's expert pools here (ExpertPool.layout's keys): the
-    (t13, t2) orders a float pool is stored in, or the quantization of a quantized one."""
+    (t13, t2) orders a float pool is stored in, or the quantization of a quantized one: `quant`'s, else the
+    checkpoint's own (gpt-oss's MXFP4, kept as stored)."""
     D, I = cfg.hidden_size, cfg.moe_intermediate_size
     base = {"hidden": D, "inter": I, "dtype": str(dtype).removeprefix("torch.")}
-    if quant is not None:
+    method = quant.method if quant is not None else cfg.expert_quant
+    if method is not None:
         from ..experts.quant_pool import QuantExpertPool
-        return QuantExpertPool(0, D, I, dtype, quant.method, quant.group_size, device).layout
+        group = quant.group_size if quant is not None else 0
+        return QuantExpertPool(0, D, I, dtype, method, group, device, bias=cfg.expert_bias).layout
     lay = lay or LayoutChooser(dtype, device, auto_layout)
-    return {**base, "t13": lay.colmajor((2 * I, D)), "t2": lay.colmajor((D, I))}
+    out = {**base, "t13": lay.colmajor((2 * I, D)), "t2": lay.colmajor((D, I))}
+    return {**out, "bias": True} if cfg.expert_bias else out
 
 
 def load_expert_pool(ck: Checkpoint, cfg: ModelConfig, layer: int, layout: dict, experts: list[int] | None = None,
@@ -223,6 +235,8 @@ def _fill_experts(get, ck: Checkpoint, c: ModelConfig, block: str, pool, ids: li
     """Expert ids[j] into slot j, one expert read at a time (quantized pools quantize each as it lands)."""
     D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
     dtype, dev = getattr(torch, pool.layout["dtype"]), pool.blob.device
+    if c.model_type == "gpt_oss":
+        return fill_gpt_oss_experts(ck, c, block, pool, range(E) if ids is None else ids)
     for j, e in enumerate(range(E) if ids is None else ids):
         fused = next(((a, b) for a, b in FUSED if ck.has(block + a)), None)
         if fused is not None:

@@ -84,7 +84,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         experts = ResidentExperts(pools, cfg.num_experts)
     else:
         from .experts import build_expert_provider
-        routers = {i: lw.moe.router for i, lw in enumerate(weights.layers) if lw.moe is not None}
+        routers = {i: lw.moe.router if lw.moe.router_bias is None else (lw.moe.router, lw.moe.router_bias)
+                   for i, lw in enumerate(weights.layers) if lw.moe is not None}
         experts = build_expert_provider(path, cfg, dt, device, offload, routers, auto_layout, quant, show_progress,
                                         budgeted, samples)
     model = DecoderLM(cfg, weights, experts, dt, device)

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import MoespecError
 from ..kv_cache import KVCache
 from .budget import VerifyBudget
-from .layers import apply_rope, attend, linear, rms_norm, rope_tables
+from .layers import apply_rope, attend, attend_with_sinks, linear, rms_norm, rope_tables
 from .mla import MLAWeights, mla_attention
 from .moe import MLPWeights, MoEWeights, mlp, moe_block
 from .routing import Routing
@@ -31,6 +31,7 @@ class AttnWeights:
     q_norm: torch.Tensor | None = None  # [hd] (per head) or [H*hd] (full projection)
     k_norm: torch.Tensor | None = None
     qk_norm: torch.Tensor | None = None  # [H + G, hd]: per-head norms stacked, q heads then k heads
+    sinks: torch.Tensor | None = None    # [H] float32: each head's sink logit (gpt-oss)
 
 
 @dataclass
@@ -137,7 +138,9 @@ class DecoderLM:
         if top > self.cos.shape[0]:
             self._grow_rope(top)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, rope_dim]
-        mask = kv.mask(T, tree, c.sliding_window, given)
+        n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
+        # one mask per distinct window (gpt-oss alternates sliding and full layers)
+        masks = {w: kv.mask(T, tree, w, given) for w in {c.window(i) for i in range(n_layers)}}
         record = [] if plan is not None and plan.record_routing else None
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
         kept = [] if budget is not None else None
@@ -146,10 +149,9 @@ class DecoderLM:
             h = h * c.embedding_multiplier
         r = c.residual_multiplier                  # GraniteMoE scales each block's output; 1.0 elsewhere
         top_k = plan.top_k if plan is not None and plan.top_k else c.top_k
-        n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
         experts = plan.experts if plan is not None and plan.experts is not None else self.experts
         for i, lw in enumerate(self.w.layers[:n_layers]):
-            a = self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, mask)
+            a = self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, masks[c.window(i)])
             h = h + (a if r == 1.0 else a * r)
             x = rms_norm(h, lw.ln2, c.rms_norm_eps)
             if lw.moe is not None:
@@ -200,4 +202,6 @@ class DecoderLM:
             qk = apply_rope(qk, cos, sin)
         v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
         keys, values = kv.write(layer, qk[:, H:], v)
+        if aw.sinks is not None:
+            return linear(attend_with_sinks(qk[:, :H], keys, values, mask, aw.sinks, c.softmax_scale), aw.wo, aw.bo)
         return linear(attend(qk[:, :H], keys, values, mask, c.softmax_scale), aw.wo, aw.bo)

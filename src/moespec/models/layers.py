@@ -186,3 +186,33 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1]).to(q.dtype)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+SINK_CHUNK = 1 << 24        # scores computed per chunk of queries, at most this many at a time (64 MB in float32)
+
+
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor,
+                      scale: float | None = None) -> torch.Tensor:
+    """attend() with a sink per head (gpt-oss): a logit sinks[h] joins each query's softmax and takes its share of
+    the mass, with no value. q [B, H, T, hd], k/v [B, G, L, hd], mask [B, 1, T, L] | None (plain causal over the
+    cache: T == 1), sinks [H] -> [B, T, H*hd]. Query heads are grouped by kv head, so the cache is never expanded;
+    queries go in chunks that keep the scores under SINK_CHUNK values."""
+    B, H, T, hd = q.shape
+    G, L = k.shape[1], k.shape[2]
+    r, dt = H // G, q.dtype
+    q = q.to(k.dtype)
+    sink = sinks.to(k.dtype).view(1, H, 1, 1)
+    step = max(1, SINK_CHUNK // max(1, B * H * L))
+    outs = []
+    for t0 in range(0, T, step):
+        qc = q[:, :, t0:t0 + step]
+        tc = qc.shape[2]
+        s = torch.matmul(qc.reshape(B, G, r * tc, hd), k.transpose(-1, -2)).view(B, H, tc, L)
+        s = s * (hd ** -0.5 if scale is None else scale)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, t0:t0 + tc], float("-inf"))
+        z = torch.cat([s, sink.expand(B, H, tc, 1)], dim=-1)
+        p = torch.softmax(z - z.amax(dim=-1, keepdim=True), dim=-1)[..., :L]
+        outs.append(torch.matmul(p.reshape(B, G, r * tc, L), v).view(B, H, tc, hd))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(dt).transpose(1, 2).reshape(B, T, -1)

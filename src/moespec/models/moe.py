@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,25 @@ from .routing import Routing, route_probs
 from .layers import linear
 
 
+def silu_glu(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: gate+up [N, 2I] -> [N, I]."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+@dataclass(frozen=True)
+class ClampedGLU:
+    """gpt-oss's SwiGLU: the gate clamped above and the up projection both sides at `limit`, the gate's sigmoid
+    sharpened by `alpha`, and the up projection shifted by one (HF's order of operations)."""
+    limit: float = 7.0
+    alpha: float = 1.702
+
+    def __call__(self, gu: torch.Tensor) -> torch.Tensor:
+        g, u = gu.chunk(2, dim=-1)
+        g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.alpha))
+
+
 @dataclass
 class MLPWeights:
     w13: torch.Tensor          # [2I, D]: gate rows then up rows
@@ -23,8 +43,7 @@ class MLPWeights:
 
 
 def mlp(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    g, u = linear(x, w.w13).chunk(2, dim=-1)
-    return linear(F.silu(g) * u, w.w2)
+    return linear(silu_glu(linear(x, w.w13)), w.w2)
 
 
 @dataclass
@@ -33,15 +52,25 @@ class MoEWeights:
     shared: MLPWeights | None = None      # shared expert(s), run on every token (Qwen2-MoE, GLM-4.5, DeepSeek)
     shared_gate: torch.Tensor | None = None  # [1, D], sigmoid gate of the shared expert (Qwen2-MoE); None = ungated
     bias: torch.Tensor | None = None      # [E] float32: sigmoid routing's score correction (choice only)
+    router_bias: torch.Tensor | None = None  # [E] float32: added to the router logits (gpt-oss)
+    act: Callable[[torch.Tensor], torch.Tensor] = silu_glu   # the experts' gate+up [N, 2I] -> [N, I]
 
 
 def route(x: torch.Tensor, mw: MoEWeights, top_k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] -> weights [N, K] (x.dtype), ids [N, K] long."""
-    w, ids, _, _ = route_probs(x, mw.router, mw.bias, top_k, routing)
+    w, ids, _, _ = route_probs(x, mw.router, mw.bias, top_k, routing, mw.router_bias)
     return w, ids
 
 
-def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool) -> torch.Tensor:
+def expert(x: torch.Tensor, pool: ExpertPool, s: int, act=silu_glu) -> torch.Tensor:
+    """Slot s's expert on x [M, D] -> [M, D] (with its biases when the pool keeps them)."""
+    if pool.b13 is None:
+        return linear(act(linear(x, pool.w13[s])), pool.w2[s])
+    return linear(act(linear(x, pool.w13[s], pool.b13[s])), pool.w2[s], pool.b2[s])
+
+
+def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool,
+                    act=silu_glu) -> torch.Tensor:
     """Weighted sum over each token's K experts. x [N, D], slots/w [N, K] -> [N, D].
 
     Loops only over the distinct slots this forward hit: one token (decode) costs K small matmul
@@ -53,15 +82,14 @@ def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool:
         # expert); y * float rounds exactly as y * a 0-d tensor of the same value, so this equals sum_k's path.
         out = None
         for s, wj in zip(slots[0].tolist(), w[0].tolist()):
-            g, u = linear(x, pool.w13[s]).chunk(2, dim=-1)
-            y = linear(F.silu(g) * u, pool.w2[s]) * wj
+            y = expert(x, pool, s, act) * wj
             out = y if out is None else out + y
         return out
-    return sum_k(expert_outputs(x, slots, w, pool))
+    return sum_k(expert_outputs(x, slots, w, pool, act=act))
 
 
 def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool,
-                   mask: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, acc: torch.Tensor | None = None, act=silu_glu) -> torch.Tensor:
     """Each (token, k)'s weighted expert output. x [N, D], slots/w/mask [N, K] -> acc [N, K, D].
 
     Only entries where mask is true are written (all when None), so chunks over disjoint expert
@@ -86,8 +114,7 @@ def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: 
         if c == 0:
             continue
         seg = slice(start, start + c)
-        g, u = linear(xs[seg], pool.w13[s]).chunk(2, dim=-1)
-        ys[seg] = linear(F.silu(g) * u, pool.w2[s]) * ws[seg]
+        ys[seg] = expert(xs[seg], pool, s, act) * ws[seg]
         start += c
     acc.view(n * k, -1).index_copy_(0, order, ys)
     return acc
@@ -117,7 +144,7 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     resident experts); a cache smaller than the union yields several chunks of at most S experts,
     each locked in its slots until we ask for the next one, and the chunks fill one [N, K, D] acc.
     """
-    w, ids, choice, probs = route_probs(x, mw.router, mw.bias, top_k, routing)
+    w, ids, choice, probs = route_probs(x, mw.router, mw.bias, top_k, routing, mw.router_bias)
     if record is not None:
         record.append(ids)
     if budget is not None:
@@ -140,9 +167,9 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises
         for slots, mask in chunks:
             if mask is None:
-                out = experts_forward(x, slots, w, pool)
+                out = experts_forward(x, slots, w, pool, mw.act)
             else:
-                acc = expert_outputs(x, slots, w, pool, mask, acc)
+                acc = expert_outputs(x, slots, w, pool, mask, acc, mw.act)
     if acc is not None:
         out = sum_k(acc)
     if mw.shared is not None:

@@ -44,6 +44,8 @@ class PackedExperts:
         self.blob_bytes = pool.blob_bytes
         self.w13 = [pack(pool.w13[e]) for e in range(pool.slots)]
         self.w2 = [pack(pool.w2[e]) for e in range(pool.slots)]
+        self.b13 = None if pool.b13 is None else pool.b13.clone()     # (the pool's blob is freed)
+        self.b2 = None if pool.b2 is None else pool.b2.clone()
 
     def flat(self) -> torch.Tensor:
         """[E, 3 I D] every expert's weights flattened (gate+up then down), as dense rows."""

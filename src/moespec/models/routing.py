@@ -28,17 +28,18 @@ class Routing:
     group_score: str = "top2"
 
 
-def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, routing: Routing
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, routing: Routing,
+                router_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing with what it chose from: x [N, D], router [E, D] float32, bias [E] float32 | None (sigmoid routing's
-    correction) -> (w [N, K] x.dtype, ids [N, K], choice [N, E], probs [N, E]).
+    correction), router_bias [E] float32 | None (added to the logits: gpt-oss)
+    -> (w [N, K] x.dtype, ids [N, K], choice [N, E], probs [N, E]).
 
     choice ranks the experts (-inf outside the allowed groups), probs gives their weights (float32; the same tensor
     for softmax routing). The one implementation behind moe.route(), so the budget path routes bit-identically.
     """
     # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product through oneDNN costs several
     # times the float32 one, and float32 logits pick experts at least as exactly as the model's dtype would.
-    logits = F.linear(x.float(), router)
+    logits = F.linear(x.float(), router, router_bias)
     if routing.scoring == "softmax":
         probs = F.softmax(logits, dim=-1)
         if routing.n_group == 1 and bias is None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoespecError
+from .mxfp4 import Mxfp4Weight
 
 INT8_MIN_K = 16         # _weight_int8pack_mm needs in_features % 16 == 0 (else wrong results or a crash)
 
@@ -179,7 +180,7 @@ class Int4Weight:
         return self.packed.numel() + 2 * self.sz.numel()
 
 
-QUANTIZED = (Int8Weight, Int4Weight)
+QUANTIZED = (Int8Weight, Int4Weight, Mxfp4Weight)
 DEQUANT_MIN_ROWS = 256      # below this many rows the kernel's own rounding always applies (decode, verification)
 
 

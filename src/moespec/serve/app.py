@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +20,7 @@ from ..errors import MoespecError
 from . import protocol as P
 from .metrics import ServerMetrics
 from .guard import Guard
+from .harmony import HarmonyParser, split_harmony
 from .replies import collect, sse
 from .worker import EngineWorker, Job, Overloaded, TooLarge
 
@@ -66,8 +67,14 @@ class Service:
             raise P.ApiError(400, str(e), code=code, param="messages" if what == "the conversation" else None
                              ) from None
 
-    async def job_for(self, prompts: list, req, max_tokens) -> tuple[Job, int]:
-        """Tokenize and validate everything before queueing: bad input is a 400 now, not a failed batch."""
+    @property
+    def harmony(self) -> bool:
+        """Chat replies come in gpt-oss's harmony format (serve/harmony.py)."""
+        return self.llm.model.cfg.model_type == "gpt_oss"
+
+    async def job_for(self, prompts: list, req, max_tokens, keep_special: bool = False) -> tuple[Job, int]:
+        """Tokenize and validate everything before queueing: bad input is a 400 now, not a failed batch.
+        keep_special: the text keeps the special tokens (harmony's markers)."""
         rows = len(prompts) * req.n
         if rows > self.max_num_seqs:
             raise P.ApiError(400, f"{len(prompts)} prompt(s) x n={req.n} is {rows} sequences, more than this server "
@@ -79,7 +86,8 @@ class Service:
                 p.validate()
             # the model's generation defaults (max_tokens among them) fill what the request left out: the KV budget
             # sizes the job with them
-            params = [p.with_defaults(self.llm.generation_config) for p in params]
+            params = [replace(p.with_defaults(self.llm.generation_config), skip_special_tokens=not keep_special)
+                      for p in params]
             for p in params:
                 p.validate()
         except MoespecError as e:
@@ -187,16 +195,27 @@ async def chat(req: P.ChatRequest, request: Request):
     req.check()
     messages = [m.as_dict() for m in req.messages]
     prompt = await svc.off_loop(lambda: svc.llm.chat_ids(messages), "the conversation")
-    job, n_prompt = await svc.job_for([prompt], req, req.max_new_tokens)
+    harmony = svc.harmony
+    job, n_prompt = await svc.job_for([prompt], req, req.max_new_tokens, keep_special=harmony)
     rid, name, timeout = P.new_id("chatcmpl"), svc.model_name, svc.limits.request_timeout_s
     if req.stream:
+        parsers = [HarmonyParser() for _ in job.prompts] if harmony else None
+
         def chunk(c, text, finish, first):
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            delta = {"role": "assistant"} if first else {}
+            if parsers is None:
+                delta.update({"content": text} if text or first else {})
+            else:               # reasoning and content as the markers tell them apart; a finish flushes the rest
+                reasoning, text = parsers[c].finish() if finish else parsers[c].feed(text)
+                delta.update({k: v for k, v in (("reasoning_content", reasoning), ("content", text)) if v})
             return P.chat_chunk(rid, name, c, delta, finish, req.include_usage)
         return sse(job, chunk, lambda use: P.usage_chunk(rid, name, "chat.completion.chunk", use),
                    n_prompt, req.include_usage, timeout)
     texts, reasons, n_gen = await collect(job, request, timeout)
-    return P.chat_reply(rid, name, texts, reasons, P.usage(n_prompt, n_gen))
+    if not harmony:
+        return P.chat_reply(rid, name, texts, reasons, P.usage(n_prompt, n_gen))
+    split = [split_harmony(t) for t in texts]
+    return P.chat_reply(rid, name, [c for _, c in split], reasons, P.usage(n_prompt, n_gen), [r for r, _ in split])
 
 
 @router.post("/v1/completions")

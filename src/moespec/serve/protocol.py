@@ -149,9 +149,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_reply(rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
+def chat_reply(rid: str, model: str, texts: list[str], reasons: list[str], use: dict,
+               reasoning: list[str] | None = None) -> dict:
+    """reasoning: each choice's reasoning (gpt-oss's analysis channel), sent as `reasoning_content` beside the content."""
+    def message(i, t):
+        m = {"role": "assistant", "content": t}
+        return m if reasoning is None else {**m, "reasoning_content": reasoning[i]}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+            "choices": [{"index": i, "message": message(i, t), "logprobs": None,
                          "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
             "usage": use}
 

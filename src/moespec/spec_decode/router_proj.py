@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import MoespecError
 
@@ -138,7 +139,8 @@ def fit_projection(target, draft, seqs: list[list[int]], ridge: float = 1e-2, he
         h = draft.forward(toks, draft.new_cache(1, len(s))).hidden[0]                       # [T, H_d]
         X.append(torch.nn.functional.pad(h.float(), (0, 1), value=1.0))
         for i in Y:
-            Y[i].append(cap.x[i] @ target.w.layers[i].moe.router.float().T)              # [T, E] logits
+            mw = target.w.layers[i].moe
+            Y[i].append(F.linear(cap.x[i], mw.router.float(), mw.router_bias))           # [T, E] logits
     n_fit = max(1, int(len(seqs) * (1 - held_out)))
     Xf = torch.cat(X[:n_fit]).double()
     gram = Xf.T @ Xf + ridge * len(Xf) * torch.eye(Xf.shape[1], dtype=torch.float64)
