@@ -70,6 +70,25 @@ FAMILY_CONFIGS = {
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
                     tie_word_embeddings=False),
+    # sparsemixer routing (jitter 0.1 so the second expert's softmax spans several), LayerNorms with biases, attention
+    # and LM head biases, LongRoPE's short factors within its original context of 128 positions, GQA 4:2
+    "phimoe": dict(model_type="phimoe", vocab_size=227, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                   router_jitter_noise=0.1, attention_bias=True, lm_head_bias=True, max_position_embeddings=512,
+                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                                    "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0],
+                                    "short_mscale": 1.19, "long_mscale": 1.24,
+                                    "original_max_position_embeddings": 128},
+                   tie_word_embeddings=False),
+    # Llama 4's text decoder: layers 1 and 3 MoE (top-1 sigmoid router scaling the expert's input, a shared expert),
+    # 0 and 2 dense; rope (interleaved pairs) + L2 q/k norm + chunks of 6 positions on layers 0 and 2, no rope and
+    # query temperature (floor_scale 4, so it varies within the test's positions) on 1 and 3; GQA 4:2
+    "llama4_text": dict(model_type="llama4_text", vocab_size=233, hidden_size=64, intermediate_size=32,
+                        intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, num_local_experts=6, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                        no_rope_layer_interval=2, attention_chunk_size=6, floor_scale=4, attn_scale=0.5,
+                        max_position_embeddings=512, tie_word_embeddings=False),
 }
 # A dense model, as the draft-model drafter uses (same family code path, no experts).
 DENSE_CONFIGS = {
@@ -93,7 +112,8 @@ def build(family: str, folder: Path, seed: int = 0, fused: bool = False, dtype=t
             if n.endswith(("gate.weight", "router.weight")) and p.shape[0] > 1:
                 p.normal_(0, 1.0)
         for n, b in [*model.named_buffers(), *model.named_parameters()]:
-            if n.endswith(("e_score_correction_bias", "router.bias", "proj_bias", "sinks")):   # zero at init: make it matter
+            if n.endswith(("e_score_correction_bias", "router.bias", "proj_bias", "sinks", "layernorm.bias",
+                           "norm.bias", "lm_head.bias")):                        # zero at init: make it matter
                 b.normal_(0, 0.3)
     model.to(dtype).save_pretrained(folder, save_original_format=not fused)
     return model.float()

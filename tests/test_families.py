@@ -14,7 +14,7 @@ from moespec import LLM, SamplingParams
 from moespec.config import ModelConfig, OffloadConfig
 from moespec.loading import load_model
 
-FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "gpt_oss"]
+FAMILIES = ["glm4_moe", "deepseek_v2", "deepseek_v3", "granitemoe", "ernie4_5_moe", "gpt_oss", "phimoe", "llama4_text"]
 PROMPTS = [[5, 17, 33, 9, 60, 2, 41], [7, 7, 120, 14], [90, 3, 3, 3, 45, 61, 8, 12, 30]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
@@ -121,3 +121,50 @@ def test_mla_caches_the_latent_only(family, family_dirs):
     theirs = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
                  for t in (layer.keys, layer.values)) / len(PROMPTS[0])
     assert llm.kv_bytes_per_token == theirs
+
+
+def test_sparsemixer_equals_transformers():
+    """PhiMoE's routing against transformers' own function, on logits with near ties (where the jitter matters)."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer as theirs
+
+    from moespec.models.routing import sparsemixer
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g)
+    logits[::4, 1] = logits[::4, 0] * 0.97                    # close seconds
+    for jitter in (0.01, 0.1, 0.5):
+        w, ids = sparsemixer(logits, jitter)
+        tw, tids = theirs(logits, jitter, training=False)
+        assert torch.equal(ids, tids) and torch.equal(w, tw)
+
+
+def test_routing_takes_the_family_group_score(family_dirs):
+    """DeepSeek-V2 ranks expert groups by their best expert, V3 by the sum of their two best (models/routing.py)."""
+    assert load_model(family_dirs["deepseek_v2"][0]).routing.group_score == "max"
+    assert load_model(family_dirs["deepseek_v3"][0]).routing.group_score == "top2"
+
+
+def test_longrope_context_is_the_original_one(family_dirs):
+    """PhiMoE runs LongRoPE's short factors, valid within original_max_position_embeddings (128 in the tiny config):
+    generation stops there (finish_reason "length"), and a longer prompt is refused by name."""
+    from moespec.errors import MoespecError
+    llm = LLM(family_dirs["phimoe"][0])
+    assert llm.model.max_len == 128
+    out = llm.generate([[3] * 120], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+    with pytest.raises(MoespecError, match="context is 128"):
+        llm.generate([[3] * 130], SamplingParams(max_new_tokens=2, temperature=0))
+
+
+def test_llama4_multimodal_checkpoint_runs_its_text_decoder(family_dirs, tmp_path):
+    """A Llama 4 checkpoint as the hub ships it: config.json nests the decoder under text_config, tensors sit under
+    language_model. beside the vision encoder's; moespec runs the text decoder from it as from the text-only one."""
+    from safetensors.torch import load_file, save_file
+    folder = family_dirs["llama4_text"][0]
+    text = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text,
+                                                      "vision_config": {"hidden_size": 8}}))
+    w = {"language_model." + k: v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file({**w, "vision_model.patch_embedding.weight": torch.zeros(8, 3)}, str(tmp_path / "model.safetensors"))
+    a, b = load_model(folder, auto_layout=False), load_model(tmp_path, auto_layout=False)    # (the same layouts)
+    toks = torch.tensor([PROMPTS[2]])
+    assert torch.equal(a.forward(toks, a.new_cache(1, 16)).logits, b.forward(toks, b.new_cache(1, 16)).logits)

@@ -78,6 +78,18 @@ def test_other_families_parse_to_published_sizes():
     d = ModelDesc.from_config(ernie)
     assert d.params_total == pytest.approx(21e9, rel=0.05)
     assert d.active_params_per_token == pytest.approx(3e9, rel=0.15)
+    scout = {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+             "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+             "num_local_experts": 16, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "vocab_size": 202048,
+             "attention_chunk_size": 8192}                                      # Llama-4-Scout-17B-16E (text)
+    d = ModelDesc.from_config({"model_type": "llama4", "text_config": scout})  # the multimodal config nests it
+    assert d.params_total == pytest.approx(109e9, rel=0.02)                    # (published with its vision encoder)
+    assert d.active_params_per_token == pytest.approx(17e9, rel=0.08)
+    assert d.full_attn_layers == 12 and d.sliding_window == 8192               # chunked on 3 of 4 layers
+    maverick = {**scout, "num_local_experts": 128, "interleave_moe_layer_step": 2}   # Llama-4-Maverick-17B-128E
+    d = ModelDesc.from_config(maverick)
+    assert d.params_total == pytest.approx(400e9, rel=0.02) and d.moe_layers == 24
+    assert d.active_params_per_token == pytest.approx(17e9, rel=0.08)
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
     q3 = json.loads((CONFIG_DIR / "qwen3-30b-a3b.json").read_text())
     q3["num_local_experts"] = q3.pop("num_experts")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoespecError
-from .families import FAMILIES, Fields, rope_params
+from .families import FAMILIES, Fields, rope_params, text_config
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,7 +28,8 @@ class ModelConfig:
     rope: dict                     # {"rope_type", "rope_theta", ...scaling fields}
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: str = "none"          # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
+    qk_norm: str = "none"          # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE) | "l2"
+                                   # (per head, no weight, after rope, rope layers only: Llama 4)
     clip_qkv: float | None = None
     sliding_window: int | None = None
     num_experts: int = 0
@@ -66,6 +67,16 @@ class ModelConfig:
     expert_bias: bool = False
     router_bias: bool = False
     expert_quant: str | None = None  # how the checkpoint stores the experts: None (as its dtype) | "mxfp4"
+    # PhiMoE: LayerNorms (with biases) instead of RMSNorms, a biased LM head; scoring "sparsemixer" (router_jitter)
+    norm: str = "rms"              # "rms" | "layer"
+    lm_head_bias: bool = False
+    router_jitter: float = 0.0
+    # Llama 4: layers with rope (empty: all), per-layer attention chunks (None: the whole context; empty: none),
+    # (floor_scale, attn_scale) of the no-rope layers' query temperature, expert inputs scaled by the router's weight
+    rope_layers: tuple[bool, ...] = ()
+    layer_chunks: tuple[int | None, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
+    weight_expert_input: bool = False
     moe_layers: tuple[bool, ...] = field(default_factory=tuple)
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
@@ -83,9 +94,13 @@ class ModelConfig:
             return self.kv_lora_rank + self.rotary_dim
         return 2 * self.num_kv_heads * self.head_dim
 
-    def window(self, layer: int) -> int | None:
-        """The sliding window of `layer`'s attention (None: it sees the whole context)."""
-        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+    def span(self, layer: int) -> tuple[int | None, int | None]:
+        """What `layer`'s attention sees: (sliding window, chunk), None for no limit."""
+        return (self.layer_windows[layer] if self.layer_windows else self.sliding_window,
+                self.layer_chunks[layer] if self.layer_chunks else None)
+
+    def has_rope(self, layer: int) -> bool:
+        return self.rope_layers[layer] if self.rope_layers else True
 
     @property
     def rope_dim(self) -> int:
@@ -101,6 +116,7 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(raw: dict) -> "ModelConfig":
+        raw = text_config(raw)
         mt = raw.get("model_type")
         if mt not in FAMILIES:
             raise MoespecError(f"unsupported model_type {mt!r}; supported: {', '.join(sorted(FAMILIES))}")

@@ -50,9 +50,9 @@ def rope_params(raw: dict) -> dict:
         rp["rope_type"] = rp.pop("type")
     rp.setdefault("rope_type", "default")
     rp.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    if rp["rope_type"] not in ("default", "linear", "yarn", "llama3"):
+    if rp["rope_type"] not in ("default", "linear", "yarn", "llama3", "longrope"):
         raise MoespecError(f"config.json: rope type {rp['rope_type']!r} is not supported "
-                           "(supported: default, linear, yarn, llama3)")
+                           "(supported: default, linear, yarn, llama3, longrope)")
     return rp
 
 
@@ -215,6 +215,69 @@ def _gpt_oss(f: Fields, layers: int) -> dict:
             "expert_bias": True, "router_bias": True, "expert_quant": quant}
 
 
+def _phimoe(f: Fields, layers: int) -> dict:
+    """PhiMoE: Mixtral's layout with sparsemixer routing (two experts, each chosen among those within a relative
+    2 * router_jitter_noise of the best remaining one and weighted by a softmax over them), LayerNorms with biases, a
+    biased LM head and attention biases. LongRoPE runs with its short factors, so the context is the original one
+    (transformers switches every position to the long factors past it, re-encoding the whole sequence)."""
+    raw = f.raw
+    K = f.need("num_experts_per_tok")
+    if K != 2:
+        raise MoespecError(f"config.json: phimoe routes exactly 2 experts (sparsemixer); num_experts_per_tok={K}")
+    out = {"num_experts": f.need("num_local_experts"), "top_k": K, "moe_intermediate_size": f.need("intermediate_size"),
+           "moe_layers": (True,) * layers, "scoring": "sparsemixer",
+           "router_jitter": float(raw.get("router_jitter_noise", 0.01)), "norm": "layer",
+           "lm_head_bias": bool(raw.get("lm_head_bias", False))}
+    rp = rope_params(raw)
+    if rp["rope_type"] == "longrope":
+        orig = rp.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+        if not isinstance(orig, int) or orig <= 0:
+            raise MoespecError("config.json: longrope needs original_max_position_embeddings")
+        full = raw.get("max_position_embeddings") or orig
+        out["rope"] = {**rp, "original_max_position_embeddings": orig, "factor": rp.get("factor") or full / orig}
+        out["max_position_embeddings"] = min(orig, full)
+    return out
+
+
+def _llama4(f: Fields, layers: int) -> dict:
+    """Llama 4's text decoder: MoE layers from moe_layers (else every interleave_moe_layer_step-th), dense ones of
+    intermediate_size_mlp; a top-k sigmoid router whose score scales each chosen expert's input; one ungated shared
+    expert. Layers marked 1 in no_rope_layers rotate q and k (interleaved pairs), L2-normalise them after (use_qk_norm)
+    and attend within chunks of attention_chunk_size; the others have no rope and scale their queries up with the
+    position (attn_temperature_tuning)."""
+    raw = f.raw
+    moe = raw.get("moe_layers")
+    step = raw.get("interleave_moe_layer_step", 1) or 1
+    moe = set(range(step - 1, layers, step) if moe is None else moe)
+    interval = raw.get("no_rope_layer_interval", 4) or 4
+    rope = raw.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    types = raw.get("layer_types") or ["chunked_attention" if r else "full_attention" for r in rope]
+    if len(rope) != layers or len(types) != layers:
+        raise MoespecError(f"config.json fields no_rope_layers and layer_types must list {layers} layers")
+    chunk = f.optional("attention_chunk_size", None)
+    I = f.need("intermediate_size")
+    moe_layers = tuple(i in moe for i in range(layers))
+    out = {"num_experts": f.need("num_local_experts"), "top_k": f.need("num_experts_per_tok"),
+           "moe_intermediate_size": I, "moe_layers": moe_layers, "scoring": "sigmoid", "norm_topk_prob": False,
+           "shared_expert_intermediate_size": I, "shared_expert_gated": False, "weight_expert_input": True,
+           "rope_layers": tuple(bool(r) for r in rope), "rope_interleave": True,
+           "qk_norm": "l2" if raw.get("use_qk_norm", True) else "none",
+           "layer_chunks": tuple(chunk if t == "chunked_attention" else None for t in types) if chunk else (),
+           "attn_temperature": (float(f.optional("floor_scale", 8192, float)), float(raw.get("attn_scale", 0.1)))
+           if raw.get("attn_temperature_tuning", True) else None}
+    if not all(moe_layers):
+        out["intermediate_size"] = f.need("intermediate_size_mlp")
+    return out
+
+
+def text_config(raw: dict) -> dict:
+    """The text decoder's config.json fields: a multimodal Llama 4 nests them under text_config."""
+    if raw.get("model_type") == "llama4" and isinstance(raw.get("text_config"), dict):
+        return {**raw["text_config"], "model_type": "llama4_text",
+                "tie_word_embeddings": raw.get("tie_word_embeddings", raw["text_config"].get("tie_word_embeddings"))}
+    return raw
+
+
 def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
@@ -246,6 +309,8 @@ FAMILIES = {
     "glm4_moe": Family(_glm4_moe, o_bias=_no_bias),
     "granitemoe": Family(_granitemoe),
     "ernie4_5_moe": Family(_ernie4_5_moe, qkv_bias=_no_bias, o_bias=_no_bias),
+    "phimoe": Family(_phimoe),
+    "llama4_text": Family(_llama4),
     "gpt_oss": Family(_gpt_oss, qkv_bias=lambda raw: bool(raw.get("attention_bias", True)),
                       o_bias=lambda raw: bool(raw.get("attention_bias", True))),
     "deepseek_v2": Family(_deepseek),

@@ -50,15 +50,16 @@ class KVCache:
         return self.k[layer, :, :, :hi + t], self.v[layer, :, :, :hi + t]
 
     def mask(self, t: int, tree: torch.Tensor | None = None, window: int | None = None,
-             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+             positions: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor | None:
         """Visibility [B, 1, T, L] (True = attend) for T new tokens, or None when plain causal needs none.
 
         tree [T, T] or [B, T, T] (one per row) bool: which new tokens each new token sees (itself
         included); None = causal. positions [B, T]: the new tokens' positions, for the sliding window
-        (default committed length + 0..T-1; a tree's are its depths).
+        (default committed length + 0..T-1; a tree's are its depths). chunk: tokens see only keys of their own chunk of
+        positions (Llama 4's chunked attention).
         """
         lo, hi = min(self.lens), max(self.lens)
-        if tree is None and window is None and lo == hi and t == 1:
+        if tree is None and window is None and chunk is None and lo == hi and t == 1:
             return None
         dev = self.k.device
         L = hi + t
@@ -72,13 +73,16 @@ class KVCache:
             vis_new = new[:, relc].permute(1, 0, 2)                                        # [B, T, L]
         vis_new = vis_new & in_new[:, None, :]
         vis = (rel < 0)[:, None, :] | vis_new
-        if window is not None:
+        if window is not None or chunk is not None:
             qpos = self.lens_tensor()[:, None] + torch.arange(t, device=dev)[None, :] if positions is None \
                 else positions.to(dev)                                                     # [B, T]
             kpos = torch.arange(L, device=dev).expand(self.batch, -1)                      # [B, L]
             if positions is not None:          # new tokens sit at their own positions (a tree's depths)
                 kpos = torch.where(in_new, torch.gather(qpos, 1, relc), kpos)
-            vis = vis & (qpos[:, :, None] - kpos[:, None, :] < window)
+            if window is not None:
+                vis = vis & (qpos[:, :, None] - kpos[:, None, :] < window)
+            if chunk is not None:
+                vis = vis & (qpos[:, :, None] // chunk == kpos[:, None, :] // chunk)
         return vis[:, None]
 
     def advance(self, n: int | list[int]) -> None:

@@ -32,10 +32,11 @@ def describe(cfg: ModelConfig, bytes_per_param: float = 4.0, expert_bytes: int |
     shared = 3 * D * cfg.shared_expert_intermediate_size + \
         (D if cfg.shared_expert_intermediate_size and cfg.shared_expert_gated else 0)     # Qwen2-MoE's gate
     n_moe = sum(cfg.moe_layers)
-    per_layer_fixed = attn + 2 * D
+    per_layer_fixed = attn + (4 * D if cfg.norm == "layer" else 2 * D)
     embed = cfg.vocab_size * D
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * D
-    dense = (embed + head + D + cfg.num_layers * per_layer_fixed + (cfg.num_layers - n_moe) * dense_mlp
+    dense = (embed + head + (2 * D if cfg.norm == "layer" else D) + (cfg.vocab_size if cfg.lm_head_bias else 0)
+             + cfg.num_layers * per_layer_fixed + (cfg.num_layers - n_moe) * dense_mlp
              + n_moe * (shared + cfg.num_experts * (D + (1 if cfg.router_bias else 0))))
     experts_total = n_moe * cfg.num_experts * expert
     active = dense - embed + n_moe * cfg.top_k * expert   # the embedding is a lookup, not a matmul

@@ -17,6 +17,7 @@ import torch
 
 from .pool import pack_bias, slot_memory
 from ..quant.mxfp4 import Mxfp4Weight, check_mxfp4_shape, quantize_mxfp4
+from ..quant.mxfp4 import kernel as mxfp4_kernel
 from ..quant.weights import (Int4Weight, Int8Weight, check_int4_shape, int4_pack_format, int4_packed_shapes, pack_int4,
                       quantize_int4, quantize_int8)
 
@@ -80,6 +81,8 @@ class QuantExpertPool:
             self.w13 = [Int8Weight(self.f["q13"][s], self.f["s13"][s]) for s in range(slots)]
             self.w2 = [Int8Weight(self.f["q2"][s], self.f["s2"][s]) for s in range(slots)]
         elif method == "mxfp4":
+            if slots and torch.device(device).type == "cpu":
+                mxfp4_kernel()                 # built (once per CPU class) at load, not in the first product
             self.w13 = [Mxfp4Weight(self.f["p13"][s], self.f["e13"][s]) for s in range(slots)]
             self.w2 = [Mxfp4Weight(self.f["p2"][s], self.f["e2"][s]) for s in range(slots)]
         else:

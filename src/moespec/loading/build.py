@@ -23,9 +23,11 @@ from ..quant.scheme import QuantConfig
 from .checkpoint import Checkpoint
 from .gpt_oss import fill_gpt_oss_experts
 
-PER_EXPERT = {"mixtral": ("w1", "w3", "w2")}
+PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 # Fused [E, 2I, D] / [E, D, I] expert tensors under the MoE block: transformers 5's names, and a family's own.
 FUSED = [("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight")]
+# Families whose fused experts are stored for x @ W: gate_up [E, D, 2I] (gate columns, then up), down [E, I, D].
+FUSED_XW = {"llama4_text"}
 ROUTERS = ("gate.weight", "router.weight", "router.layer.weight")   # GraniteMoE: router.layer (hub) or router
 QWEN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -76,15 +78,23 @@ def load_weights(ck: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device="c
             p = f"model.layers.{i}."
             attn = _attention(get, ck, c, p + "self_attn.", dense)
             lw = LayerWeights(get(p + "input_layernorm.weight", (D,)), get(p + "post_attention_layernorm.weight", (D,)), attn)
+            if c.norm == "layer":
+                lw.ln1_b, lw.ln2_b = get(p + "input_layernorm.bias", (D,)), get(p + "post_attention_layernorm.bias", (D,))
             if c.moe_layers[i]:
                 lw.moe, pool = _moe(get, ck, c, p, dtype, device, lay, dense, quant, experts)
                 if pool is not None:
                     pools[i] = pool
             else:
-                lw.mlp = _mlp(get, p + "mlp.", c.intermediate_size, D, dense)
+                lw.mlp = _mlp(get, p + ("feed_forward." if ck.has(p + "feed_forward.gate_proj.weight") else "mlp."),
+                              c.intermediate_size, D, dense)
             layers.append(lw)
             tick()
-    return Weights(embed, get("model.norm.weight", (D,)), lm_head, layers), pools
+    w = Weights(embed, get("model.norm.weight", (D,)), lm_head, layers)
+    if c.norm == "layer":
+        w.norm_b = get("model.norm.bias", (D,))
+    if c.lm_head_bias:
+        w.lm_head_b = get("lm_head.bias", (c.vocab_size,))
+    return w, pools
 
 
 def rope_order(r: int, width: int) -> torch.Tensor:
@@ -159,8 +169,9 @@ def _mlp(get, p: str, inter: int, D: int, dense: DenseMatrices) -> MLPWeights:
 
 
 def _moe_block(ck: Checkpoint, p: str) -> str:
-    # Mixtral and GraniteMoE checkpoints say block_sparse_moe; transformers 5's fused save says mlp.
-    return p + ("block_sparse_moe." if any(ck.has(p + "block_sparse_moe." + r) for r in ROUTERS) else "mlp.")
+    # Mixtral and GraniteMoE checkpoints say block_sparse_moe, Llama 4's feed_forward; transformers 5's fused save mlp.
+    return p + next((b for b in ("block_sparse_moe.", "feed_forward.") if any(ck.has(p + b + r) for r in ROUTERS)),
+                    "mlp.")
 
 
 def _router(ck: Checkpoint, block: str) -> str:
@@ -182,11 +193,13 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
             mw.shared = _mlp(get, block + "shared_expert.", c.shared_expert_intermediate_size, D, dense)
             mw.shared_gate = get(block + "shared_expert_gate.weight", (1, D))
         else:                                   # GLM-4.5 / DeepSeek: the shared experts as one wider MLP
-            mw.shared = _mlp(get, block + "shared_experts.", c.shared_expert_intermediate_size, D, dense)
+            name = "shared_experts." if ck.has(block + "shared_experts.gate_proj.weight") else "shared_expert."  # Llama 4
+            mw.shared = _mlp(get, block + name, c.shared_expert_intermediate_size, D, dense)
     if c.router_bias:
         mw.router_bias = ck.get(block + "router.bias", (E,)).to(dtype=torch.float32, device=device)
     if c.expert_act == "clamped":
         mw.act = ClampedGLU(c.swiglu_limit, c.swiglu_alpha)
+    mw.weight_input = c.weight_expert_input
     if not experts:
         return mw, None
     layout = expert_layout(c, dtype, device, lay.auto, quant, lay)
@@ -239,7 +252,11 @@ def _fill_experts(get, ck: Checkpoint, c: ModelConfig, block: str, pool, ids: li
         return fill_gpt_oss_experts(ck, c, block, pool, range(E) if ids is None else ids)
     for j, e in enumerate(range(E) if ids is None else ids):
         fused = next(((a, b) for a, b in FUSED if ck.has(block + a)), None)
-        if fused is not None:
+        if fused is not None and c.model_type in FUSED_XW:
+            gu = ck.get_rows(block + fused[0], e, e + 1, (E, D, 2 * I))[0].t().to(dtype=dtype, device=dev)
+            down = ck.get_rows(block + fused[1], e, e + 1, (E, I, D))[0].t().to(dtype=dtype, device=dev)
+            pool.pack(j, gu[:I], gu[I:], down)
+        elif fused is not None:
             gu = ck.get_rows(block + fused[0], e, e + 1, (E, 2 * I, D))[0].to(dtype=dtype, device=dev)
             down = ck.get_rows(block + fused[1], e, e + 1, (E, D, I))[0].to(dtype=dtype, device=dev)
             pool.pack(j, gu[:I], gu[I:], down)

@@ -21,6 +21,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+TEXT_PREFIX = "language_model."
 
 
 class Checkpoint:
@@ -56,6 +57,11 @@ class Checkpoint:
         self._files: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         self.names = set(self.files) if self.files is not None else set(self._header(single)[1])
+        # A multimodal checkpoint (Llama 4) keeps its text decoder under language_model.: read it by its own names.
+        self._alias = {}
+        if "model.embed_tokens.weight" not in self.names:
+            self._alias = {n[len(TEXT_PREFIX):]: n for n in self.names if n.startswith(TEXT_PREFIX)}
+            self.names |= set(self._alias)
 
     def _header(self, path: Path) -> tuple[int, dict]:
         """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of one safetensors file."""
@@ -86,6 +92,7 @@ class Checkpoint:
         return self._files[path]
 
     def file_of(self, name: str) -> Path:
+        name = self._alias.get(name, name)
         return self.files[name] if self.files is not None else self._single
 
     def has(self, name: str) -> bool:
@@ -101,7 +108,7 @@ class Checkpoint:
             raise MoespecError(f"checkpoint {self.folder} is missing tensor {name!r}")
         path = self.file_of(name)
         start, entries = self._header(path)
-        e = entries.get(name)
+        e = entries.get(self._alias.get(name, name))
         if e is None:
             raise MoespecError(f"checkpoint {self.folder}: the index puts tensor {name!r} in {path.name}, "
                                "which does not hold it")

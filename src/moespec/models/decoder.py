@@ -41,6 +41,8 @@ class LayerWeights:
     attn: AttnWeights | MLAWeights
     mlp: MLPWeights | None = None      # dense layer
     moe: MoEWeights | None = None      # sparse layer (experts live in the provider)
+    ln1_b: torch.Tensor | None = None  # LayerNorm biases (PhiMoE's norms are LayerNorms)
+    ln2_b: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Weights:
     norm: torch.Tensor                 # [D]
     lm_head: torch.Tensor              # [V, D] (the embedding itself when tied)
     layers: list[LayerWeights]
+    norm_b: torch.Tensor | None = None     # the final LayerNorm's bias (PhiMoE)
+    lm_head_b: torch.Tensor | None = None  # [V] (PhiMoE)
 
 
 @dataclass
@@ -100,7 +104,8 @@ class DecoderLM:
         self.cos, self.sin = rope_tables(cfg, min(self.max_len, 4096) + 256, dtype, self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.routing = Routing(cfg.scoring, cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor)
+        self.routing = Routing(cfg.scoring, cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
+                               cfg.group_score, cfg.router_jitter)
 
     def _grow_rope(self, n: int) -> None:
         limit = self.max_len + 256
@@ -129,18 +134,8 @@ class DecoderLM:
         c = self.cfg
         B, T = tokens.shape
         kv.check_room(T)
-        given = positions
-        if positions is None:
-            positions = kv.lens_tensor()[:, None] + torch.arange(T, device=self.device)[None, :]
-            top = max(kv.lens) + T
-        else:
-            top = int(positions.max()) + 1
-        if top > self.cos.shape[0]:
-            self._grow_rope(top)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [B, 1, T, rope_dim]
         n_layers = plan.layers if plan is not None and plan.layers else len(self.w.layers)
-        # one mask per distinct window (gpt-oss alternates sliding and full layers)
-        masks = {w: kv.mask(T, tree, w, given) for w in {c.window(i) for i in range(n_layers)}}
+        cos, sin, masks, qscale = self._positional(T, kv, positions, tree, n_layers)
         record = [] if plan is not None and plan.record_routing else None
         budget = (plan.budget, plan.depth) if plan is not None and plan.budget is not None else None
         kept = [] if budget is not None else None
@@ -151,9 +146,9 @@ class DecoderLM:
         top_k = plan.top_k if plan is not None and plan.top_k else c.top_k
         experts = plan.experts if plan is not None and plan.experts is not None else self.experts
         for i, lw in enumerate(self.w.layers[:n_layers]):
-            a = self._attention(rms_norm(h, lw.ln1, c.rms_norm_eps), lw.attn, i, kv, cos, sin, masks[c.window(i)])
+            a = self._attention(self._norm(h, lw.ln1, lw.ln1_b), lw.attn, i, kv, cos, sin, masks[c.span(i)], qscale)
             h = h + (a if r == 1.0 else a * r)
-            x = rms_norm(h, lw.ln2, c.rms_norm_eps)
+            x = self._norm(h, lw.ln2, lw.ln2_b)
             if lw.moe is not None:
                 x2 = x.reshape(B * T, -1)
                 experts.observe(i, x2)          # lets a prefetcher guess later layers' experts early
@@ -170,13 +165,40 @@ class DecoderLM:
                 h = h + (y if r == 1.0 else y * r)
         if logits_at is not None:
             h = torch.gather(h, 1, logits_at[:, :, None].expand(-1, -1, h.shape[-1]))
-        h = rms_norm(h, self.w.norm, c.rms_norm_eps)
-        logits = linear(h, self.w.lm_head)
+        h = self._norm(h, self.w.norm, self.w.norm_b)
+        logits = linear(h, self.w.lm_head, self.w.lm_head_b)
         if c.logits_scaling != 1.0:
             logits = logits / c.logits_scaling
         return ForwardOutput(logits, record or [], h, kept or [])
 
-    def _attention(self, x, aw: AttnWeights | MLAWeights, layer: int, kv: KVCache, cos, sin, mask) -> torch.Tensor:
+    def _positional(self, T: int, kv: KVCache, positions: torch.Tensor | None, tree: torch.Tensor | None,
+                    n_layers: int) -> tuple:
+        """What position decides for T new tokens: rope tables cos / sin [B, 1, T, rope_dim], one visibility mask per
+        distinct attention span (gpt-oss alternates sliding and full layers, Llama 4 chunked and full ones), and Llama
+        4's query temperature [B, 1, T, 1] (None for other families)."""
+        c, given = self.cfg, positions
+        if positions is None:
+            positions = kv.lens_tensor()[:, None] + torch.arange(T, device=self.device)[None, :]
+            top = max(kv.lens) + T
+        else:
+            top = int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._grow_rope(top)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        masks = {sp: kv.mask(T, tree, sp[0], given, sp[1]) for sp in {c.span(i) for i in range(n_layers)}}
+        qscale = None
+        if c.attn_temperature is not None:      # Llama 4's no-rope layers: queries scaled up with the position
+            floor, scale = c.attn_temperature
+            qscale = (torch.log1p(torch.floor((positions.float() + 1.0) / floor)) * scale + 1.0)[:, None, :, None]
+        return cos, sin, masks, qscale
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.norm == "layer":            # PhiMoE: LayerNorm with a bias
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.rms_norm_eps)
+        return rms_norm(x, w, self.cfg.rms_norm_eps)
+
+    def _attention(self, x, aw: AttnWeights | MLAWeights, layer: int, kv: KVCache, cos, sin, mask, qscale=None
+                   ) -> torch.Tensor:
         c = self.cfg
         if c.attention == "mla":
             return mla_attention(x, aw, c, layer, kv, cos, sin, mask)
@@ -195,11 +217,16 @@ class DecoderLM:
         if c.qk_norm == "head":                 # Qwen3: per-head norm, q and k with their own weights
             qk = rms_norm(qk, None, c.rms_norm_eps) * aw.qk_norm
         qk = qk.transpose(1, 2)                                                   # [B, H + G, T, hd]
-        if c.rotary_dim and c.rotary_dim < c.head_dim:      # partial rotary (GLM-4.5): the rest passes through
+        if not c.has_rope(layer):               # Llama 4's no-rope layers: no rotation, queries scaled by position
+            if qscale is not None:
+                qk = torch.cat((qk[:, :H] * qscale, qk[:, H:]), dim=1)
+        elif c.rotary_dim and c.rotary_dim < c.head_dim:    # partial rotary (GLM-4.5): the rest passes through
             r = c.rotary_dim
             qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
         else:
             qk = apply_rope(qk, cos, sin)
+            if c.qk_norm == "l2":               # Llama 4: q and k L2-normalised after the rotation
+                qk = rms_norm(qk, None, c.rms_norm_eps)
         v = qkv[..., self.q_size + self.kv_size:].view(B, T, G, c.head_dim).transpose(1, 2)
         keys, values = kv.write(layer, qk[:, H:], v)
         if aw.sinks is not None:

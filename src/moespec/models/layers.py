@@ -127,6 +127,12 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         return _yarn(rp, dim, base, cfg.max_position_embeddings)
+    if kind == "longrope":       # the short factors: a sequence within the original context (families._phimoe)
+        short = torch.tensor(rp["short_factor"], dtype=torch.float32)
+        orig, factor = rp["original_max_position_embeddings"], rp["factor"]
+        scale = rp.get("short_mscale") or rp.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        return 1.0 / (short * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), float(scale)
     return inv, 1.0
 
 

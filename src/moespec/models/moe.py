@@ -54,6 +54,7 @@ class MoEWeights:
     bias: torch.Tensor | None = None      # [E] float32: sigmoid routing's score correction (choice only)
     router_bias: torch.Tensor | None = None  # [E] float32: added to the router logits (gpt-oss)
     act: Callable[[torch.Tensor], torch.Tensor] = silu_glu   # the experts' gate+up [N, 2I] -> [N, I]
+    weight_input: bool = False            # the router's weight scales an expert's input, not its output (Llama 4)
 
 
 def route(x: torch.Tensor, mw: MoEWeights, top_k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ def expert(x: torch.Tensor, pool: ExpertPool, s: int, act=silu_glu) -> torch.Ten
 
 
 def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool,
-                    act=silu_glu) -> torch.Tensor:
+                    act=silu_glu, weight_input: bool = False) -> torch.Tensor:
     """Weighted sum over each token's K experts. x [N, D], slots/w [N, K] -> [N, D].
 
     Loops only over the distinct slots this forward hit: one token (decode) costs K small matmul
@@ -82,14 +83,15 @@ def experts_forward(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool:
         # expert); y * float rounds exactly as y * a 0-d tensor of the same value, so this equals sum_k's path.
         out = None
         for s, wj in zip(slots[0].tolist(), w[0].tolist()):
-            y = expert(x, pool, s, act) * wj
+            y = expert(x * wj, pool, s, act) if weight_input else expert(x, pool, s, act) * wj
             out = y if out is None else out + y
         return out
-    return sum_k(expert_outputs(x, slots, w, pool, act=act))
+    return sum_k(expert_outputs(x, slots, w, pool, act=act, weight_input=weight_input))
 
 
 def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: ExpertPool,
-                   mask: torch.Tensor | None = None, acc: torch.Tensor | None = None, act=silu_glu) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, acc: torch.Tensor | None = None, act=silu_glu,
+                   weight_input: bool = False) -> torch.Tensor:
     """Each (token, k)'s weighted expert output. x [N, D], slots/w/mask [N, K] -> acc [N, K, D].
 
     Only entries where mask is true are written (all when None), so chunks over disjoint expert
@@ -114,7 +116,7 @@ def expert_outputs(x: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, pool: 
         if c == 0:
             continue
         seg = slice(start, start + c)
-        ys[seg] = expert(xs[seg], pool, s, act) * ws[seg]
+        ys[seg] = expert(xs[seg] * ws[seg], pool, s, act) if weight_input else expert(xs[seg], pool, s, act) * ws[seg]
         start += c
     acc.view(n * k, -1).index_copy_(0, order, ys)
     return acc
@@ -167,9 +169,9 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises
         for slots, mask in chunks:
             if mask is None:
-                out = experts_forward(x, slots, w, pool, mw.act)
+                out = experts_forward(x, slots, w, pool, mw.act, mw.weight_input)
             else:
-                acc = expert_outputs(x, slots, w, pool, mask, acc, mw.act)
+                acc = expert_outputs(x, slots, w, pool, mask, acc, mw.act, mw.weight_input)
     if acc is not None:
         out = sum_k(acc)
     if mw.shared is not None:

@@ -26,6 +26,7 @@ class Routing:
     topk_group: int = 1
     scale: float = 1.0
     group_score: str = "top2"
+    jitter: float = 0.0            # sparsemixer (PhiMoE): how near the best an expert must be to share its softmax
 
 
 def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, top_k: int, routing: Routing,
@@ -40,6 +41,9 @@ def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None
     # The router is kept in float32 (load_weights): a [1, D] x [D, E] bf16 product through oneDNN costs several
     # times the float32 one, and float32 logits pick experts at least as exactly as the model's dtype would.
     logits = F.linear(x.float(), router, router_bias)
+    if routing.scoring == "sparsemixer":
+        w, ids = sparsemixer(logits, routing.jitter, top_k)
+        return w.to(x.dtype), ids, logits, F.softmax(logits, dim=-1)
     if routing.scoring == "softmax":
         probs = F.softmax(logits, dim=-1)
         if routing.n_group == 1 and bias is None:
@@ -55,6 +59,21 @@ def route_probs(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None
         choice = _inside_groups(choice, routing)
     ids = torch.topk(choice, top_k, dim=-1)[1]
     return weigh(probs, ids, routing).to(x.dtype), ids, choice, probs
+
+
+def sparsemixer(logits: torch.Tensor, jitter: float, top_k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's routing at inference (transformers' `sparsemixer` without training's sampling): the best expert, then
+    the best of the rest; each weighted by a softmax over the experts whose logit lies within a relative 2 * jitter of
+    it (the first among all experts, the second among the others). logits [N, E] -> (w [N, k], ids [N, k]), k =
+    top_k <= 2 (a self draft may ask for one)."""
+    ws, ids, rest = [], [], logits
+    for _ in range(top_k):
+        top, i = rest.max(dim=-1, keepdim=True)
+        far = ((top - logits) / logits.abs().clamp(min=top)) > 2 * jitter
+        ws.append(F.softmax(rest.masked_fill(far, float("-inf")), dim=-1).gather(1, i))
+        ids.append(i)
+        rest = rest.scatter(-1, i, float("-inf"))
+    return torch.cat(ws, dim=-1), torch.cat(ids, dim=-1)
 
 
 def _inside_groups(choice: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -48,6 +48,8 @@ def _moe_common(raw: dict, experts_key: tuple[str, ...]) -> tuple[int, int]:
 
 
 def parse_family(raw: dict) -> dict:
+    if raw.get("model_type") == "llama4" and isinstance(raw.get("text_config"), dict):   # (perf stays standalone:
+        raw = {**raw["text_config"], "model_type": "llama4_text"}          # moespec.families.text_config's reading)
     mt = raw.get("model_type")
     if mt not in _FAMILIES:
         raise PerfError(f"unsupported model_type {mt!r} for the performance model; supported: "
@@ -195,6 +197,27 @@ def _gpt_oss(raw: dict, D: int, L: int) -> dict:
                 expert_bits=MXFP4_BITS if mx else None, notes=notes)
 
 
+def _llama4(raw: dict, D: int, L: int) -> dict:
+    """Llama 4's text decoder: MoE layers (moe_layers, else every interleave_moe_layer_step-th) with a shared expert,
+    dense ones of intermediate_size_mlp; the rope layers attend within chunks of attention_chunk_size (counted as a
+    window of that size), the no-rope ones over the whole context."""
+    E, K = _moe_common(raw, ("num_local_experts",))
+    I = int(_get(raw, "intermediate_size"))
+    attn, kv, pair, _ = _gqa(raw, D, bool(raw.get("attention_bias")), bool(raw.get("attention_bias")))
+    step = int(raw.get("interleave_moe_layer_step", 1) or 1)
+    moe = raw.get("moe_layers")
+    n_moe = len(moe) if moe is not None else len(range(step - 1, L, step))
+    interval = int(raw.get("no_rope_layer_interval", 4) or 4)
+    rope = raw.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(L)]
+    chunk = raw.get("attention_chunk_size")
+    return dict(moe_layers=n_moe, experts=E, top_k=K, expert_params=3 * D * I, attn_params=attn,
+                moe_dense_params=E * D + 3 * D * I,
+                mlp_params=3 * D * int(_get(raw, "intermediate_size_mlp")) if n_moe < L else 0,
+                kv_values=kv, attn_pair_flops=pair, full_attn_layers=L - sum(map(bool, rope)) if chunk else L,
+                sliding_window=int(chunk) if chunk else None,
+                notes=("chunked attention counted as a window of attention_chunk_size",) if chunk else ())
+
+
 def _dense(raw: dict, D: int, L: int) -> dict:
     """Dense decoder families, for draft models (llama, mistral, qwen2, qwen3)."""
     mt = raw["model_type"]
@@ -211,6 +234,6 @@ def _dense(raw: dict, D: int, L: int) -> dict:
 _FAMILIES = {
     "mixtral": _mixtral_like, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
     "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "ernie4_5_moe": _ernie4_5_moe,
-    "gpt_oss": _gpt_oss, "phimoe": _phimoe,
+    "gpt_oss": _gpt_oss, "phimoe": _phimoe, "llama4_text": _llama4,
     "granitemoe": _granite, "llama": _dense, "mistral": _dense, "qwen2": _dense, "qwen3": _dense,
 }

@@ -6,17 +6,30 @@ power-of-two scale: w = fp4(code) * 2^(scale - 127), fp4 the 16 values of FP4_VA
 1 mantissa bit). Storage, as in the checkpoint: blocks uint8 [O, I/2], two codes a byte, the even input in the low
 nibble; scales uint8 [O, I/32] (e8m0, biased by 127). 4.25 bits a weight.
 
-Products dequantize the weight into the activation's dtype (exactly: every fp4 value times a power of two is a
-float32 and a bf16) and run one F.linear, so a row's result does not depend on how many rows share the product.
+Products on the CPU run a small C++ kernel (mxfp4_kernel.cpp, built for this CPU class on first use with torch's
+extension builder: about 30 s, once) that reads the 4-bit weight directly: at decode faster than a float32 product of
+the same shape and 10-50x faster than dequantizing first, at 64 rows about a float32 GEMM's time. It computes each row
+alike whatever the row count, so verification equals decoding. Other devices, and machines where the kernel cannot
+be built, dequantize the weight into the activation's dtype (exactly: every fp4 value times a power of two is a
+float32 and a bf16) and run one F.linear.
 """
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import MoespecError
+
+log = logging.getLogger("moespec")
+# Instruction sets the kernel is built for, by the capability torch dispatches to here (not -march=native: a build
+# cache shared between machines must not hold instructions another CPU of the same class lacks).
+KERNEL_FLAGS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"], "avx2": ["-mavx2", "-mfma"]}
 
 BLOCK = 32
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -70,6 +83,30 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (e + 127).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def kernel():
+    """The compiled MXFP4 product (`mxfp4_linear(x, blocks, scales)`), or None where it cannot be built (no compiler:
+    products dequantize instead). MOESPEC_MXFP4_KERNEL=0 turns it off."""
+    if os.environ.get("MOESPEC_MXFP4_KERNEL", "1") == "0":
+        return None
+    try:
+        return build_kernel(torch.backends.cpu.get_cpu_capability().lower())
+    except Exception as e:                      # no compiler, no ninja, a failed build: the slower exact path
+        log.warning("the MXFP4 kernel could not be built (%s: %s); MXFP4 products dequantize instead (slower)",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def build_kernel(cap: str):
+    """The kernel built for CPU capability `cap` ("avx512", "avx2", "default": the portable path), cached on disk."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+    name = f"moespec_mxfp4_{cap}"
+    if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+        print("moespec: building the MXFP4 kernel for this CPU (once, about 30 s)", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(Path(__file__).with_name("mxfp4_kernel.cpp"))],
+                extra_cflags=["-O3", *KERNEL_FLAGS.get(cap, [])], verbose=False)
+
+
 class Mxfp4Weight:
     """An [O, I] MXFP4 weight; `layers.linear` calls `.linear(x, b)`."""
     __slots__ = ("blocks", "scales", "shape")
@@ -84,8 +121,16 @@ class Mxfp4Weight:
         return Mxfp4Weight(*quantize_mxfp4(w))
 
     def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        w = dequantize_mxfp4(self.blocks, self.scales, x.dtype)
-        return F.linear(x, w, None if b is None else b.to(x.dtype))
+        """x [..., I] -> [..., O] in x's dtype (the kernel accumulates in float32)."""
+        rows = x.numel() // x.shape[-1]
+        k = kernel() if x.device.type == "cpu" else None
+        if k is None:
+            w = dequantize_mxfp4(self.blocks, self.scales, x.dtype)
+            return F.linear(x, w, None if b is None else b.to(x.dtype))
+        y = k.mxfp4_linear(x.reshape(rows, x.shape[-1]), self.blocks, self.scales)
+        if b is not None:
+            y = y + b
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_mxfp4(self.blocks, self.scales)
