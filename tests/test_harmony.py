@@ -1,5 +1,5 @@
 """gpt-oss's harmony replies: the analysis channel as reasoning_content, the rest as content, split as text arrives
-(serve/harmony.py), through the chat endpoint of a gpt-oss model that writes a fixed harmony reply."""
+(moespec/harmony.py), through the chat endpoint of a gpt-oss model that writes a fixed harmony reply."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 import hf_models
 from moespec import LLM
 from moespec.serve.app import create_app
-from moespec.serve.harmony import HarmonyParser, split_harmony
+from moespec.harmony import HarmonyParser, split_harmony
 
 REPLY = ("<|channel|>analysis<|message|>We think <|x| a <b>.<|end|>"
          "<|start|>assistant<|channel|>final<|message|>Hello!<|return|>")
@@ -35,10 +35,15 @@ def test_parser_cases():
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory):
+def scripted_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("harmony")
     hf_models.build_scripted_gpt_oss(d, ["<|channel|>", "final", "<|message|>", "Hello", "<|return|>"])
-    return LLM(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def scripted(scripted_dir):
+    return LLM(scripted_dir)
 
 
 def test_chat_reply_is_the_final_channel(scripted):
@@ -65,3 +70,12 @@ def test_chat_stream_sends_the_final_channel_as_content(scripted):
     assert "".join(d.get("content", "") for d in deltas) == "Hello"
     assert not any("<|" in d.get("content", "") for d in deltas)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_cli_chat_prints_the_answer(scripted_dir):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "moespec.cli", "chat", str(scripted_dir), "--max-new-tokens", "10"],
+                       input="hi\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "> Hello\n>", r.stdout

@@ -30,6 +30,10 @@ SHAPES = {
     "ernie4_5_moe": dict(num_key_value_heads=4, head_dim=64, moe_intermediate_size=1024, intermediate_size=2048,
                          moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     "gpt_oss": dict(num_key_value_heads=4, head_dim=64, intermediate_size=1024, num_local_experts=8, sliding_window=128),
+    "phimoe": dict(num_key_value_heads=4, intermediate_size=1024, num_local_experts=8, attention_bias=True,
+                   lm_head_bias=True),
+    "llama4_text": dict(num_key_value_heads=4, head_dim=64, intermediate_size=1024, intermediate_size_mlp=2048,
+                        num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1),
     "granitemoe": dict(num_key_value_heads=4, intermediate_size=1024, num_local_experts=8, embedding_multiplier=12.0,
                        residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0),
 }
@@ -45,7 +49,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moespec.assets import REFERENCE_MODEL
-    cfg = AutoConfig.for_model(a.family, **COMMON, **SHAPES[a.family], eos_token_id=0)
+    cfg = AutoConfig.for_model(a.family, **{**COMMON, **SHAPES[a.family]}, eos_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():           # decisive routers, as trained ones are

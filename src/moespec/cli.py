@@ -88,9 +88,11 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
+    from .harmony import uses_harmony
     llm = load_llm(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     params = _params(a)
+    harmony = uses_harmony(llm.model.cfg)          # gpt-oss: reasoning and answer told apart
     while True:
         try:
             line = input("> ")
@@ -99,10 +101,36 @@ def cmd_chat(a) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
+        if harmony:
+            messages.append(_harmony_turn(llm, messages, params))
+            continue
         reply = llm.generate(llm.chat_ids(messages), params,
                              on_text=lambda i, d: (sys.stdout.write(d), sys.stdout.flush()))[0]
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.text})
+
+
+def _harmony_turn(llm, messages: list, params) -> dict:
+    """One gpt-oss reply: its reasoning printed dimmed (on a terminal), then its answer; the assistant message."""
+    from dataclasses import replace
+
+    from .harmony import HarmonyParser
+    parser, text = HarmonyParser(), {"reasoning": "", "content": ""}
+    dim, end = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+
+    def show(parts):
+        for key, part in zip(("reasoning", "content"), parts):
+            if part:
+                if key == "content" and text["reasoning"] and not text["content"]:
+                    sys.stdout.write("\n")                  # the answer on its own line, below the reasoning
+                text[key] += part
+                sys.stdout.write(dim + part + end if key == "reasoning" else part)
+        sys.stdout.flush()
+    llm.generate(llm.chat_ids(messages), replace(params, skip_special_tokens=False),
+                 on_text=lambda i, d: show(parser.feed(d)))
+    show(parser.finish())
+    sys.stdout.write("\n")
+    return {"role": "assistant", "content": text["content"], "thinking": text["reasoning"]}
 
 
 def cmd_inspect(a) -> None:

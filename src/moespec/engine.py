@@ -31,7 +31,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, offload: OffloadConfig | None = None,
                  speculative: SpecConfig | dict | None = None, quantize: QuantConfig | str | dict | None = None,
-                 show_progress: bool | None = None, memory: str | int | None = None, max_batch: int = 1):
+                 show_progress: bool | None = None, memory: str | int | None = None, max_batch: int = 1,
+                 expert_parallel: int | None = None):
         """dtype: "auto" (the checkpoint's own; float32 for exactness tests), "float32", "bfloat16", "float16".
         offload: keep a cache of experts in fast memory over a RAM or disk tier (see OffloadConfig).
         speculative: draft and verify several tokens per step, losslessly (SpecConfig or its dict form)
@@ -43,7 +44,9 @@ class LLM:
         memory: the whole process's resident-memory budget ("2GB", "1.5GiB", bytes): the expert cache, the KV cache
             (max_model_len, chosen when not given) and, with quantize="auto", the precision are sized from it
             (moespec/memory.py); `memory_plan` says what was chosen. max_batch: the sequences decoded at once that
-            the plan leaves KV room for (a generate call with more prompts is refused)."""
+            the plan leaves KV room for (a generate call with more prompts is refused).
+        expert_parallel: N processes started by torchrun share each MoE layer's experts (parallel/). On ranks other
+            than 0 this call serves experts until rank 0 closes, then exits the process; rank 0 carries on."""
         self.spec = SpecConfig.from_dict(speculative) if isinstance(speculative, dict) else \
             (speculative.validate() if speculative is not None else None)
         self.path = resolve_model(model)
@@ -53,6 +56,7 @@ class LLM:
                 self.spec = replace(self.spec, model=str(REFERENCE_DRAFT))
             elif self.spec.method == "draft_model":
                 raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
+        self.expert_group = self._join(expert_parallel, offload, memory)
         self.memory_plan = None
         if memory is not None:
             from .memory import plan_for_run
@@ -63,7 +67,8 @@ class LLM:
         self.offload = offload = _resolve_prefetch(offload, self.spec)
         self.quant = QuantConfig.parse(quantize)
         self.model = load_model(self.path, dtype, device, offload=offload, quant=self.quant,
-                                show_progress=show_progress, budgeted=memory is not None)
+                                show_progress=show_progress, budgeted=memory is not None,
+                                remote_experts=self._remote_experts())
         self.config = self.model.cfg
         self.tokenizer = Tokenizer.from_folder(self.path) if (self.path / "tokenizer.json").is_file() else None
         gc = self.path / "generation_config.json"
@@ -223,8 +228,35 @@ class LLM:
         return self.model.experts.stats()
 
     def close(self) -> None:
-        """Stop the expert loader threads and close the offload file (no-op without offloading)."""
+        """Stop the expert loader threads and close the offload file (no-op without offloading); with expert
+        parallelism, stop the other ranks."""
         self.model.experts.close()
+
+    def _remote_experts(self):
+        if self.expert_group is None:
+            return None
+        from .parallel import rank0_experts
+        return lambda ck, cfg, weights, layout: rank0_experts(self.expert_group, ck, cfg, weights, layout)
+
+    def _join(self, n: int | None, offload, memory):
+        """Rank 0's ExpertGroup for --expert-parallel N (None without it); other ranks serve their experts here and
+        exit when rank 0 is done."""
+        if not n:
+            return None
+        if offload is not None or memory is not None:
+            raise MoespecError("--expert-parallel does not combine with --expert-cache / --offload / --memory yet: "
+                               "each rank holds its share of the experts in memory")
+        from .parallel import ExpertGroup, follow
+        group = ExpertGroup.join(n)
+        if group.rank != 0:
+            try:
+                follow(group, self.path)
+            finally:
+                group.close()
+            raise SystemExit(0)
+        import atexit
+        atexit.register(lambda: self.model.experts.close() if hasattr(self, "model") else None)
+        return group
 
 
 def _resolve_prefetch(offload: OffloadConfig | None, spec: SpecConfig | None) -> OffloadConfig | None:

@@ -58,13 +58,17 @@ def load_llm(a, **kw):
     from .engine import LLM
     kw.setdefault("max_model_len", getattr(a, "max_model_len", None))
     llm = LLM(a.model, dtype=a.dtype, offload=offload_config(a), speculative=spec_config(a), quantize=quant_config(a),
-              show_progress=not getattr(a, "json", False), memory=getattr(a, "memory", None), **kw)
+              show_progress=not getattr(a, "json", False), memory=getattr(a, "memory", None),
+              expert_parallel=getattr(a, "expert_parallel", None), **kw)
     if llm.memory_plan is not None:
         print(llm.memory_plan.summary(), file=sys.stderr)
     return llm
 
 
 def _offload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-parallel", type=int, default=_env("expert_parallel", None, int), metavar="N",
+                   help="share each MoE layer's experts among N processes started by torchrun (`torchrun "
+                        "--nproc-per-node N -m moespec.cli ...`); rank 0 runs the rest and answers")
     g = p.add_argument_group("expert offloading (experts beyond fast memory)")
     g.add_argument("--expert-cache", default=_env("expert_cache"),
                    help="experts per MoE layer kept in fast memory: N, N%% or a size like 2GiB (default: all)")

@@ -166,7 +166,8 @@ def _build(a, path: Path, ns):
     from ..flags import offload_config, quant_config, spec_config
     llm = LLM(path, dtype=ns.dtype, offload=offload_config(ns), speculative=spec_config(ns),
               quantize=quant_config(ns), show_progress=False, memory=ns.memory, max_batch=max(a.batch_size),
-              max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if ns.memory else None)
+              max_model_len=(max(a.prompt_len, a.prefill_len) + a.max_new_tokens + 16) if ns.memory else None,
+              expert_parallel=getattr(ns, "expert_parallel", None))
     if llm.memory_plan is not None:
         print(llm.memory_plan.summary(), file=sys.stderr)
     return llm

@@ -17,7 +17,7 @@ from ..experts.pools import make_pool
 from ..models.decoder import AttnWeights, LayerWeights, Weights
 from ..models.mla import MLAWeights
 from ..models.layout import LayoutChooser, as_layout
-from ..models.moe import ClampedGLU, MLPWeights, MoEWeights
+from ..models.moe import ClampedGLU, MLPWeights, MoEWeights, silu_glu
 from ..progress import progress
 from ..quant.scheme import QuantConfig
 from .checkpoint import Checkpoint
@@ -197,9 +197,7 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
             mw.shared = _mlp(get, block + name, c.shared_expert_intermediate_size, D, dense)
     if c.router_bias:
         mw.router_bias = ck.get(block + "router.bias", (E,)).to(dtype=torch.float32, device=device)
-    if c.expert_act == "clamped":
-        mw.act = ClampedGLU(c.swiglu_limit, c.swiglu_alpha)
-    mw.weight_input = c.weight_expert_input
+    mw.act, mw.weight_input = expert_act(c), c.weight_expert_input
     if not experts:
         return mw, None
     layout = expert_layout(c, dtype, device, lay.auto, quant, lay)
@@ -209,6 +207,11 @@ def _moe(get, ck: Checkpoint, c: ModelConfig, p: str, dtype, device, lay: Layout
         from ..models.packed import PackedExperts
         return mw, PackedExperts(pool)
     return mw, pool
+
+
+def expert_act(cfg: ModelConfig):
+    """The experts' activation on gate+up [N, 2I] -> [N, I]: SwiGLU, or gpt-oss's clamped one."""
+    return ClampedGLU(cfg.swiglu_limit, cfg.swiglu_alpha) if cfg.expert_act == "clamped" else silu_glu
 
 
 def expert_layout(cfg: ModelConfig, dtype: torch.dtype, device="cpu", auto_layout: bool = True,

@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str | torch.dtype, path: str | Path, device="cpu", ck: 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
                auto_layout: bool = True, offload: OffloadConfig | None = None, pack: bool | None = None,
                quant: QuantConfig | str | None = None, show_progress: bool | None = None,
-               budgeted: bool = False) -> DecoderLM:
+               budgeted: bool = False, remote_experts=None) -> DecoderLM:
     """Load a Hugging Face checkpoint folder with every expert resident in memory.
 
     dtype: "auto" (the checkpoint's; resolve_dtype), "float32", "bfloat16", "float16" or a torch.dtype.
@@ -64,6 +64,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     budgeted: loading under a --memory budget (moespec/memory.py): drop the checkpoint's pages from the page cache
     as they are read (a cgroup counts them, and reclaiming them later would slow decoding), and time layouts on
     16 MiB of samples instead of 64.
+    remote_experts: with expert parallelism, the provider of rank 0's experts: called as (checkpoint, config, weights,
+    layout) once the other weights are loaded (parallel.rank0_experts, bound to its group).
     """
     path = Path(path)
     if not path.is_dir():
@@ -78,9 +80,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     ck = Checkpoint(path, drop_cache=budgeted)
     samples = (16 if budgeted else 64) << 20
     dt = resolve_dtype(dtype, path, device, ck)
-    weights, pools = load_weights(ck, cfg, dt, device, auto_layout, experts=offload is None, pack=pack,
-                                  quant=quant, show_progress=show_progress, sample_bytes=samples)
-    if offload is None:
+    weights, pools = load_weights(ck, cfg, dt, device, auto_layout, experts=offload is None and remote_experts is None,
+                                  pack=pack, quant=quant, show_progress=show_progress, sample_bytes=samples)
+    if remote_experts is not None:
+        from .build import expert_layout
+        experts = remote_experts(ck, cfg, weights, expert_layout(cfg, dt, device, auto_layout, quant))
+    elif offload is None:
         experts = ResidentExperts(pools, cfg.num_experts)
     else:
         from .experts import build_expert_provider

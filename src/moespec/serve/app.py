@@ -20,7 +20,7 @@ from ..errors import MoespecError
 from . import protocol as P
 from .metrics import ServerMetrics
 from .guard import Guard
-from .harmony import HarmonyParser, split_harmony
+from ..harmony import HarmonyParser, split_harmony, uses_harmony
 from .replies import collect, sse
 from .worker import EngineWorker, Job, Overloaded, TooLarge
 
@@ -69,8 +69,8 @@ class Service:
 
     @property
     def harmony(self) -> bool:
-        """Chat replies come in gpt-oss's harmony format (serve/harmony.py)."""
-        return self.llm.model.cfg.model_type == "gpt_oss"
+        """Chat replies come in gpt-oss's harmony format (moespec/harmony.py)."""
+        return uses_harmony(self.llm.model.cfg)
 
     async def job_for(self, prompts: list, req, max_tokens, keep_special: bool = False) -> tuple[Job, int]:
         """Tokenize and validate everything before queueing: bad input is a 400 now, not a failed batch.

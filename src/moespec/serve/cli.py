@@ -78,7 +78,8 @@ def run_serve(a: argparse.Namespace, offload, spec) -> None:
         torch.set_num_threads(threads)
     from ..flags import quant_config
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, offload=offload, speculative=spec,
-              quantize=quant_config(a), memory=a.memory, max_batch=a.max_num_seqs)
+              quantize=quant_config(a), memory=a.memory, max_batch=a.max_num_seqs,
+              expert_parallel=a.expert_parallel)
     if llm.memory_plan is not None:
         print(llm.memory_plan.summary(), file=sys.stderr)
     name = a.served_model_name or llm.path.name

@@ -1,4 +1,5 @@
-"""gpt-oss's replies in its harmony format, split into reasoning and content as the text arrives.
+"""gpt-oss's replies in its harmony format, split into reasoning and content as the text arrives (the server's chat
+endpoint and `moespec chat` read them so).
 
 A gpt-oss chat prompt ends with `<|start|>assistant`; the reply is then one or more messages, each a header naming
 its channel and a body:
@@ -89,3 +90,8 @@ def split_harmony(text: str) -> tuple[str, str]:
     r1, c1 = p.feed(text)
     r2, c2 = p.finish()
     return r1 + r2, c1 + c2
+
+
+def uses_harmony(cfg) -> bool:
+    """The model (a ModelConfig) answers chats in harmony: gpt-oss."""
+    return cfg.model_type == "gpt_oss"

@@ -1,0 +1,127 @@
+"""Expert parallelism: rank 0's expert provider, which sends each MoE layer's tokens to every rank, and the loop the
+other ranks run.
+
+Per MoE layer of a forward, rank 0 broadcasts a header (layer, tokens N, top-k K) on the control group, then the
+hidden states x [N, D], the routed experts ids [N, K] and their weights w [N, K] on the data group. Every rank
+computes the (token, k) entries whose expert it holds into acc [N, K, D] (zeros elsewhere) and rank 0 gathers the
+accs; each entry comes from exactly one rank, so merging them is exact, and rank 0 adds the K outputs in k order as one
+process does: the output is bit-identical to one process holding every expert (with the same layouts, which rank 0
+shares). A verification forward sends the k + 1 tokens of every row in one dispatch per layer.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..models.moe import expert_outputs
+from .group import ExpertGroup, failed
+
+OP_MOE, OP_STOP = 1, 0
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def local_outputs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, pool, owner: torch.Tensor, slot: torch.Tensor,
+                  rank: int, act, weight_input: bool) -> torch.Tensor:
+    """acc [N, K, D]: this rank's experts' weighted outputs at their (token, k) entries, zeros elsewhere."""
+    acc = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[-1])
+    mine = owner[ids] == rank
+    if bool(mine.any()):
+        expert_outputs(x, slot[ids], w, pool, mine, acc, act, weight_input)
+    return acc
+
+
+class ExpertParallel:
+    """Rank 0's expert provider: its own share of each layer's experts in `pools` (slot[e] for an expert it holds),
+    the rest on the other ranks. Every expert is resident somewhere, so drafting and the budget see all of them."""
+
+    def __init__(self, group: ExpertGroup, pools: dict, owner: torch.Tensor, slot: torch.Tensor, num_experts: int,
+                 act: dict, weight_input: bool):
+        self.group, self.pools, self.owner, self.slot = group, pools, owner, slot
+        self.num_experts, self.act, self.weight_input = num_experts, act, weight_input
+        self._all = torch.arange(num_experts)
+        self.dispatch_s, self.dispatch_bytes, self.dispatches = 0.0, 0, 0
+        self.closed = False
+
+    def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [N, D], ids / w [N, K] -> acc [N, K, D], every entry computed by the rank holding its expert."""
+        g = self.group
+        t = time.perf_counter()
+        x, ids, w = x.contiguous(), ids.contiguous(), w.to(x.dtype).contiguous()
+        try:
+            dist.broadcast(torch.tensor([OP_MOE, layer, x.shape[0], ids.shape[1], DTYPES.index(x.dtype)]), 0,
+                           group=g.control)
+            for tensor in (x, ids, w):
+                dist.broadcast(tensor, 0, group=g.data)
+        except RuntimeError as e:
+            raise failed(e, f"sending layer {layer}'s tokens") from None
+        t_local = time.perf_counter()
+        acc = local_outputs(x, ids, w, self.pools[layer], self.owner, self.slot, 0, self.act[layer], self.weight_input)
+        local_s = time.perf_counter() - t_local
+        parts = [torch.empty_like(acc) for _ in range(g.world)]
+        try:
+            dist.gather(acc, parts, dst=0, group=g.data)
+        except RuntimeError as e:
+            raise failed(e, f"gathering layer {layer}'s expert outputs") from None
+        owner = self.owner[ids]                                                    # [N, K] rank of each entry
+        for r in range(1, g.world):
+            acc = torch.where((owner == r)[..., None], parts[r], acc)
+        self.dispatch_s += time.perf_counter() - t - local_s
+        self.dispatch_bytes += (x.numel() * x.element_size() + ids.numel() * 8 + w.numel() * w.element_size()) * \
+            (g.world - 1) + acc.numel() * acc.element_size() * (g.world - 1)
+        self.dispatches += 1
+        return acc
+
+    # -- the ExpertProvider protocol (experts/pool.py) --------------------------------------------------------------
+    def observe(self, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    def pool(self, layer: int):
+        return self.pools[layer]
+
+    def resident(self, layer: int) -> torch.Tensor:
+        return self._all
+
+    def cached(self, layer: int) -> torch.Tensor:
+        return self._all
+
+    def expert_bytes(self) -> int:
+        return next(iter(self.pools.values())).blob_bytes if self.pools else 0
+
+    def stats(self) -> dict:
+        return {"tier": "expert-parallel", "ranks": self.group.world, "capacity": self.num_experts,
+                "dispatch_s": self.dispatch_s, "dispatch_bytes": self.dispatch_bytes, "dispatches": self.dispatches}
+
+    def close(self) -> None:
+        """Tell the other ranks to stop (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]), 0, group=self.group.control)
+        except RuntimeError:
+            pass                    # a rank already gone: nothing left to stop
+
+
+def serve(group: ExpertGroup, pools: dict, owner: torch.Tensor, slot: torch.Tensor, act: dict, weight_input: bool,
+          hidden: int) -> None:
+    """A follower rank: compute this rank's experts' entries of every MoE layer rank 0 sends, until it says stop."""
+    head = torch.zeros(5, dtype=torch.long)
+    while True:
+        try:
+            dist.broadcast(head, 0, group=group.control)
+        except RuntimeError as e:
+            raise failed(e, "waiting for rank 0") from None
+        op, layer, n, k, dt = head.tolist()
+        if op == OP_STOP:
+            return
+        x = torch.empty(n, hidden, dtype=DTYPES[dt])
+        ids, w = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=DTYPES[dt])
+        try:
+            for tensor in (x, ids, w):
+                dist.broadcast(tensor, 0, group=group.data)
+            acc = local_outputs(x, ids, w, pools[layer], owner, slot, group.rank, act[layer], weight_input)
+            dist.gather(acc, None, dst=0, group=group.data)
+        except RuntimeError as e:
+            raise failed(e, f"layer {layer}'s exchange with rank 0") from None
