@@ -25,8 +25,8 @@ def torchrun(*args, env=None, timeout=300, wait=True):
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def ep_tokens(model: str, spec: dict | None, n: int) -> dict:
-    r = torchrun(RUN, model, json.dumps(spec), str(n))
+def ep_tokens(model: str, spec: dict | None, n: int, env: dict | None = None) -> dict:
+    r = torchrun(RUN, model, json.dumps(spec), str(n), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -39,6 +39,15 @@ def test_two_processes_equal_one_on_the_bundled_model(spec, n):
     assert got["tokens"] == one
     assert got["stats"]["tier"] == "expert-parallel" and got["stats"]["ranks"] == 2
     assert got["stats"]["dispatches"] > 0 and got["stats"]["dispatch_bytes"] > 0
+
+
+def test_each_rank_offloads_its_share_to_disk(tmp_path):
+    """Every rank keeps a cache of 2 experts per layer over the disk tier and loads only the experts it holds."""
+    one = [o.token_ids for o in LLM(None, dtype="float32").generate(PROMPTS, GREEDY)]
+    off = {"expert_cache": 2, "offload": "disk", "offload_dir": str(tmp_path)}
+    got = ep_tokens("-", {"method": "ngram", "num_speculative_tokens": 3}, 4, env={"EP_OFFLOAD": json.dumps(off)})
+    assert got["tokens"] == one
+    assert got["stats"]["local_tier"] == "disk" and got["stats"]["misses"] > 0 and got["stats"]["capacity"] == 2
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])   # expert biases + clamped SwiGLU; input-weighted

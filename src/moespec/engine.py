@@ -56,7 +56,6 @@ class LLM:
                 self.spec = replace(self.spec, model=str(REFERENCE_DRAFT))
             elif self.spec.method == "draft_model":
                 raise MoespecError("speculative method draft_model needs a draft model folder (--draft-model PATH)")
-        self.expert_group = self._join(expert_parallel, offload, memory)
         self.memory_plan = None
         if memory is not None:
             from .memory import plan_for_run
@@ -65,6 +64,7 @@ class LLM:
         elif quantize == "auto":
             raise MoespecError("--quantize auto picks the precision that fits --memory: give --memory too")
         self.offload = offload = _resolve_prefetch(offload, self.spec)
+        self.expert_group = self._join(expert_parallel, memory)
         self.quant = QuantConfig.parse(quantize)
         self.model = load_model(self.path, dtype, device, offload=offload, quant=self.quant,
                                 show_progress=show_progress, budgeted=memory is not None,
@@ -236,21 +236,26 @@ class LLM:
         if self.expert_group is None:
             return None
         from .parallel import rank0_experts
-        return lambda ck, cfg, weights, layout: rank0_experts(self.expert_group, ck, cfg, weights, layout)
+        return lambda ck, cfg, weights, layout: rank0_experts(self.expert_group, ck, cfg, weights, layout, self.offload)
 
-    def _join(self, n: int | None, offload, memory):
+    def _join(self, n: int | None, memory):
         """Rank 0's ExpertGroup for --expert-parallel N (None without it); other ranks serve their experts here and
         exit when rank 0 is done."""
         if not n:
             return None
-        if offload is not None or memory is not None:
-            raise MoespecError("--expert-parallel does not combine with --expert-cache / --offload / --memory yet: "
-                               "each rank holds its share of the experts in memory")
+        if memory is not None:
+            raise MoespecError("--expert-parallel does not combine with --memory yet: give each rank --expert-cache")
+        offload = self.offload
+        if offload is not None and offload.offload != "disk":
+            raise MoespecError("--expert-parallel offloads to the disk tier only (--offload disk): a RAM tier would "
+                               "hold every expert on every rank")
+        if offload is not None:         # (prefetching guesses are not sent between ranks yet)
+            self.offload = offload = replace(offload, prefetch="none")
         from .parallel import ExpertGroup, follow
         group = ExpertGroup.join(n)
         if group.rank != 0:
             try:
-                follow(group, self.path)
+                follow(group, self.path, offload)
             finally:
                 group.close()
             raise SystemExit(0)

@@ -19,18 +19,20 @@ from .checkpoint import Checkpoint
 def build_expert_provider(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device, offload: OffloadConfig,
                           routers: dict[int, torch.Tensor] | None = None, auto_layout: bool = True,
                           quant=None, show_progress: bool | None = None, drop_cache: bool = False,
-                          sample_bytes: int = 64 << 20) -> ExpertCache:
+                          sample_bytes: int = 64 << 20, layout: dict | None = None) -> ExpertCache:
     """An ExpertCache with `offload.expert_cache` slots per MoE layer on `device` over the slow tier.
 
     routers {moe layer: [E, D]} feed the next-layer prefetcher (load_model passes them).
     quant (QuantConfig): experts stay quantized in the store, the packed file and the cache slots.
+    layout: the experts' storage layout (default: the one load_weights would give them here; expert parallelism
+    passes rank 0's).
     """
     offload.validate()
     if not cfg.is_moe:
         raise MoespecError(f"expert offloading needs a Mixture-of-Experts model; {path} has no routed experts")
     ck = Checkpoint(path, drop_cache=drop_cache)
     layers = cfg.moe_layer_ids
-    layout = expert_layout(cfg, dtype, device, auto_layout, quant)
+    layout = layout or expert_layout(cfg, dtype, device, auto_layout, quant)
     if offload.offload == "disk":
         store = DiskStore(ck, cfg, offload.resolved_dir(), layout, lambda i, e: load_expert_pool(ck, cfg, i, layout, [e]),
                           offload.direct_io, show_progress)

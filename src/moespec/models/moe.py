@@ -130,16 +130,17 @@ def sum_k(acc: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _routed(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, mw: MoEWeights, layer: int, experts) -> torch.Tensor:
+def routed(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, act, weight_input: bool, layer: int, experts
+           ) -> torch.Tensor:
     """The routed experts' weighted sum [N, D] from this process's expert memory, in as many chunks as it yields."""
     pool = experts.pool(layer)
     out, acc = None, None
     with closing(experts.chunks(layer, ids)) as chunks:   # closing: unlock even if compute raises
         for slots, mask in chunks:
             if mask is None:
-                out = experts_forward(x, slots, w, pool, mw.act, mw.weight_input)
+                out = experts_forward(x, slots, w, pool, act, weight_input)
             else:
-                acc = expert_outputs(x, slots, w, pool, mask, acc, mw.act, mw.weight_input)
+                acc = expert_outputs(x, slots, w, pool, mask, acc, act, weight_input)
     return sum_k(acc) if acc is not None else out
 
 
@@ -180,7 +181,7 @@ def moe_block(x: torch.Tensor, mw: MoEWeights, layer: int, experts, top_k: int, 
     if hasattr(experts, "dispatch"):      # expert parallelism (parallel/): each rank computes its experts' entries
         out = sum_k(experts.dispatch(layer, x, ids, w))
     else:
-        out = _routed(x, ids, w, mw, layer, experts)
+        out = routed(x, ids, w, mw.act, mw.weight_input, layer, experts)
     if mw.shared is not None:
         shared = mlp(x, mw.shared)
         out = out + (shared if mw.shared_gate is None else torch.sigmoid(F.linear(x, mw.shared_gate)) * shared)

@@ -15,31 +15,39 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..models.moe import expert_outputs
+from ..models.moe import routed
 from .group import ExpertGroup, failed
 
 OP_MOE, OP_STOP = 1, 0
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def local_outputs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, pool, owner: torch.Tensor, slot: torch.Tensor,
-                  rank: int, act, weight_input: bool) -> torch.Tensor:
-    """acc [N, K, D]: this rank's experts' weighted outputs at their (token, k) entries, zeros elsewhere."""
-    acc = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[-1])
-    mine = owner[ids] == rank
-    if bool(mine.any()):
-        expert_outputs(x, slot[ids], w, pool, mine, acc, act, weight_input)
-    return acc
+class Share:
+    """A rank's share of the experts: `local` provides them (resident pools of this rank's experts, or a cache over
+    the disk tier), `ids[e]` is expert e as `local` numbers it; owner[e] the rank holding e."""
+
+    def __init__(self, local, ids: torch.Tensor, owner: torch.Tensor, rank: int, act: dict, weight_input: bool):
+        self.local, self.ids, self.owner, self.rank = local, ids, owner, rank
+        self.act, self.weight_input = act, weight_input
+
+    def outputs(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """acc [N, K, D]: this rank's experts' weighted outputs at their (token, k) entries, zeros elsewhere. The
+        entries go to the experts as one token each, in token order: every expert multiplies the same rows in the
+        same order as in one process, so each entry has the same bits."""
+        acc = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[-1])
+        tok, kk = (self.owner[ids] == self.rank).nonzero(as_tuple=True)
+        if tok.numel():
+            acc[tok, kk] = routed(x[tok], self.ids[ids[tok, kk]][:, None], w[tok, kk][:, None], self.act[layer],
+                                  self.weight_input, layer, self.local)
+        return acc
 
 
 class ExpertParallel:
-    """Rank 0's expert provider: its own share of each layer's experts in `pools` (slot[e] for an expert it holds),
-    the rest on the other ranks. Every expert is resident somewhere, so drafting and the budget see all of them."""
+    """Rank 0's expert provider: its own share of each layer's experts (`share`), the rest on the other ranks.
+    Every expert is in some rank's memory, so drafting and the budget see all of them."""
 
-    def __init__(self, group: ExpertGroup, pools: dict, owner: torch.Tensor, slot: torch.Tensor, num_experts: int,
-                 act: dict, weight_input: bool):
-        self.group, self.pools, self.owner, self.slot = group, pools, owner, slot
-        self.num_experts, self.act, self.weight_input = num_experts, act, weight_input
+    def __init__(self, group: ExpertGroup, share: Share, num_experts: int):
+        self.group, self.share, self.owner, self.num_experts = group, share, share.owner, num_experts
         self._all = torch.arange(num_experts)
         self.dispatch_s, self.dispatch_bytes, self.dispatches = 0.0, 0, 0
         self.closed = False
@@ -57,7 +65,7 @@ class ExpertParallel:
         except RuntimeError as e:
             raise failed(e, f"sending layer {layer}'s tokens") from None
         t_local = time.perf_counter()
-        acc = local_outputs(x, ids, w, self.pools[layer], self.owner, self.slot, 0, self.act[layer], self.weight_input)
+        acc = self.share.outputs(layer, x, ids, w)
         local_s = time.perf_counter() - t_local
         parts = [torch.empty_like(acc) for _ in range(g.world)]
         try:
@@ -78,7 +86,7 @@ class ExpertParallel:
         pass
 
     def pool(self, layer: int):
-        return self.pools[layer]
+        return self.share.local.pool(layer)
 
     def resident(self, layer: int) -> torch.Tensor:
         return self._all
@@ -87,11 +95,13 @@ class ExpertParallel:
         return self._all
 
     def expert_bytes(self) -> int:
-        return next(iter(self.pools.values())).blob_bytes if self.pools else 0
+        return self.share.local.expert_bytes()
 
     def stats(self) -> dict:
-        return {"tier": "expert-parallel", "ranks": self.group.world, "capacity": self.num_experts,
-                "dispatch_s": self.dispatch_s, "dispatch_bytes": self.dispatch_bytes, "dispatches": self.dispatches}
+        """Rank 0's own expert memory's counters (its cache's, when it offloads), and the exchanges'."""
+        return {**self.share.local.stats(), "tier": "expert-parallel", "ranks": self.group.world,
+                "local_tier": self.share.local.stats().get("tier", "cache"), "dispatch_s": self.dispatch_s,
+                "dispatch_bytes": self.dispatch_bytes, "dispatches": self.dispatches}
 
     def close(self) -> None:
         """Tell the other ranks to stop (once)."""
@@ -102,10 +112,10 @@ class ExpertParallel:
             dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]), 0, group=self.group.control)
         except RuntimeError:
             pass                    # a rank already gone: nothing left to stop
+        self.share.local.close()
 
 
-def serve(group: ExpertGroup, pools: dict, owner: torch.Tensor, slot: torch.Tensor, act: dict, weight_input: bool,
-          hidden: int) -> None:
+def serve(group: ExpertGroup, share: Share, hidden: int) -> None:
     """A follower rank: compute this rank's experts' entries of every MoE layer rank 0 sends, until it says stop."""
     head = torch.zeros(5, dtype=torch.long)
     while True:
@@ -121,7 +131,7 @@ def serve(group: ExpertGroup, pools: dict, owner: torch.Tensor, slot: torch.Tens
         try:
             for tensor in (x, ids, w):
                 dist.broadcast(tensor, 0, group=group.data)
-            acc = local_outputs(x, ids, w, pools[layer], owner, slot, group.rank, act[layer], weight_input)
+            acc = share.outputs(layer, x, ids, w)
             dist.gather(acc, None, dst=0, group=group.data)
         except RuntimeError as e:
             raise failed(e, f"layer {layer}'s exchange with rank 0") from None
