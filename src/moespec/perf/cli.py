@@ -44,6 +44,10 @@ def add_plan_parser(sub, model_args) -> None:
     p.add_argument("--expert-bits", type=float, default=None,
                    help="bits per expert parameter, for quantised experts (e.g. 4.5 for Q4_K, 8.5 for Q8_0)")
     p.add_argument("--overlap", action="store_true", help="assume expert loads overlap compute")
+    p.add_argument("--nodes", type=int, default=None, help="also predict expert parallelism over 1..N machines of "
+                   "this profile, each with --memory (docs/parallel.md), and pick N")
+    p.add_argument("--network", default="10Gbit,50us", help="the link between them: RATE,LATENCY (10Gbit,50us; "
+                   "100Gbit,5us; 25GB/s,2us)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--plot", metavar="DIR", default=None, help="write speedup_vs_batch.png and speedup_vs_k.png")
     p.add_argument("--published", action="store_true", help="instead of planning, compare predictions with "
@@ -86,6 +90,10 @@ def run_plan(args, runtime_plan: dict | None = None) -> dict:
                   draft=draft, overlap=args.overlap, prefetch_recall=args.prefetch_recall)
     if runtime_plan is not None:
         result["runtime_memory_plan"] = runtime_plan
+    if getattr(args, "nodes", None):
+        from .parallel import Network, plan_nodes
+        result["expert_parallel"] = plan_nodes(model, hw, args.nodes, Network.parse(args.network), args.batch,
+                                               args.context, memory)
     if args.plot and "error" not in result:
         from .plots import write_plots
         result["plots"] = [str(p) for p in write_plots(model, hw, memory, args.batch, args.plot,
@@ -95,7 +103,19 @@ def run_plan(args, runtime_plan: dict | None = None) -> dict:
         print(json.dumps(result, default=_jsonable))
     else:
         print_plan(result)
+        if "expert_parallel" in result:
+            print_nodes(result["expert_parallel"])
     return result
+
+
+def print_nodes(ep: dict) -> None:
+    """The expert-parallel rows of a plan: decode tokens/s by machine count, the exchange's share."""
+    net = ep["network"]
+    print(f"\nexpert parallelism over {net['rate_bytes_s'] * 8 / 1e9:g} Gbit/s, {net['latency_s'] * 1e6:g} us:")
+    for r in ep["rows"]:
+        cached = "" if r["cached_per_rank"] is None else f", {r['cached_per_rank']:.1f} experts/layer cached per rank"
+        print(f"  {r['nodes']} node(s): {r['tokens_per_s']:.2f} tok/s, exchange {r['dispatch_share']:.1%} of a step"
+              + cached + ("   <- best" if r["nodes"] == ep["best_nodes"] else ""))
 
 
 def run_published(as_json: bool = False) -> dict:
