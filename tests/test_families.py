@@ -63,6 +63,17 @@ def test_speculative_output_equals_plain(family, spec, offload, family_dirs, pla
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_decodes(family, family_dirs):
+    """bf16 weights (prepacked where that is faster) with float32 K/V: decoding runs and stays near float32's logits."""
+    folder = family_dirs[family][0]
+    a, b = load_model(folder), load_model(folder, dtype="bfloat16")
+    toks = torch.tensor([PROMPTS[2]])
+    ref, got = a.forward(toks, a.new_cache(1, 16)).logits, b.forward(toks, b.new_cache(1, 16)).logits.float()
+    assert float((got - ref).norm() / ref.norm()) < 0.05
+    assert len(LLM(folder, dtype="bfloat16").generate(PROMPTS[:2], GREEDY)[1].token_ids) == 24
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_budget_and_quantization_run_and_say_they_are_lossy(family, family_dirs):
     folder = family_dirs[family][0]
     llm = LLM(folder, speculative={"method": "ngram", "num_speculative_tokens": 3,

@@ -219,7 +219,7 @@ class DecoderLM:
         qk = qk.transpose(1, 2)                                                   # [B, H + G, T, hd]
         if not c.has_rope(layer):               # Llama 4's no-rope layers: no rotation, queries scaled by position
             if qscale is not None:
-                qk = torch.cat((qk[:, :H] * qscale, qk[:, H:]), dim=1)
+                qk = torch.cat(((qk[:, :H] * qscale).to(qk.dtype), qk[:, H:]), dim=1)     # (qscale is float32)
         elif c.rotary_dim and c.rotary_dim < c.head_dim:    # partial rotary (GLM-4.5): the rest passes through
             r = c.rotary_dim
             qk = torch.cat((apply_rope(qk[..., :r], cos, sin), qk[..., r:]), dim=-1)
