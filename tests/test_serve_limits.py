@@ -170,3 +170,29 @@ def test_a_batch_that_never_drains_keeps_nothing_of_finished_requests(llm, loop)
         llm.sequences, llm.batch = real, real_batch
         w.stop()
         w.join(30)
+
+
+def test_web_page_and_engine_view(tmp_path):
+    """GET / is the page (open: it holds no data, it asks for the key); /v1/engine needs the key and reports the
+    experts each MoE layer holds, which a request with a 2-expert cache over the disk tier fills."""
+    from fastapi.testclient import TestClient
+
+    from moespec import LLM
+    from moespec.config import OffloadConfig
+    from moespec.serve.app import Limits, create_app
+    llm = LLM(None, dtype="float32", offload=OffloadConfig(expert_cache=2, offload="disk", offload_dir=str(tmp_path)))
+    with TestClient(create_app(llm, "ref", limits=Limits(api_key="k"))) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "<canvas id=\"heat\"" in page.text and len(page.content) < 300_000
+        assert "http" not in page.text.split("<script>")[1]                    # no request leaves the machine
+        assert c.get("/v1/engine").status_code == 401
+        auth = {"Authorization": "Bearer k"}
+        before = c.get("/v1/engine", headers=auth).json()
+        assert before["experts"]["capacity"] == 2 and before["experts"]["tier"] == "disk"
+        assert all(v == [] for v in before["experts"]["resident"].values())
+        c.post("/v1/completions", json={"prompt": "def f(", "max_tokens": 8, "temperature": 0}, headers=auth)
+        after = c.get("/v1/engine", headers=auth).json()
+        assert all(len(v) == 2 for v in after["experts"]["resident"].values())
+        assert after["generated_tokens"] == 8 and after["experts"]["misses"] > 0
+        assert after["experts"]["bytes_per_token"] == after["experts"]["bytes_read"] / 8
+    llm.close()

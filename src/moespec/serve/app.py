@@ -8,10 +8,11 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,12 +20,14 @@ from ..engine import LLM
 from ..errors import MoespecError
 from . import protocol as P
 from .metrics import ServerMetrics
+from .engine_view import EngineView
 from .guard import Guard
 from ..harmony import HarmonyParser, split_harmony, uses_harmony
 from .replies import collect, sse
 from .worker import EngineWorker, Job, Overloaded, TooLarge
 
 log = logging.getLogger("moespec.serve")
+STATIC = Path(__file__).with_name("static")
 DEGRADED_S = 60.0       # /health says "degraded" (503) this long after the engine last failed a batch
 
 
@@ -35,7 +38,7 @@ class Limits:
     request_timeout_s: float | None = None  # a request still running after this is cancelled (408)
     render_timeout_s: float = 10.0          # tokenizing and chat template rendering, off the event loop
     api_key: str | None = None              # Authorization: Bearer <key> on every path but `open_paths`
-    open_paths: tuple[str, ...] = ("/health", "/metrics")
+    open_paths: tuple[str, ...] = ("/", "/health", "/metrics")     # (the page holds no data: it asks for the key)
     shutdown_timeout_s: float = 30.0        # on shutdown, requests still decoding after this are cancelled
     kv_bytes: int | None = None             # KV cache the running batch may hold (default: the --memory plan's)
 
@@ -48,7 +51,7 @@ class Service:
         self.llm, self.model_name, self.worker, self.metrics, self.limits = llm, model_name, worker, metrics, limits
         self.max_num_seqs = max_num_seqs
         self.created = int(time.time())
-
+        self.view = EngineView(self)
     def check_model(self, req) -> None:
         if req.model is not None and req.model != self.model_name:
             raise P.ApiError(404, f"The model `{req.model}` does not exist (this server serves `{self.model_name}`)",
@@ -176,6 +179,19 @@ async def health(request: Request):
 @router.get("/metrics")
 async def prometheus(request: Request):
     return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    """The web page: a chat pane and the engine view (static/index.html, no outside requests)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/v1/engine")
+async def engine(request: Request):
+    """The engine view's numbers (engine_view.py), about once a second from the page."""
+    svc: Service = request.app.state.service
+    return await asyncio.to_thread(svc.view.snapshot)
 
 
 @router.get("/v1/models")

@@ -25,8 +25,9 @@ def add_serve_parser(sub, env, model_args, engine_args) -> None:
                         "thread does not preempt the engine's parallel kernels; OMP_NUM_THREADS also sets it)")
     s.add_argument("--api-key", default=env("api_key"),
                    help="require `Authorization: Bearer KEY` on every endpoint but the open ones (also MOESPEC_API_KEY)")
-    s.add_argument("--open-endpoints", default=env("open_endpoints", "/health,/metrics"),
-                   help="comma-separated paths served without the API key (default /health,/metrics; '' for none)")
+    s.add_argument("--open-endpoints", default=env("open_endpoints", "/,/health,/metrics"),
+                   help="comma-separated paths served without the API key (default: the web page /, /health, "
+                        "/metrics; '' for none)")
     s.add_argument("--max-body-bytes", type=int, default=env("max_body_bytes", 8 << 20, int),
                    help="largest request body accepted (default 8 MiB; larger: 413)")
     s.add_argument("--request-timeout", type=float, default=env("request_timeout", None, float),

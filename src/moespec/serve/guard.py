@@ -1,6 +1,6 @@
 """An ASGI middleware in front of the API: the API key and the request body limit, before anything is parsed.
 
-- API key (`--api-key`, `MOESPEC_API_KEY`): every path but the open ones (`/health`, `/metrics` by default) needs
+- API key (`--api-key`, `MOESPEC_API_KEY`): every path but the open ones (the web page `/`, `/health`, `/metrics` by default) needs
   `Authorization: Bearer <key>`, OpenAI's header; compared in constant time; a missing or wrong key is a 401 with
   OpenAI's `invalid_api_key` error.
 - Body size (`--max-body-bytes`): a declared Content-Length above the limit is refused at once (413); a body sent

@@ -1,0 +1,66 @@
+"""`GET /v1/engine`: what the web page's engine view shows, read from what the server already keeps.
+
+The decode loop is not asked for anything: the numbers come from one pass over the Prometheus registry, the expert
+memory's counters and each MoE layer's resident experts (the cache reads its slot table under its lock, briefly).
+tokens/s is the rate of text deltas (one per generated token of every running choice) since the previous call.
+"""
+from __future__ import annotations
+
+import time
+
+
+class EngineView:
+    def __init__(self, svc):
+        self.svc = svc
+        self._last = (time.monotonic(), 0.0)
+
+    def _tokens_per_s(self, s: dict) -> float | None:
+        now, deltas = time.monotonic(), s.get("moespec:inter_token_latency_seconds_count", 0.0)
+        (t0, d0), self._last = self._last, (now, deltas)
+        return (deltas - d0) / (now - t0) if now > t0 else None
+
+    def _samples(self) -> dict:
+        """{name: value} of the server's own metrics, {(name, position): value} per draft position: one collection
+        (get_sample_value collects the whole registry, the expert counters included, on every call)."""
+        out = {}
+        for metric in self.svc.metrics.registry.collect():
+            if metric.name.startswith("moespec:expert"):
+                continue
+            for smp in metric.samples:
+                key = (smp.name, smp.labels["position"]) if "position" in smp.labels else smp.name
+                out[key] = smp.value
+        return out
+
+    def snapshot(self) -> dict:
+        llm, cfg = self.svc.llm, self.svc.llm.model.cfg
+        experts = llm.model.experts
+        st = llm.expert_stats()
+        s = self._samples()
+        generated = s.get("moespec:generation_tokens_total", 0.0)
+        hits, misses = st.get("hits"), st.get("misses")
+        return {"model": self.svc.model_name, "running": int(s.get("moespec:num_requests_running", 0)),
+                "waiting": int(s.get("moespec:num_requests_waiting", 0)), "tokens_per_s": self._tokens_per_s(s),
+                "generated_tokens": int(generated),
+                "experts": {"num_experts": cfg.num_experts, "tier": st.get("tier", "cache"),
+                            "capacity": st.get("capacity"), "hit_rate": st.get("hit_rate"), "hits": hits,
+                            "misses": misses, "bytes_read": st.get("bytes_read"),
+                            "bytes_per_token": st["bytes_read"] / generated if st.get("bytes_read") and generated
+                            else None,
+                            "resident": {str(i): experts.resident(i).tolist() for i in cfg.moe_layer_ids}},
+                "speculation": self._speculation(s), "memory": self._memory(st)}
+
+    def _speculation(self, s: dict) -> dict:
+        drafts = s.get("moespec:spec_decode_num_drafts_total", 0.0)
+        accepted = s.get("moespec:spec_decode_num_accepted_tokens_total", 0.0)
+        name = "moespec:spec_decode_num_accepted_tokens_per_pos_total"
+        pos = sorted(int(k[1]) for k in s if isinstance(k, tuple) and k[0] == name)
+        per_pos = [s[(name, str(p))] / drafts if drafts else 0.0 for p in pos]
+        return {"drafts": int(drafts), "accepted": int(accepted),
+                "mean_accepted_length": 1 + accepted / drafts if drafts else None, "per_position": per_pos}
+
+    def _memory(self, st: dict) -> str:
+        llm = self.svc.llm
+        if llm.memory_plan is not None:
+            return llm.memory_plan.summary()
+        return (f"no --memory budget: weights {llm.dtype}, KV {llm.kv_bytes_per_token / 1e3:.1f} KB per token, "
+                f"experts {st.get('tier', 'cache')}")
