@@ -193,6 +193,7 @@ def test_web_page_and_engine_view(tmp_path):
         c.post("/v1/completions", json={"prompt": "def f(", "max_tokens": 8, "temperature": 0}, headers=auth)
         after = c.get("/v1/engine", headers=auth).json()
         assert all(len(v) == 2 for v in after["experts"]["resident"].values())
+        assert all(after["experts"][k] == {str(i): [] for i in range(6)} for k in ("pinned", "draft"))  # LRU, no drafts
         assert after["generated_tokens"] == 8 and after["experts"]["misses"] > 0
         assert after["experts"]["bytes_per_token"] == after["experts"]["bytes_read"] / 8
     llm.close()

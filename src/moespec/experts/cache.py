@@ -72,6 +72,10 @@ class ExpertCache:
             ready = [e for s, e in enumerate(st.expert_in) if e >= 0 and (st.loads[s] is None or st.loads[s].done.is_set())]
             return torch.tensor(sorted(ready), dtype=torch.long)
 
+    def hot(self, layer: int) -> list[int]:
+        """The experts the static policy pins in this layer (none under LRU / LFU)."""
+        return sorted(self._st[layer].hot)
+
     def cached(self, layer: int) -> torch.Tensor:
         """Experts holding a slot, loaded or loading: a forward using them reads nothing new (it may
         wait for a load in flight). Unlike resident(), it does not depend on I/O timing, so drafters

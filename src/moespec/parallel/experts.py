@@ -113,6 +113,9 @@ class ExpertParallel:
         except RuntimeError:
             pass                    # a rank already gone: nothing left to stop
         self.share.local.close()
+        # gloo's threads must end before the interpreter does: left to exit-time destructors they abort the process
+        # ("terminate called without an active exception")
+        self.group.close()
 
 
 def serve(group: ExpertGroup, share: Share, hidden: int) -> None:

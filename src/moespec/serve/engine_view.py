@@ -46,8 +46,21 @@ class EngineView:
                             "misses": misses, "bytes_read": st.get("bytes_read"),
                             "bytes_per_token": st["bytes_read"] / generated if st.get("bytes_read") and generated
                             else None,
-                            "resident": {str(i): experts.resident(i).tolist() for i in cfg.moe_layer_ids}},
+                            **self._layers(experts, cfg.moe_layer_ids)},
                 "speculation": self._speculation(s), "memory": self._memory(st)}
+
+    def _layers(self, experts, layers: list[int]) -> dict:
+        """Per MoE layer: the experts usable now (resident), those being loaded (a miss or a prefetch in flight), those
+        the static policy pins, and the self drafter's expert set (what drafting computes with)."""
+        out = {"resident": {}, "loading": {}, "pinned": {}, "draft": {}}
+        sets = getattr(self.svc.llm.drafter, "sets", None) or {}
+        for i in layers:
+            res = experts.resident(i).tolist()
+            out["resident"][str(i)] = res
+            out["loading"][str(i)] = sorted(set(experts.cached(i).tolist()) - set(res))
+            out["pinned"][str(i)] = experts.hot(i) if hasattr(experts, "hot") else []
+            out["draft"][str(i)] = sets[i].tolist() if i in sets else []
+        return out
 
     def _speculation(self, s: dict) -> dict:
         drafts = s.get("moespec:spec_decode_num_drafts_total", 0.0)
