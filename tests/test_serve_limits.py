@@ -195,5 +195,8 @@ def test_web_page_and_engine_view(tmp_path):
         assert all(len(v) == 2 for v in after["experts"]["resident"].values())
         assert all(after["experts"][k] == {str(i): [] for i in range(6)} for k in ("pinned", "draft"))  # LRU, no drafts
         assert after["generated_tokens"] == 8 and after["experts"]["misses"] > 0
+        split = after["memory_split"]
+        blob = llm.expert_stats()["expert_bytes"]
+        assert split["experts"] == 2 * blob * 6 and split["weights"] > 0 and split["budget"] is None
         assert after["experts"]["bytes_per_token"] == after["experts"]["bytes_read"] / 8
     llm.close()

@@ -47,7 +47,7 @@ class EngineView:
                             "bytes_per_token": st["bytes_read"] / generated if st.get("bytes_read") and generated
                             else None,
                             **self._layers(experts, cfg.moe_layer_ids)},
-                "speculation": self._speculation(s), "memory": self._memory(st)}
+                "speculation": self._speculation(s), "memory": self._memory(st), "memory_split": self._split(st)}
 
     def _layers(self, experts, layers: list[int]) -> dict:
         """Per MoE layer: the experts usable now (resident), those being loaded (a miss or a prefetch in flight), those
@@ -70,6 +70,19 @@ class EngineView:
         per_pos = [s[(name, str(p))] / drafts if drafts else 0.0 for p in pos]
         return {"drafts": int(drafts), "accepted": int(accepted),
                 "mean_accepted_length": 1 + accepted / drafts if drafts else None, "per_position": per_pos}
+
+    def _split(self, st: dict) -> dict:
+        """Bytes by use: the weights kept resident (all but the routed experts), the experts in fast memory (cache
+        slots, or every expert), the KV budget (--kv-memory or the --memory plan's; None: sized per request), and the
+        --memory budget (None without one)."""
+        from ..model_info import describe
+        llm = self.svc.llm
+        cfg, plan = llm.model.cfg, llm.memory_plan
+        es = {"float32": 4, "bfloat16": 2, "float16": 2}.get(llm.dtype, 4)
+        blob = st.get("expert_bytes") or llm.model.experts.expert_bytes()    # (the cache reports it in its stats)
+        experts = (st.get("capacity") or cfg.num_experts) * blob * len(cfg.moe_layer_ids)
+        return {"budget": plan.limit if plan is not None else None, "weights": describe(cfg, es)["bytes_dense"],
+                "experts": experts, "kv": self.svc.worker.kv_budget}
 
     def _memory(self, st: dict) -> str:
         llm = self.svc.llm
