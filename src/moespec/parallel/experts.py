@@ -2,7 +2,8 @@
 other ranks run.
 
 Per MoE layer of a forward, rank 0 broadcasts a header (layer, tokens N, top-k K) on the control group, then the
-hidden states x [N, D], the routed experts ids [N, K] and their weights w [N, K] on the data group. Every rank
+hidden states x [N, D], the routed experts ids [N, K] and their weights w [N, K] as one buffer on the data group (three
+collectives a layer with the gather: each costs the link's latency). Every rank
 computes the (token, k) entries whose expert it holds into acc [N, K, D] (zeros elsewhere) and rank 0 gathers the
 accs; each entry comes from exactly one rank, so merging them is exact, and rank 0 adds the K outputs in k order as one
 process does: the output is bit-identical to one process holding every expert (with the same layouts, which rank 0
@@ -60,8 +61,7 @@ class ExpertParallel:
         try:
             dist.broadcast(torch.tensor([OP_MOE, layer, x.shape[0], ids.shape[1], DTYPES.index(x.dtype)]), 0,
                            group=g.control)
-            for tensor in (x, ids, w):
-                dist.broadcast(tensor, 0, group=g.data)
+            dist.broadcast(torch.cat([t.reshape(-1).view(torch.uint8) for t in (x, ids, w)]), 0, group=g.data)
         except RuntimeError as e:
             raise failed(e, f"sending layer {layer}'s tokens") from None
         t_local = time.perf_counter()
@@ -129,12 +129,14 @@ def serve(group: ExpertGroup, share: Share, hidden: int) -> None:
         op, layer, n, k, dt = head.tolist()
         if op == OP_STOP:
             return
-        x = torch.empty(n, hidden, dtype=DTYPES[dt])
-        ids, w = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=DTYPES[dt])
+        es = DTYPES[dt].itemsize
+        sizes = (n * hidden * es, n * k * 8, n * k * es)              # x, ids, w as rank 0 packed them
+        buf = torch.empty(sum(sizes), dtype=torch.uint8)
         try:
-            for tensor in (x, ids, w):
-                dist.broadcast(tensor, 0, group=group.data)
-            acc = share.outputs(layer, x, ids, w)
+            dist.broadcast(buf, 0, group=group.data)
+            xb, ib, wb = buf.split(sizes)
+            x, ids = xb.view(DTYPES[dt]).view(n, hidden), ib.view(torch.long).view(n, k)
+            acc = share.outputs(layer, x, ids, wb.view(DTYPES[dt]).view(n, k))
             dist.gather(acc, None, dst=0, group=group.data)
         except RuntimeError as e:
             raise failed(e, f"layer {layer}'s exchange with rank 0") from None

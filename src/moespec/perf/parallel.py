@@ -9,10 +9,10 @@ fits, plus per MoE layer the exchange:
     dispatch = ROUNDS x ceil(log2 N) x latency + bytes / rate
     bytes    = (N - 1) x (T x D + 2 x T x K) x b + (N - 1) x T x K x D x b     (T tokens, b bytes per value)
 
-(rank 0 broadcasts the hidden states, the routed ids and weights, then gathers each rank's [T, K, D] outputs; ROUNDS
-collectives per layer, a tree of log2 N hops each). Worked example: Mixtral-8x7B bf16, batch 1 decode over 10 Gbit/s
-with 50 us latency, N = 2: 32 layers x (5 x 50 us + (4096 + 2 x 2 + 2 x 4096) x 2 B / 1.25 GB/s) = 8.6 ms a token,
-latency-bound (the bytes take 20 us of each layer's 270 us).
+(rank 0 broadcasts a header and then the hidden states, the routed ids and weights in one buffer, then gathers each
+rank's [T, K, D] outputs; ROUNDS collectives per layer, a tree of log2 N hops each). Worked example: Mixtral-8x7B bf16,
+batch 1 decode over 10 Gbit/s with 50 us latency, N = 2: 32 layers x (3 x 50 us + (4096 + 2 x 2 + 2 x 4096) x 2 B /
+1.25 GB/s) = 5.4 ms a token, latency-bound (the bytes take 20 us of each layer's 170 us).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .hardware import Hardware
 from .model import ModelDesc
 from .step import Offload, forward_cost
 
-ROUNDS = 5                       # header, hidden states, ids, weights broadcast; outputs gathered
+ROUNDS = 3                       # a header, then the hidden states, ids and weights in one buffer; outputs gathered
 
 
 @dataclass(frozen=True)
