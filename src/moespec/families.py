@@ -282,6 +282,11 @@ def _attention_bias(raw: dict) -> bool:
     return bool(raw.get("attention_bias", False))
 
 
+def _attention_bias_on(raw: dict) -> bool:
+    """attention_bias, true when absent (gpt-oss)."""
+    return bool(raw.get("attention_bias", True))
+
+
 def _qwen2_bias(raw: dict) -> bool:
     return bool(raw.get("qkv_bias", True))
 
@@ -311,8 +316,7 @@ FAMILIES = {
     "ernie4_5_moe": Family(_ernie4_5_moe, qkv_bias=_no_bias, o_bias=_no_bias),
     "phimoe": Family(_phimoe),
     "llama4_text": Family(_llama4),
-    "gpt_oss": Family(_gpt_oss, qkv_bias=lambda raw: bool(raw.get("attention_bias", True)),
-                      o_bias=lambda raw: bool(raw.get("attention_bias", True))),
+    "gpt_oss": Family(_gpt_oss, qkv_bias=_attention_bias_on, o_bias=_attention_bias_on),
     "deepseek_v2": Family(_deepseek),
     "deepseek_v3": Family(_deepseek),
     "qwen3": Family(_dense, qk_norm="head"),

@@ -33,8 +33,7 @@ def _share_of(group: ExpertGroup, ck, cfg, layout: dict, offload, device="cpu") 
         mine = [e for e in range(E) if int(owner[e]) == group.rank]
         local = ResidentExperts({i: load_expert_pool(ck, cfg, i, layout, mine) for i in cfg.moe_layer_ids}, len(mine))
         ids = torch.arange(E) // group.world
-    act = {i: expert_act(cfg) for i in cfg.moe_layer_ids}
-    return Share(local, ids, owner, group.rank, act, cfg.weight_expert_input)
+    return Share(local, ids, owner, group.rank, expert_act(cfg), cfg.weight_expert_input)
 
 
 def rank0_experts(group: ExpertGroup, ck, cfg, weights, layout: dict, offload=None) -> ExpertParallel:

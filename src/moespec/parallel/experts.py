@@ -27,7 +27,7 @@ class Share:
     """A rank's share of the experts: `local` provides them (resident pools of this rank's experts, or a cache over
     the disk tier), `ids[e]` is expert e as `local` numbers it; owner[e] the rank holding e."""
 
-    def __init__(self, local, ids: torch.Tensor, owner: torch.Tensor, rank: int, act: dict, weight_input: bool):
+    def __init__(self, local, ids: torch.Tensor, owner: torch.Tensor, rank: int, act, weight_input: bool):
         self.local, self.ids, self.owner, self.rank = local, ids, owner, rank
         self.act, self.weight_input = act, weight_input
 
@@ -38,7 +38,7 @@ class Share:
         acc = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[-1])
         tok, kk = (self.owner[ids] == self.rank).nonzero(as_tuple=True)
         if tok.numel():
-            acc[tok, kk] = routed(x[tok], self.ids[ids[tok, kk]][:, None], w[tok, kk][:, None], self.act[layer],
+            acc[tok, kk] = routed(x[tok], self.ids[ids[tok, kk]][:, None], w[tok, kk][:, None], self.act,
                                   self.weight_input, layer, self.local)
         return acc
 
